@@ -1,0 +1,116 @@
+"""
+Checkpoint files: written atomically, found again only when complete.
+
+A checkpoint at step N is the original's three kinds of file in the log dir,
+`modelNNNNNN.pt`, `ema_RATE_NNNNNN.pt` and `optNNNNNN.pt` (plain state dicts, readable by the
+original scripts), plus `stateNNNNNN.pt` with the rest of the training state. Each file is
+written to a temporary name, flushed to disk and renamed, and the state file, which lists
+the other files, is written last: a checkpoint counts only once its state file exists and
+every file it lists is there.
+"""
+
+import os
+import re
+
+import torch
+
+STATE_PATTERN = re.compile(r"^state(\d{6,})\.pt$")
+MODEL_PATTERN = re.compile(r"^model(\d{6,})\.pt$")
+
+
+def model_name(step):
+    return f"model{step:06d}.pt"
+
+
+def ema_name(rate, step):
+    return f"ema_{rate}_{step:06d}.pt"
+
+
+def opt_name(step):
+    return f"opt{step:06d}.pt"
+
+
+def state_name(step):
+    return f"state{step:06d}.pt"
+
+
+def atomic_save(obj, path):
+    """torch.save to `path` so that a reader sees the old file, or the whole new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def parse_step(path):
+    """The step in a checkpoint file name (`model001000.pt`, `ema_0.9999_001000.pt`, ...)."""
+    m = re.search(r"(\d{6,})\.pt$", os.path.basename(path))
+    if not m:
+        raise ValueError(
+            f"cannot read a step number from checkpoint file name {path!r}: expected a name like "
+            "model001000.pt, ema_0.9999_001000.pt, opt001000.pt or state001000.pt"
+        )
+    return int(m.group(1))
+
+
+def load_state_file(path):
+    """A state file's dict, or None when it is unreadable (then the checkpoint is not intact)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return state if isinstance(state, dict) and "step" in state and "files" in state else None
+
+
+def find_latest_checkpoint(log_dir):
+    """
+    (step, state dict) of the newest intact checkpoint in `log_dir`, or None when none is.
+
+    Intact: a readable state file whose listed files all exist with their recorded sizes.
+    """
+    if not log_dir or not os.path.isdir(log_dir):
+        return None
+    steps = sorted(
+        (int(m.group(1)) for m in map(STATE_PATTERN.match, os.listdir(log_dir)) if m),
+        reverse=True,
+    )
+    for step in steps:
+        state = load_state_file(os.path.join(log_dir, state_name(step)))
+        if state is not None and files_intact(log_dir, state["files"]):
+            return step, state
+    return None
+
+
+def files_intact(log_dir, files):
+    for name, size in files.items():
+        path = os.path.join(log_dir, name)
+        if not os.path.isfile(path) or os.path.getsize(path) != size:
+            return False
+    return True
+
+
+def remove_checkpoint(log_dir, step):
+    """Delete the checkpoint at `step`: its state file first, so it stops counting at once."""
+    state = load_state_file(os.path.join(log_dir, state_name(step)))
+    names = [state_name(step)] + (list(state["files"]) if state else [])
+    for name in names:
+        try:
+            os.remove(os.path.join(log_dir, name))
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,217 @@
+"""
+Training metrics: the familiar `logkv` / `logkv_mean` / `dumpkvs` facade of the original,
+without its faults.
+
+Means are accumulated as (sum, count) pairs, on the device when given tensors, so the
+training step never waits for the host; at `dumpkvs` all pairs are reduced across ranks in
+a single all-reduce, so the logged loss is the mean over every rank, not rank 0's alone.
+Rank 0 writes a stdout table, `progress.csv`, `progress.jsonl`, `log.txt`, and TensorBoard
+events when `tensorboard` is installed.
+"""
+
+import csv
+import datetime
+import json
+import math
+import os
+import sys
+
+import torch
+
+from . import dist_util
+
+
+class _CSVWriter:
+    """progress.csv whose header grows when new keys appear (the file is rewritten then)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.keys = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            self.keys = list(header)
+
+    def write(self, row):
+        new = [k for k in row if k not in self.keys]
+        if new:
+            rows = []
+            if os.path.exists(self.path):
+                with open(self.path, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            self.keys.extend(new)
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=self.keys)
+                w.writeheader()
+                w.writerows(rows)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.keys).writerow({k: row.get(k, "") for k in self.keys})
+
+
+class _TensorBoardWriter:
+    def __init__(self, log_dir):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+        self.writer = SummaryWriter(log_dir)
+
+    def write(self, row):
+        step = row.get("step", 0)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and k != "step":
+                self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+
+def _format_table(row):
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:<8.4g}"
+        return str(v)
+
+    items = [(str(k)[:30], fmt(v)[:30]) for k, v in row.items()]
+    if not items:
+        return ""
+    kw = max(len(k) for k, _ in items)
+    vw = max(len(v) for _, v in items)
+    bar = "-" * (kw + vw + 7)
+    lines = [bar] + [f"| {k:<{kw}} | {v:<{vw}} |" for k, v in items] + [bar]
+    return "\n".join(lines)
+
+
+class Logger:
+    """Collects metrics for one log interval and writes them on rank 0."""
+
+    def __init__(self, log_dir=None, stdout=True, tensorboard=True):
+        self.dir = log_dir
+        self.values = {}  # key -> plain value, written as is (rank 0's)
+        self.means = {}  # key -> [sum, count], tensors or floats, reduced over ranks
+        self.stdout = stdout
+        self.writers = []
+        self.text = None
+        if log_dir is not None and dist_util.is_main():
+            os.makedirs(log_dir, exist_ok=True)
+            self.writers.append(_CSVWriter(os.path.join(log_dir, "progress.csv")))
+            self.jsonl = open(os.path.join(log_dir, "progress.jsonl"), "a")
+            self.text = open(os.path.join(log_dir, "log.txt"), "a")
+            if tensorboard:
+                try:
+                    self.writers.append(_TensorBoardWriter(os.path.join(log_dir, "tb")))
+                except ImportError:
+                    pass
+
+    def logkv(self, key, value):
+        self.values[key] = value
+
+    def logkv_mean(self, key, value):
+        self.logkv_sum(key, value, 1)
+
+    def logkv_sum(self, key, total, count):
+        """Add `total` over `count` items to the mean of `key` (tensors stay on device)."""
+        if isinstance(total, torch.Tensor):
+            total = total.detach().float()
+        if isinstance(count, torch.Tensor):
+            count = count.detach().float()
+        if key in self.means:
+            acc = self.means[key]
+            acc[0] = acc[0] + total
+            acc[1] = acc[1] + count
+        else:
+            self.means[key] = [total, count]
+
+    def _reduced_means(self):
+        """One all-reduce for every mean of every rank; keys must match across ranks."""
+        keys = sorted(self.means)
+        if not keys:
+            return {}
+        device = next(
+            (v.device for pair in self.means.values() for v in pair if isinstance(v, torch.Tensor)),
+            dist_util.dev() if dist_util.get_world_size() > 1 else torch.device("cpu"),
+        )
+        flat = torch.stack(
+            [torch.as_tensor(v, dtype=torch.float64, device=device) for k in keys for v in self.means[k]]
+        )
+        dist_util.all_reduce_sum(flat)
+        flat = flat.cpu().tolist()
+        out = {}
+        for i, k in enumerate(keys):
+            total, count = flat[2 * i], flat[2 * i + 1]
+            if count > 0:
+                out[k] = total / count
+        return out
+
+    def dumpkvs(self):
+        """Reduce, write and clear this interval's metrics; returns the row on every rank."""
+        row = dict(self.values)
+        row.update(self._reduced_means())
+        self.values.clear()
+        self.means.clear()
+        if dist_util.is_main():
+            if self.stdout:
+                print(_format_table(row), flush=True)
+            clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+            for w in self.writers:
+                w.write(row)
+            if self.dir is not None:
+                self.jsonl.write(json.dumps(clean) + "\n")
+                self.jsonl.flush()
+        return row
+
+    def log(self, *args):
+        """A line on stdout and in log.txt, from rank 0 only."""
+        if not dist_util.is_main():
+            return
+        msg = " ".join(str(a) for a in args)
+        print(msg, flush=True)
+        if self.text is not None:
+            stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+            self.text.write(f"[{stamp}] {msg}\n")
+            self.text.flush()
+
+    def close(self):
+        for f in (self.text, getattr(self, "jsonl", None)):
+            if f is not None:
+                f.close()
+
+
+# The original's module-level facade, for scripts and users' code that call logger.logkv(...).
+_current = Logger()
+
+
+def configure(dir=None, stdout=True, tensorboard=True):
+    """Point the module-level logger at `dir` (default: $OPENAI_LOGDIR)."""
+    global _current
+    dir = dir or os.environ.get("OPENAI_LOGDIR")
+    _current = Logger(dir, stdout=stdout, tensorboard=tensorboard)
+    return _current
+
+
+def get_current():
+    return _current
+
+
+def get_dir():
+    return _current.dir
+
+
+def logkv(key, value):
+    _current.logkv(key, value)
+
+
+def logkv_mean(key, value):
+    _current.logkv_mean(key, value)
+
+
+def dumpkvs():
+    return _current.dumpkvs()
+
+
+def log(*args):
+    _current.log(*args)
+
+
+def warn(*args):
+    _current.log("WARNING:", *args)
+
+
+def error(*args):
+    print("ERROR:", *args, file=sys.stderr, flush=True)

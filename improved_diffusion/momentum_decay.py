@@ -1,0 +1,55 @@
+"""
+Momentum decay with learning-rate compensation (MDLRC; the paper's Eq. 9-10).
+
+MD (Demon-style decay of Adam's beta1, with a floor), with r = 1 - k / K:
+
+    beta_k = max(beta_min, beta_init * r / ((1 - beta_init) + beta_init * r))
+
+LRC keeps the weight (1 - beta) of the current gradient in each update constant:
+
+    lr_k = lr_base(k) * (1 - beta_init) / (1 - beta_k)
+
+k is the global optimizer step (the number of updates already made), K the planned total.
+The formulas are reconstructed from the paper's prose and its reference [6]; see
+docs/methods.md.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class MomentumSchedule:
+    momentum_decay: bool = False  # decay beta1 from beta_init towards beta_min
+    lr_compensation: bool = False  # scale lr by (1 - beta_init) / (1 - beta_k)
+    beta_init: float = 0.9  # beta1 at step 0 (Adam's default)
+    beta_min: float = 0.5  # floor of the decayed beta1
+    total_steps: Optional[int] = None  # K, the planned number of optimizer steps
+
+    def __post_init__(self):
+        if not 0.0 <= self.beta_init < 1.0:
+            raise ValueError(f"--md_beta_init must be in [0, 1), got {self.beta_init}")
+        if self.momentum_decay:
+            if self.total_steps is None or self.total_steps <= 0:
+                raise ValueError(
+                    "--momentum_decay True needs the planned number of training steps: "
+                    "set --total_steps K (or --lr_anneal_steps K)"
+                )
+            if not 0.0 <= self.beta_min < self.beta_init:
+                raise ValueError(
+                    f"--md_beta_min must be in [0, --md_beta_init) = [0, {self.beta_init}), got {self.beta_min}"
+                )
+
+    def beta1(self, step):
+        """Adam's beta1 for the update made at global step `step`."""
+        if not self.momentum_decay:
+            return self.beta_init
+        r = max(0.0, 1.0 - step / self.total_steps)
+        demon = self.beta_init * r / ((1.0 - self.beta_init) + self.beta_init * r)
+        return max(self.beta_min, demon)
+
+    def lr_factor(self, step):
+        """The learning-rate compensation factor (1 without MD or without LRC)."""
+        if not (self.momentum_decay and self.lr_compensation):
+            return 1.0
+        return (1.0 - self.beta_init) / (1.0 - self.beta1(step))

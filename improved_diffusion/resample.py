@@ -1,0 +1,328 @@
+"""
+Timestep samplers for training: which t each example of a batch is trained
+at, and with what loss weight.
+
+UniformSampler and LossSecondMomentResampler are the original ones
+(unbiased importance sampling). CLTSSampler is the paper's curriculum
+timestep schedule, which deliberately changes the objective.
+"""
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SCHEDULE_SAMPLERS = ("uniform", "loss-second-moment", "clts")
+_CLTS_KWARGS = ("mu", "sigma", "target_steps", "lambda_max", "importance_weighting")
+_LSM_KWARGS = ("history_per_term", "uniform_prob")
+
+
+def create_named_schedule_sampler(name, diffusion, **kwargs):
+    """
+    Build a timestep sampler by its flag name.
+
+    :param name: "uniform", "loss-second-moment" or "clts".
+    :param diffusion: the diffusion process to sample timesteps for.
+    :param kwargs: options of the chosen sampler; CLTS options (mu, sigma,
+                   target_steps, lambda_max, importance_weighting) are ignored
+                   by the other samplers, so a launcher may always pass them.
+    """
+    unknown = set(kwargs) - set(_CLTS_KWARGS) - set(_LSM_KWARGS)
+    if unknown:
+        raise TypeError(f"unknown schedule sampler options: {sorted(unknown)}")
+    if name == "uniform":
+        return UniformSampler(diffusion)
+    if name == "loss-second-moment":
+        return LossSecondMomentResampler(
+            diffusion, **{k: v for k, v in kwargs.items() if k in _LSM_KWARGS}
+        )
+    if name == "clts":
+        return CLTSSampler(diffusion, **{k: v for k, v in kwargs.items() if k in _CLTS_KWARGS})
+    raise ValueError(
+        f"unknown schedule_sampler {name!r}; valid names: "
+        + ", ".join(repr(n) for n in SCHEDULE_SAMPLERS)
+    )
+
+
+class ScheduleSampler(ABC):
+    """
+    A distribution over the diffusion timesteps.
+
+    By default, sample() importance-weights the drawn timesteps by
+    1 / (T p(t)), so that the expected loss equals the uniform-t objective and
+    only its variance changes. Subclasses may change the weighting, and so the
+    objective.
+
+    set_step / state_dict / load_state_dict are no-ops here, so a training
+    loop can call them on any sampler.
+    """
+
+    @abstractmethod
+    def weights(self):
+        """
+        A numpy array with one positive weight per timestep (need not sum to 1).
+        """
+
+    def sample(self, batch_size, device):
+        """
+        Draw timesteps for a batch, with numpy's global RNG (as the original).
+
+        :param batch_size: the number of timesteps to draw.
+        :param device: the torch device of the returned tensors.
+        :return: a tuple (timesteps, weights): int64 indices and float32
+                 loss weights, both of shape [batch_size].
+        """
+        w = self.weights()
+        p = w / np.sum(w)
+        indices_np = np.random.choice(len(p), size=(batch_size,), p=p)
+        indices = torch.from_numpy(indices_np).long().to(device)
+        weights_np = 1 / (len(p) * p[indices_np])
+        weights = torch.from_numpy(weights_np).float().to(device)
+        return indices, weights
+
+    def set_step(self, step):
+        """Tell the sampler the global optimizer step (used by curricula)."""
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state_dict):
+        pass
+
+
+class UniformSampler(ScheduleSampler):
+    """Every timestep equally likely; all weights 1."""
+
+    def __init__(self, diffusion):
+        self.diffusion = diffusion
+        self._weights = np.ones([diffusion.num_timesteps])
+
+    def weights(self):
+        return self._weights
+
+
+class LossAwareSampler(ScheduleSampler):
+    """A sampler whose distribution is updated from observed losses."""
+
+    def update_with_local_losses(self, local_ts, local_losses):
+        """
+        Update the distribution from this rank's losses.
+
+        Every rank must call this with its own batch: the losses of all ranks
+        are all-gathered (when torch.distributed is initialised) so that all
+        ranks keep the same distribution.
+
+        :param local_ts: an integer tensor of timesteps.
+        :param local_losses: a 1-D tensor of the losses at those timesteps.
+        """
+        local_losses = local_losses.detach()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            self.update_with_all_losses(local_ts.tolist(), local_losses.tolist())
+            return
+
+        device = local_ts.device
+        world_size = dist.get_world_size()
+        sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+        dist.all_gather(sizes, torch.tensor([len(local_ts)], dtype=torch.int64, device=device))
+        sizes = [int(s.item()) for s in sizes]
+        max_size = max(sizes)
+
+        # all_gather needs equal shapes: pad every rank's batch to the largest.
+        padded_ts = torch.zeros(max_size, dtype=local_ts.dtype, device=device)
+        padded_ts[: len(local_ts)] = local_ts
+        padded_losses = torch.zeros(max_size, dtype=local_losses.dtype, device=device)
+        padded_losses[: len(local_losses)] = local_losses
+        ts_batches = [torch.zeros_like(padded_ts) for _ in sizes]
+        loss_batches = [torch.zeros_like(padded_losses) for _ in sizes]
+        dist.all_gather(ts_batches, padded_ts)
+        dist.all_gather(loss_batches, padded_losses)
+        timesteps = [x for batch, n in zip(ts_batches, sizes) for x in batch[:n].tolist()]
+        losses = [x for batch, n in zip(loss_batches, sizes) for x in batch[:n].tolist()]
+        self.update_with_all_losses(timesteps, losses)
+
+    @abstractmethod
+    def update_with_all_losses(self, ts, losses):
+        """
+        Update the distribution from the losses of all ranks.
+
+        Called with identical arguments on every rank, so it must be
+        deterministic.
+
+        :param ts: a list of int timesteps.
+        :param losses: a list of float losses, one per timestep.
+        """
+
+
+class LossSecondMomentResampler(LossAwareSampler):
+    """
+    Sample t proportionally to sqrt(E[loss_t^2]) over the last
+    history_per_term losses seen at t, mixed with a little uniform mass;
+    uniform until every timestep has a full history (Nichol & Dhariwal, 2021).
+    """
+
+    def __init__(self, diffusion, history_per_term=10, uniform_prob=0.001):
+        self.diffusion = diffusion
+        self.history_per_term = history_per_term
+        self.uniform_prob = uniform_prob
+        self._loss_history = np.zeros(
+            [diffusion.num_timesteps, history_per_term], dtype=np.float64
+        )
+        self._loss_counts = np.zeros([diffusion.num_timesteps], dtype=np.int64)
+
+    def weights(self):
+        if not self._warmed_up():
+            return np.ones([self.diffusion.num_timesteps], dtype=np.float64)
+        weights = np.sqrt(np.mean(self._loss_history**2, axis=-1))
+        weights /= np.sum(weights)
+        weights *= 1 - self.uniform_prob
+        weights += self.uniform_prob / len(weights)
+        return weights
+
+    def update_with_all_losses(self, ts, losses):
+        for t, loss in zip(ts, losses):
+            if self._loss_counts[t] == self.history_per_term:
+                # Full: drop the oldest loss.
+                self._loss_history[t, :-1] = self._loss_history[t, 1:]
+                self._loss_history[t, -1] = loss
+            else:
+                self._loss_history[t, self._loss_counts[t]] = loss
+                self._loss_counts[t] += 1
+
+    def _warmed_up(self):
+        return (self._loss_counts == self.history_per_term).all()
+
+    def state_dict(self):
+        # Plain tensors, so that checkpoints load with weights_only=True.
+        return {
+            "loss_history": torch.from_numpy(self._loss_history.copy()),
+            "loss_counts": torch.from_numpy(self._loss_counts.copy()),
+        }
+
+    def load_state_dict(self, state_dict):
+        history = np.asarray(state_dict["loss_history"], dtype=np.float64)
+        counts = np.asarray(state_dict["loss_counts"], dtype=np.int64)
+        if history.shape != self._loss_history.shape or counts.shape != self._loss_counts.shape:
+            raise ValueError(
+                f"loss history of shape {history.shape} does not fit "
+                f"{self._loss_history.shape} (num_timesteps, history_per_term)"
+            )
+        self._loss_history = history.copy()
+        self._loss_counts = counts.copy()
+
+
+class CLTSSampler(ScheduleSampler):
+    """
+    Curriculum-learning timestep schedule (CLTS, the paper's Eq. 7-8).
+
+    With s = t / (T - 1), a Gaussian over timesteps
+    g(t) = exp(-(s - mu)^2 / (2 sigma^2)) / Z, the uniform u(t) = 1 / T and
+    lam_k = lambda_max * min(k / target_steps, 1) at global step k:
+
+        p_k(t) = (1 - lam_k) u(t) + lam_k g(t)
+
+    Training starts uniform and moves towards the Gaussian over target_steps
+    optimizer steps. Drawn timesteps get weight 1: training easy timesteps
+    less often is the point, so by default the loss is not importance-weighted
+    back to the uniform objective (importance_weighting=True does that, with
+    weights 1 / (T p_k(t))).
+
+    Draws use torch's global (CPU) generator, so saving and restoring the
+    training RNG state makes them reproducible.
+
+    :param diffusion: the diffusion process (for T).
+    :param mu: centre of the Gaussian in s = t / (T - 1), in [0, 1].
+    :param sigma: its standard deviation in units of s, > 0.
+    :param target_steps: K_target, the steps over which lam ramps to lambda_max.
+    :param lambda_max: the final mixing weight of the Gaussian, in [0, 1].
+    :param importance_weighting: return 1 / (T p_k(t)) instead of ones.
+    """
+
+    def __init__(
+        self,
+        diffusion,
+        mu=0.3,
+        sigma=1.0,
+        target_steps=100000,
+        lambda_max=1.0,
+        importance_weighting=False,
+    ):
+        mu, sigma, lambda_max = float(mu), float(sigma), float(lambda_max)
+        if not 0.0 <= mu <= 1.0:
+            raise ValueError(f"clts_mu must lie in [0, 1], got {mu}")
+        if not sigma > 0.0 or not np.isfinite(sigma):
+            raise ValueError(f"clts_sigma must be > 0, got {sigma}")
+        if not target_steps > 0:
+            raise ValueError(f"clts_target_steps must be > 0, got {target_steps}")
+        if not 0.0 <= lambda_max <= 1.0:
+            raise ValueError(f"clts_lambda_max must lie in [0, 1], got {lambda_max}")
+        self.diffusion = diffusion
+        self.mu = mu
+        self.sigma = sigma
+        self.target_steps = target_steps
+        self.lambda_max = lambda_max
+        self.importance_weighting = bool(importance_weighting)
+        self.step = 0
+
+        T = diffusion.num_timesteps
+        s = torch.arange(T, dtype=torch.float64) / max(T - 1, 1)
+        g = torch.exp(-((s - mu) ** 2) / (2 * sigma**2))
+        self._gaussian = g / g.sum()
+        self._uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
+        self._cached_lam = None
+        self._cached_p = None
+        self._cached_cdf = None
+
+    @property
+    def lam(self):
+        """The current mixing weight lam_k of the Gaussian."""
+        return self.lambda_max * min(self.step / self.target_steps, 1.0)
+
+    def lambda_(self):
+        """The current mixing weight lam_k (same as the `lam` property)."""
+        return self.lam
+
+    def set_step(self, step):
+        """Move the curriculum to global optimizer step k = step (>= 0)."""
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self.step = step
+
+    def _distribution(self):
+        lam = self.lam
+        if lam != self._cached_lam:
+            p = (1.0 - lam) * self._uniform + lam * self._gaussian
+            self._cached_p = p
+            self._cached_cdf = torch.cumsum(p, dim=0)
+            self._cached_lam = lam
+        return self._cached_p, self._cached_cdf
+
+    def weights(self):
+        """p_k over the T timesteps, float64 numpy, summing to 1."""
+        p, _ = self._distribution()
+        return p.numpy().copy()
+
+    def sample(self, batch_size, device):
+        """
+        Draw timesteps from p_k by inverse CDF (vectorised, no loop over T).
+
+        :param batch_size: the number of timesteps to draw.
+        :param device: the torch device of the returned tensors.
+        :return: (timesteps, weights): int64 indices and float32 weights,
+                 ones unless importance_weighting is set.
+        """
+        p, cdf = self._distribution()
+        u = torch.rand(batch_size, dtype=torch.float64) * cdf[-1]
+        indices = torch.searchsorted(cdf, u, right=True).clamp_(max=len(cdf) - 1)
+        if self.importance_weighting:
+            weights = (1.0 / (len(p) * p[indices])).float()
+        else:
+            weights = torch.ones(batch_size, dtype=torch.float32)
+        return indices.to(device), weights.to(device)
+
+    def state_dict(self):
+        return {"step": self.step}
+
+    def load_state_dict(self, state_dict):
+        self.set_step(state_dict["step"])

@@ -1,0 +1,344 @@
+"""
+Seeded sampling that gives the same images on any number of processes and any batch size.
+
+Every sample has an index i in [0, num_samples) and its own seed,
+
+    sample_seed(seed, i) = (seed * SEED_STRIDE + i) mod 2**63,    SEED_STRIDE = 2**31 - 1
+
+(a prime larger than any sample count, so the seeds of different ``seed`` values do not
+overlap while i < SEED_STRIDE). One ``torch.Generator`` per sample, seeded that way, draws
+that sample's class label (first) and then all of its Gaussian noise: the initial x_T and
+the noise of every denoising step. Noise reaches the diffusion through the ``randn_like``
+keyword of ``p_sample_loop`` / ``ddim_sample_loop`` (see docs/design.md). So sample i depends
+only on (seed, i, model, device), and the same seed reproduces an ``.npz`` bit for bit
+whatever ``--batch_size`` or the number of ranks (on the same kind of device).
+"""
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+SEED_STRIDE = 2**31 - 1
+
+
+def sample_seed(seed, index):
+    """The seed of sample ``index`` for the run seed ``seed``."""
+    return (int(seed) * SEED_STRIDE + int(index)) % (2**63)
+
+
+class StackedRandomGenerator:
+    """
+    One ``torch.Generator`` per batch row: row i of every draw comes from ``seeds[i]`` alone.
+
+    :param seeds: one integer seed per row.
+    :param device: the device of the generators and of the tensors they make.
+    """
+
+    def __init__(self, seeds, device):
+        self.device = torch.device(device)
+        self.generators = [
+            torch.Generator(device=self.device).manual_seed(int(s)) for s in seeds
+        ]
+
+    def __len__(self):
+        return len(self.generators)
+
+    def _check_rows(self, shape):
+        if len(shape) == 0 or shape[0] != len(self.generators):
+            raise ValueError(
+                f"StackedRandomGenerator has {len(self.generators)} seeds but was asked for "
+                f"shape {tuple(shape)}"
+            )
+
+    def randn(self, shape, dtype=torch.float32, device=None):
+        """Standard normal tensor of ``shape``; rows drawn in float32, then cast."""
+        shape = tuple(shape)
+        self._check_rows(shape)
+        rows = [
+            torch.randn(shape[1:], generator=g, device=self.device, dtype=torch.float32)
+            for g in self.generators
+        ]
+        out = torch.stack(rows).to(dtype)
+        return out if device is None else out.to(device)
+
+    def randn_like(self, x):
+        """Standard normal tensor shaped, typed and placed like ``x``."""
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
+
+    def randint(self, low, high, size):
+        """Integers in [low, high) shaped ``size`` (first dimension: one row per seed)."""
+        size = tuple(size)
+        self._check_rows(size)
+        rows = [
+            torch.randint(low, high, size[1:], generator=g, device=self.device)
+            for g in self.generators
+        ]
+        return torch.stack(rows)
+
+
+def _dist_rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def to_uint8(x):
+    """Model-space images in [-1, 1], NCHW -> uint8 NHWC numpy (as image_sample.py)."""
+    x = ((x.float() + 1) * 127.5).clamp(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def sample_images(
+    model,
+    diffusion,
+    *,
+    num_samples,
+    batch_size,
+    image_size,
+    device,
+    seed=0,
+    use_ddim=False,
+    eta=0.0,
+    clip_denoised=True,
+    class_cond=False,
+    num_classes=1000,
+    progress=True,
+    rank=None,
+    world_size=None,
+    autocast_dtype=None,
+    in_channels=3,
+):
+    """
+    Sample ``num_samples`` images, split over ranks, gathered on every rank.
+
+    Rank r samples the indices r, r + W, r + 2W, ... in batches of ``batch_size``; the
+    results are gathered to all ranks and put back in index order. Every rank must call
+    this (it ends in a collective when W > 1). The model is put in eval mode for the call
+    and its previous mode restored afterwards.
+
+    :param model: the denoiser (unwrapped or DDP; any module the diffusion accepts).
+    :param diffusion: a GaussianDiffusion / SpacedDiffusion.
+    :param num_samples: total number of images over all ranks.
+    :param batch_size: images per forward pass on each rank.
+    :param image_size: side length of the square images.
+    :param device: where to sample.
+    :param seed: run seed; sample i uses :func:`sample_seed` (seed, i).
+    :param use_ddim: DDIM (``ddim_sample_loop``) instead of ancestral sampling.
+    :param eta: DDIM eta.
+    :param clip_denoised: clip the predicted x_0 to [-1, 1].
+    :param class_cond: draw a class label per sample (from its own generator) and pass it
+                       as ``y``.
+    :param num_classes: number of classes for ``class_cond``.
+    :param progress: show a progress bar (rank 0 only).
+    :param rank: this process's rank; None: from torch.distributed (0 if not initialised).
+    :param world_size: number of ranks; None: from torch.distributed (1 if not initialised).
+    :param autocast_dtype: e.g. torch.bfloat16 to run the model under autocast; None: fp32.
+    :param in_channels: image channels (3 for RGB).
+    :return: (images uint8 [N x H x W x C] numpy, labels int64 [N] numpy or None).
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(
+            f"need num_samples >= 1 and batch_size >= 1, got {num_samples}, {batch_size}"
+        )
+    dist_rank, dist_world = _dist_rank_world()
+    rank = dist_rank if rank is None else rank
+    world_size = dist_world if world_size is None else world_size
+    if world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"world_size={world_size} but torch.distributed is not initialised; call "
+            "dist_util.setup_dist() first"
+        )
+    device = torch.device(device)
+    indices = list(range(rank, num_samples, world_size))
+    sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
+    extra = {"eta": eta} if use_ddim else {}
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_samples, desc="sampling", unit="img")
+
+    was_training = model.training
+    model.eval()
+    local_images, local_labels = [], []
+    try:
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start : start + batch_size]
+            rng = StackedRandomGenerator([sample_seed(seed, i) for i in batch], device)
+            model_kwargs = {}
+            if class_cond:
+                labels = rng.randint(0, num_classes, (len(batch),))
+                model_kwargs["y"] = labels
+                local_labels.append(labels.cpu().numpy().astype(np.int64))
+            shape = (len(batch), in_channels, image_size, image_size)
+            noise = rng.randn(shape)
+            with torch.no_grad(), _autocast(device, autocast_dtype):
+                x = sample_fn(
+                    model,
+                    shape,
+                    noise=noise,
+                    clip_denoised=clip_denoised,
+                    model_kwargs=model_kwargs,
+                    device=device,
+                    progress=False,
+                    randn_like=rng.randn_like,
+                    **extra,
+                )
+            local_images.append(to_uint8(x))
+            if bar is not None:
+                bar.update(len(batch) * world_size)
+    finally:
+        model.train(was_training)
+        if bar is not None:
+            bar.close()
+
+    empty = np.zeros((0, image_size, image_size, in_channels), np.uint8)
+    images = np.concatenate(local_images) if local_images else empty
+    labels = None
+    if class_cond:
+        labels = np.concatenate(local_labels) if local_labels else np.zeros((0,), np.int64)
+    if world_size > 1:
+        images = _gather_strided(images, num_samples, world_size)
+        if class_cond:
+            labels = _gather_strided(labels, num_samples, world_size)
+    return images, labels
+
+
+def _autocast(device, dtype):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _gather_strided(local, num_samples, world_size):
+    """
+    Gather rank r's rows (indices r, r + W, ...) from every rank and interleave them.
+
+    Uses a padded ``all_gather`` of uint8/int64 tensors on the backend's device (CUDA for
+    NCCL, CPU otherwise), in chunks to bound memory.
+    """
+    backend = dist.get_backend()
+    comm_device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if backend == "nccl"
+        else torch.device("cpu")
+    )
+    per_rank = (num_samples + world_size - 1) // world_size
+    counts = [len(range(r, num_samples, world_size)) for r in range(world_size)]
+    padded = np.zeros((per_rank,) + local.shape[1:], dtype=local.dtype)
+    padded[: len(local)] = local
+    row_bytes = max(1, int(np.prod(local.shape[1:])) * local.itemsize)
+    chunk = max(1, (64 << 20) // (row_bytes * world_size))  # about 64 MiB per gather
+    parts = [[] for _ in range(world_size)]
+    for start in range(0, per_rank, chunk):
+        piece = torch.from_numpy(padded[start : start + chunk]).to(comm_device)
+        buffers = [torch.empty_like(piece) for _ in range(world_size)]
+        dist.all_gather(buffers, piece)
+        for r in range(world_size):
+            parts[r].append(buffers[r].cpu().numpy())
+    out = np.zeros((num_samples,) + local.shape[1:], dtype=local.dtype)
+    for r in range(world_size):
+        rows = np.concatenate(parts[r])[: counts[r]]
+        out[r::world_size] = rows
+    return out
+
+
+def save_grid(images, path, nrow=None, padding=2):
+    """
+    Save uint8 [N x H x W x C] images as one PNG grid.
+
+    :param nrow: images per row; None: about sqrt(N).
+    :param padding: black pixels between images.
+    """
+    from PIL import Image
+
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
+        raise ValueError(
+            f"save_grid needs uint8 [N, H, W, C] images, got {images.dtype} {images.shape}"
+        )
+    n, h, w, c = images.shape
+    if c == 1:
+        images = np.repeat(images, 3, axis=3)
+        c = 3
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = np.zeros(
+        (ncol * (h + padding) + padding, nrow * (w + padding) + padding, c), np.uint8
+    )
+    for k in range(n):
+        row, col = divmod(k, nrow)
+        y = padding + row * (h + padding)
+        x = padding + col * (w + padding)
+        grid[y : y + h, x : x + w] = images[k]
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model built from the given flags."""
+
+
+def load_model_weights(model, path):
+    """
+    Load a plain state dict file into ``model`` strictly, with readable errors.
+
+    The file is read with ``torch.load(weights_only=True, map_location="cpu")``, so nothing
+    in it is executed. Works for ``modelNNNNNN.pt`` / ``ema_RATE_NNNNNN.pt`` and for the
+    released improved-diffusion / guided-diffusion checkpoints.
+
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: the file is not a readable state dict.
+    :raises CheckpointMismatchError: missing, unexpected or shape-mismatched keys (all
+                                     listed), which means the model flags are wrong.
+    """
+    if not path:
+        raise FileNotFoundError("no checkpoint given: pass --model_path")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ValueError(
+            f"could not read model checkpoint {path} (truncated, corrupt, or not a torch "
+            f"file?): {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(
+            f"{path} is not a model state dict (a dict of tensors, as in modelNNNNNN.pt or "
+            f"ema_RATE_NNNNNN.pt); got {type(state).__name__}"
+        )
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        lines = [
+            f"checkpoint {path} does not fit the model built from the given flags "
+            "(check --image_size, --num_channels, --num_res_blocks, --attention_resolutions, "
+            "--channel_mult, --learn_sigma, --class_cond, --num_heads / --num_head_channels, "
+            "--resblock_updown, --use_scale_shift_norm):"
+        ]
+        for title, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
+            if items:
+                shown = items[:20]
+                more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
+                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown) + more)
+        raise CheckpointMismatchError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return model

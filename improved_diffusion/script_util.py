@@ -1,0 +1,495 @@
+"""
+Defaults and factories for models and diffusions, with the original API.
+
+`model_and_diffusion_defaults()` is the single source of the model/diffusion flags:
+improved-diffusion's keys and default values, plus guided-diffusion's extra model
+keys at values that reproduce the improved-diffusion architecture. Scripts turn it
+into command-line flags with `add_dict_to_argparser` and back with `args_to_dict`,
+then call `create_model_and_diffusion(**options)`. String flags
+(`attention_resolutions`, `channel_mult`) are parsed here, once.
+"""
+
+import argparse
+
+from . import gaussian_diffusion as gd
+from .respace import SpacedDiffusion, space_timesteps
+from .unet import SuperResModel, UNetModel
+
+# Number of classes of a class-conditional model (ImageNet), as in the original.
+NUM_CLASSES = 1000
+
+# channel_mult used when the flag is empty, by image size (guided-diffusion's table
+# plus improved-diffusion's 32x32 entry).
+DEFAULT_CHANNEL_MULT = {
+    512: (0.5, 1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    128: (1, 1, 2, 3, 4),
+    64: (1, 2, 3, 4),
+    32: (1, 2, 2, 2),
+}
+
+# The super-resolution models' tables, by output (large) size.
+SR_CHANNEL_MULT = {
+    512: (1, 1, 2, 2, 4, 4),
+    256: (1, 1, 2, 2, 4, 4),
+    64: (1, 2, 3, 4),
+}
+
+# Help text for `add_dict_to_argparser`; keys without an entry get a generic text.
+FLAG_HELP = {
+    "image_size": "image side length in pixels",
+    "num_channels": "base channel count of the UNet",
+    "num_res_blocks": "residual blocks per resolution",
+    "num_heads": "attention heads (used when num_head_channels is -1)",
+    "num_heads_upsample": "attention heads in the decoder; -1 = num_heads",
+    "num_head_channels": "fixed channels per attention head; -1 = use num_heads",
+    "attention_resolutions": "comma-separated resolutions (in pixels) with attention",
+    "channel_mult": "comma-separated channel multipliers per level; empty = by image_size",
+    "dropout": "dropout probability in residual blocks",
+    "learn_sigma": "also predict the variance (doubles the output channels)",
+    "sigma_small": "fixed variance: posterior (small) instead of beta (large)",
+    "class_cond": "class-conditional model",
+    "diffusion_steps": "number of diffusion steps T",
+    "noise_schedule": "beta schedule: linear or cosine",
+    "timestep_respacing": 'sampling steps, e.g. "250", "ddim50" or "10,15,20"; empty = all',
+    "use_kl": "train with the variational bound (rescaled KL) loss",
+    "predict_xstart": "predict x_0 instead of the noise",
+    "rescale_timesteps": "feed timesteps to the model scaled to [0, 1000)",
+    "rescale_learned_sigmas": "use the rescaled MSE (hybrid) loss with learned sigmas",
+    "use_checkpoint": "gradient checkpointing (less memory, more compute)",
+    "use_scale_shift_norm": "FiLM-like scale/shift timestep conditioning",
+    "resblock_updown": "use residual blocks for up/downsampling",
+    "use_fp16": "half precision (fp16 autocast with loss scaling in training)",
+    "use_new_attention_order": "split q/k/v before heads in attention",
+    "large_size": "output size of the super-resolution model",
+    "small_size": "input size of the super-resolution model",
+    "min_snr_gamma": "Min-SNR-gamma loss weighting; 0 = off",
+}
+
+# Options accepted beside the defaults' keys (documented in docs/design.md).
+_EXTRA_OPTIONS = {"min_snr_gamma": 0.0}
+
+
+def model_and_diffusion_defaults():
+    """
+    Default model and diffusion flags for image training.
+
+    improved-diffusion's keys with its values, plus guided-diffusion's model keys
+    set so that the architecture is improved-diffusion's.
+    """
+    return dict(
+        image_size=64,
+        num_channels=128,
+        num_res_blocks=2,
+        num_heads=4,
+        num_heads_upsample=-1,
+        attention_resolutions="16,8",
+        dropout=0.0,
+        learn_sigma=False,
+        sigma_small=False,
+        class_cond=False,
+        diffusion_steps=1000,
+        noise_schedule="linear",
+        timestep_respacing="",
+        use_kl=False,
+        predict_xstart=False,
+        rescale_timesteps=True,
+        rescale_learned_sigmas=True,
+        use_checkpoint=False,
+        use_scale_shift_norm=True,
+        # guided-diffusion's additions
+        num_head_channels=-1,
+        channel_mult="",
+        resblock_updown=False,
+        use_fp16=False,
+        use_new_attention_order=False,
+    )
+
+
+def sr_model_and_diffusion_defaults():
+    """
+    Default flags for the super-resolution model (guided-diffusion's key set).
+    """
+    res = model_and_diffusion_defaults()
+    for key in ("image_size", "channel_mult", "sigma_small", "use_new_attention_order"):
+        del res[key]
+    return dict(large_size=256, small_size=64, **res)
+
+
+def _merge_options(kwargs, defaults, caller):
+    """
+    Defaults overridden by `kwargs`; unknown keys are an error, not ignored.
+    """
+    allowed = {**defaults, **_EXTRA_OPTIONS}
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"{caller}() got unknown option(s): {', '.join(unknown)}")
+    return {**allowed, **kwargs}
+
+
+def _diffusion_kwargs(opts):
+    return dict(
+        steps=opts["diffusion_steps"],
+        learn_sigma=opts["learn_sigma"],
+        sigma_small=opts.get("sigma_small", False),
+        noise_schedule=opts["noise_schedule"],
+        use_kl=opts["use_kl"],
+        predict_xstart=opts["predict_xstart"],
+        rescale_timesteps=opts["rescale_timesteps"],
+        rescale_learned_sigmas=opts["rescale_learned_sigmas"],
+        timestep_respacing=opts["timestep_respacing"],
+        min_snr_gamma=opts["min_snr_gamma"],
+    )
+
+
+def create_model_and_diffusion(**kwargs):
+    """
+    Build the UNet and the (spaced) diffusion from flat flags.
+
+    Takes the keys of `model_and_diffusion_defaults()` (missing ones take their
+    default) plus `min_snr_gamma`; any other key raises TypeError.
+
+    :return: a tuple (model, diffusion).
+    """
+    opts = _merge_options(
+        kwargs, model_and_diffusion_defaults(), "create_model_and_diffusion"
+    )
+    # The diffusion first: it is cheap, so a bad diffusion flag fails before a
+    # large model is allocated.
+    diffusion = create_gaussian_diffusion(**_diffusion_kwargs(opts))
+    model = create_model(
+        opts["image_size"],
+        opts["num_channels"],
+        opts["num_res_blocks"],
+        channel_mult=opts["channel_mult"],
+        learn_sigma=opts["learn_sigma"],
+        class_cond=opts["class_cond"],
+        use_checkpoint=opts["use_checkpoint"],
+        attention_resolutions=opts["attention_resolutions"],
+        num_heads=opts["num_heads"],
+        num_head_channels=opts["num_head_channels"],
+        num_heads_upsample=opts["num_heads_upsample"],
+        use_scale_shift_norm=opts["use_scale_shift_norm"],
+        dropout=opts["dropout"],
+        resblock_updown=opts["resblock_updown"],
+        use_fp16=opts["use_fp16"],
+        use_new_attention_order=opts["use_new_attention_order"],
+    )
+    return model, diffusion
+
+
+def parse_channel_mult(
+    channel_mult, image_size, table=DEFAULT_CHANNEL_MULT, size_flag="image_size"
+):
+    """
+    Turn the `channel_mult` flag into a tuple of multipliers.
+
+    :param channel_mult: "" (pick by image size), a string like "1,2,2,2", or a
+        sequence of numbers.
+    :param image_size: the image size, used when `channel_mult` is empty.
+    :return: a tuple of ints (floats where a multiplier is fractional, e.g. 0.5).
+    """
+    if channel_mult in ("", None):
+        if image_size not in table:
+            sizes = ", ".join(str(s) for s in sorted(table))
+            raise ValueError(
+                f"no default channel_mult for {size_flag}={image_size} (defaults "
+                f"exist for {sizes}); pass channel_mult, e.g. \"1,2,2\""
+            )
+        return tuple(table[image_size])
+    if isinstance(channel_mult, str):
+        try:
+            values = [float(part) for part in channel_mult.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"channel_mult must be comma-separated numbers, got {channel_mult!r}"
+            ) from None
+    else:
+        values = [float(part) for part in channel_mult]
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"channel_mult must be positive numbers, got {channel_mult!r}")
+    return tuple(int(v) if v.is_integer() else v for v in values)
+
+
+def parse_attention_resolutions(attention_resolutions, image_size, num_levels):
+    """
+    Turn the `attention_resolutions` flag (resolutions in pixels) into downsample
+    rates, checking that the UNet reaches each of them.
+
+    :param attention_resolutions: a string like "32,16,8", or a sequence of ints.
+    :param image_size: the input resolution.
+    :param num_levels: number of UNet levels (len(channel_mult)).
+    :return: a tuple of downsample rates (image_size // resolution).
+    """
+    if isinstance(attention_resolutions, str):
+        parts = [p for p in attention_resolutions.split(",") if p.strip()]
+        try:
+            resolutions = [int(p) for p in parts]
+        except ValueError:
+            raise ValueError(
+                "attention_resolutions must be comma-separated integers, got "
+                f"{attention_resolutions!r}"
+            ) from None
+    else:
+        resolutions = [int(r) for r in attention_resolutions]
+    reachable = [image_size // 2**level for level in range(num_levels)]
+    rates = []
+    for res in resolutions:
+        if res <= 0 or image_size % res or res not in reachable:
+            raise ValueError(
+                f"attention_resolutions: resolution {res} is never reached by a "
+                f"{image_size}px model with {num_levels} levels (its resolutions: "
+                f"{', '.join(str(r) for r in reachable)})"
+            )
+        rates.append(image_size // res)
+    return tuple(rates)
+
+
+def create_model(
+    image_size,
+    num_channels,
+    num_res_blocks,
+    *,
+    channel_mult="",
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    use_new_attention_order=False,
+    num_classes=None,
+):
+    """
+    Build a UNetModel for 3-channel images from the flags (guided-diffusion's
+    signature and defaults).
+
+    :param channel_mult: "" to choose by image size, or e.g. "1,2,2,2".
+    :param attention_resolutions: resolutions in pixels, e.g. "32,16,8".
+    :param learn_sigma: if True, output 6 channels (mean and variance).
+    :param class_cond: if True, condition on `num_classes` labels.
+    :param num_classes: classes of a class-conditional model; default NUM_CLASSES.
+    Other parameters are those of UNetModel.
+    """
+    channel_mult = parse_channel_mult(channel_mult, image_size)
+    attention_ds = parse_attention_resolutions(
+        attention_resolutions, image_size, len(channel_mult)
+    )
+    if num_classes is None:
+        num_classes = NUM_CLASSES
+    return UNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds,
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+        use_new_attention_order=use_new_attention_order,
+    )
+
+
+def sr_create_model_and_diffusion(**kwargs):
+    """
+    Build the super-resolution UNet and its diffusion from flat flags.
+
+    Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`.
+
+    :return: a tuple (model, diffusion).
+    """
+    opts = _merge_options(
+        kwargs, sr_model_and_diffusion_defaults(), "sr_create_model_and_diffusion"
+    )
+    diffusion = create_gaussian_diffusion(**_diffusion_kwargs(opts))
+    model = sr_create_model(
+        opts["large_size"],
+        opts["small_size"],
+        opts["num_channels"],
+        opts["num_res_blocks"],
+        learn_sigma=opts["learn_sigma"],
+        class_cond=opts["class_cond"],
+        use_checkpoint=opts["use_checkpoint"],
+        attention_resolutions=opts["attention_resolutions"],
+        num_heads=opts["num_heads"],
+        num_head_channels=opts["num_head_channels"],
+        num_heads_upsample=opts["num_heads_upsample"],
+        use_scale_shift_norm=opts["use_scale_shift_norm"],
+        dropout=opts["dropout"],
+        resblock_updown=opts["resblock_updown"],
+        use_fp16=opts["use_fp16"],
+    )
+    return model, diffusion
+
+
+def sr_create_model(
+    large_size,
+    small_size,
+    num_channels,
+    num_res_blocks,
+    *,
+    learn_sigma=False,
+    class_cond=False,
+    use_checkpoint=False,
+    attention_resolutions="16",
+    num_heads=1,
+    num_head_channels=-1,
+    num_heads_upsample=-1,
+    use_scale_shift_norm=False,
+    dropout=0,
+    resblock_updown=False,
+    use_fp16=False,
+    num_classes=None,
+):
+    """
+    Build a SuperResModel that upsamples `small_size` images to `large_size`.
+    """
+    del small_size  # the architecture depends only on the output size
+    channel_mult = parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large_size")
+    attention_ds = parse_attention_resolutions(
+        attention_resolutions, large_size, len(channel_mult)
+    )
+    if num_classes is None:
+        num_classes = NUM_CLASSES
+    return SuperResModel(
+        image_size=large_size,
+        in_channels=3,
+        model_channels=num_channels,
+        out_channels=(6 if learn_sigma else 3),
+        num_res_blocks=num_res_blocks,
+        attention_resolutions=attention_ds,
+        dropout=dropout,
+        channel_mult=channel_mult,
+        num_classes=(num_classes if class_cond else None),
+        use_checkpoint=use_checkpoint,
+        use_fp16=use_fp16,
+        num_heads=num_heads,
+        num_head_channels=num_head_channels,
+        num_heads_upsample=num_heads_upsample,
+        use_scale_shift_norm=use_scale_shift_norm,
+        resblock_updown=resblock_updown,
+    )
+
+
+def create_gaussian_diffusion(
+    *,
+    steps=1000,
+    learn_sigma=False,
+    sigma_small=False,
+    noise_schedule="linear",
+    use_kl=False,
+    predict_xstart=False,
+    rescale_timesteps=False,
+    rescale_learned_sigmas=False,
+    timestep_respacing="",
+    min_snr_gamma=0.0,
+):
+    """
+    Build a SpacedDiffusion from flags, mapping them to the diffusion enums exactly
+    as the original does.
+
+    :param steps: number of diffusion steps T.
+    :param learn_sigma: the model predicts the variance (LEARNED_RANGE).
+    :param sigma_small: with fixed variance, use the posterior variance
+        (FIXED_SMALL) instead of beta (FIXED_LARGE).
+    :param noise_schedule: "linear" or "cosine".
+    :param use_kl: train on the variational bound (RESCALED_KL).
+    :param predict_xstart: the model predicts x_0 instead of the noise.
+    :param rescale_timesteps: feed the model timesteps scaled to [0, 1000).
+    :param rescale_learned_sigmas: use RESCALED_MSE (the hybrid loss) instead of MSE.
+    :param timestep_respacing: sampling steps to keep, e.g. "250" or "ddim50"; ""
+        keeps all `steps`.
+    :param min_snr_gamma: Min-SNR-gamma loss weighting; 0 turns it off.
+    """
+    try:
+        betas = gd.get_named_beta_schedule(noise_schedule, steps)
+    except (NotImplementedError, KeyError) as err:
+        raise ValueError(f"unknown noise_schedule: {noise_schedule!r}") from err
+    if use_kl:
+        loss_type = gd.LossType.RESCALED_KL
+    elif rescale_learned_sigmas:
+        loss_type = gd.LossType.RESCALED_MSE
+    else:
+        loss_type = gd.LossType.MSE
+    if learn_sigma:
+        model_var_type = gd.ModelVarType.LEARNED_RANGE
+    elif sigma_small:
+        model_var_type = gd.ModelVarType.FIXED_SMALL
+    else:
+        model_var_type = gd.ModelVarType.FIXED_LARGE
+    if predict_xstart:
+        model_mean_type = gd.ModelMeanType.START_X
+    else:
+        model_mean_type = gd.ModelMeanType.EPSILON
+    return SpacedDiffusion(
+        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
+        betas=betas,
+        model_mean_type=model_mean_type,
+        model_var_type=model_var_type,
+        loss_type=loss_type,
+        rescale_timesteps=rescale_timesteps,
+        min_snr_gamma=min_snr_gamma,
+    )
+
+
+def add_dict_to_argparser(parser, default_dict, help_text=None):
+    """
+    Add a `--key` flag for every entry of `default_dict`, typed by its default.
+
+    Booleans parse through `str2bool` (`--learn_sigma True`), a None default
+    parses as a string.
+
+    :param parser: an argparse.ArgumentParser.
+    :param default_dict: flag names and default values.
+    :param help_text: optional {key: help} overriding FLAG_HELP.
+    """
+    helps = {**FLAG_HELP, **(help_text or {})}
+    for key, value in default_dict.items():
+        if value is None:
+            value_type = str
+        elif isinstance(value, bool):
+            value_type = str2bool
+        else:
+            value_type = type(value)
+        text = helps.get(key, "")
+        text = f"{text} (default: %(default)s)" if text else "default: %(default)s"
+        parser.add_argument(f"--{key}", default=value, type=value_type, help=text)
+
+
+def args_to_dict(args, keys):
+    """
+    Pick `keys` out of an argparse namespace into a dict.
+    """
+    return {k: getattr(args, k) for k in keys}
+
+
+def str2bool(v):
+    """
+    Parse a command-line boolean ("true"/"false", "yes"/"no", "1"/"0", ...).
+
+    Raises argparse.ArgumentTypeError so argparse reports a usage error naming the
+    flag instead of a traceback.
+    """
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected a boolean (true/false, yes/no, 1/0), got {v!r}"
+    )

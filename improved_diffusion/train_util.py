@@ -1,0 +1,565 @@
+"""
+The training loop: one optimizer step per batch, in named phases.
+
+Fixes the originals' known faults: every rank loads checkpoints itself (no rank-0-only
+collective, so resuming on several GPUs does not hang); `--resume auto` finds the newest
+*intact* checkpoint and says so when it starts from scratch; microbatch gradients are
+averaged exactly, so `--microbatch` never changes the update; mixed precision is
+`torch.autocast` (bf16, or fp16 with a GradScaler) over fp32 parameters; a non-finite
+loss or gradient skips the step, and too many in a row stop the run with a clear message.
+"""
+
+import copy
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from . import checkpoint as ckpt
+from . import dist_util
+from .image_datasets import to_model_input
+from .logger import Logger
+from .momentum_decay import MomentumSchedule
+from .resample import LossAwareSampler, UniformSampler
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1  # images per rank per optimizer step
+    microbatch: int = -1  # split each batch into pieces of this size (-1: no split)
+    lr: float = 1e-4  # base learning rate
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
+    lr_anneal_steps: int = 0  # linear decay of lr to 0 over this many steps (0: constant)
+    total_steps: Optional[int] = None  # stop after this many optimizer steps (None: never)
+    stop_at: Optional[int] = None  # leave this run at this step, schedules unchanged (job time limits)
+    ema_rate: tuple = (0.9999,)  # one EMA of the weights per rate
+    log_interval: int = 10  # steps between metric dumps
+    save_interval: int = 10000  # steps between checkpoints
+    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: keep all)
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    fp16_scale_growth: float = 1e-3  # fp16: the loss scale doubles every 1/this clean steps
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
+    max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row
+    adam_beta2: float = 0.999
+    momentum: MomentumSchedule = field(default_factory=MomentumSchedule)
+    channels_last: bool = False  # NHWC activations and weights (faster convs on GPUs)
+    compile: bool = False  # torch.compile the model
+    optimizer_impl: str = "auto"  # AdamW kernel: auto (fused on CUDA), fused, foreach, single
+    eval_interval: int = 0  # steps between evaluations of the EMA model (0: off)
+    progress: bool = True  # a progress bar on interactive terminals
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"--batch_size must be positive, got {self.batch_size}")
+        if self.microbatch > self.batch_size:
+            raise ValueError(f"--microbatch {self.microbatch} is larger than --batch_size {self.batch_size}")
+        if self.microbatch == 0 or self.microbatch < -1:
+            raise ValueError(f"--microbatch must be positive or -1 (no split), got {self.microbatch}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.optimizer_impl not in OPTIMIZER_IMPLS:
+            raise ValueError(f"--optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}")
+        for rate in self.ema_rate:
+            if not 0.0 <= rate < 1.0:
+                raise ValueError(f"--ema_rate values must be in [0, 1), got {rate}")
+        if self.log_interval <= 0 or self.save_interval <= 0:
+            raise ValueError("--log_interval and --save_interval must be positive")
+        if self.total_steps is not None and self.total_steps <= 0:
+            raise ValueError(f"--total_steps must be positive, got {self.total_steps}")
+
+
+def parse_ema_rates(text):
+    """'0.9999,0.999' -> (0.9999, 0.999); the rate's text is kept for file names."""
+    if isinstance(text, (tuple, list)):
+        return tuple(float(r) for r in text)
+    try:
+        return tuple(float(r) for r in str(text).split(",") if r.strip())
+    except ValueError:
+        raise ValueError(f"--ema_rate must be a comma-separated list of numbers, got {text!r}") from None
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class TrainLoop:
+    """
+    Trains `model` on batches from `data` with the diffusion loss.
+
+    :param model: the denoiser (unwrapped); its `state_dict()` is what checkpoints hold.
+    :param diffusion: a GaussianDiffusion (or SpacedDiffusion) giving `training_losses`.
+    :param data: an iterator of (uint8 NCHW batch, condition dict), e.g. a BatchStream;
+        its `state_dict()` / `load_state_dict()`, when present, make resume exact.
+    :param config: a TrainConfig.
+    :param schedule_sampler: the timestep sampler (default uniform); CLTS gets `set_step(k)`.
+    :param log_dir: where checkpoints and logs go.
+    :param resume: "auto" (newest intact checkpoint in log_dir, if any), "none", or a path
+        to a checkpoint file (`modelNNNNNN.pt` / `stateNNNNNN.pt`) or a directory.
+    :param evaluator: optional callable(ema_model, step) -> dict of metrics, run every
+        `config.eval_interval` steps on every rank (e.g. FID of the EMA model).
+    :param run_config: a JSON-able dict of the run's options, stored in state files.
+    """
+
+    def __init__(
+        self,
+        *,
+        model,
+        diffusion,
+        data,
+        config: TrainConfig,
+        schedule_sampler=None,
+        log_dir=None,
+        resume="auto",
+        logger: Optional[Logger] = None,
+        evaluator: Optional[Callable] = None,
+        run_config: Optional[dict] = None,
+    ):
+        self.model = model
+        self.diffusion = diffusion
+        self.data = data
+        self.config = config
+        self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
+        self.log_dir = log_dir
+        self.logger = logger or Logger(log_dir)
+        self.evaluator = evaluator
+        self.run_config = run_config or {}
+        self.device = next(model.parameters()).device
+        self.rank = dist_util.get_rank()
+        self.world_size = dist_util.get_world_size()
+        self.microbatch = config.microbatch if config.microbatch > 0 else config.batch_size
+        self.step = 0
+        self.nonfinite_streak = 0
+        self.skipped_steps = 0  # non-finite steps since the last dump (identical on all ranks)
+        self.last_saved_step = None
+
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.opt = self._make_optimizer()
+        self.scaler = self._make_scaler()
+        self.ema_params = [[p.detach().clone() for p in self.params] for _ in config.ema_rate]
+
+        self._resume(resume)
+        self._interval_start = (time.perf_counter(), self.step)
+
+        model_for_ddp = self.model
+        if self.world_size > 1:
+            # Parameters are identical on every rank here (same seed or same checkpoint);
+            # DDP broadcasts rank 0's anyway.
+            self.ddp_model = DDP(
+                model_for_ddp,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
+                bucket_cap_mb=128,
+                find_unused_parameters=False,
+            )
+        else:
+            self.ddp_model = model_for_ddp
+        self.train_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_optimizer(self):
+        impl = self.config.optimizer_impl
+        kwargs = dict(
+            lr=self.config.lr,
+            betas=(self.config.momentum.beta_init, self.config.adam_beta2),
+            weight_decay=self.config.weight_decay,
+        )
+        if impl == "auto":
+            impl = "fused" if self.device.type == "cuda" else "foreach"
+        if impl == "fused":
+            kwargs["fused"] = True
+        elif impl == "foreach":
+            kwargs["foreach"] = True
+        else:
+            kwargs["foreach"] = False
+        return torch.optim.AdamW(self.params, **kwargs)
+
+    def _make_scaler(self):
+        if self.config.precision != "fp16":
+            return None
+        growth_interval = max(1, round(1.0 / self.config.fp16_scale_growth))
+        return torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=growth_interval)
+
+    def _autocast(self):
+        if self.config.precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ------------------------------------------------------------------ schedules
+
+    def total_steps(self):
+        if self.config.total_steps is not None:
+            return self.config.total_steps
+        return self.config.lr_anneal_steps or None
+
+    def base_lr(self, step):
+        """The ordinary schedule: constant, or the original's linear anneal to 0."""
+        if not self.config.lr_anneal_steps:
+            return self.config.lr
+        frac_done = min(step / self.config.lr_anneal_steps, 1.0)
+        return self.config.lr * (1.0 - frac_done)
+
+    def schedules(self, step):
+        """lr, beta1 and CLTS lambda used for the update at global step `step`."""
+        momentum = self.config.momentum
+        out = {
+            "lr": self.base_lr(step) * momentum.lr_factor(step),
+            "beta1": momentum.beta1(step),
+        }
+        self.schedule_sampler.set_step(step)
+        if hasattr(self.schedule_sampler, "lam"):
+            out["clts_lambda"] = float(self.schedule_sampler.lam)
+        return out
+
+    # ------------------------------------------------------------------ the loop
+
+    def run_loop(self):
+        """Train until `total_steps` (or forever), then save a final checkpoint."""
+        total = self.total_steps()
+        if self.config.stop_at is not None:
+            total = min(total, self.config.stop_at) if total is not None else self.config.stop_at
+        bar = None
+        if self.config.progress and dist_util.is_main() and sys.stdout.isatty():
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
+        self._interval_start = (time.perf_counter(), self.step)
+        while total is None or self.step < total:
+            batch, cond = next(self.data)
+            self.run_step(batch, cond)
+            self.step += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % self.config.log_interval == 0:
+                self.dump_logs()
+            if self.config.eval_interval and self.evaluator and self.step % self.config.eval_interval == 0:
+                self.evaluate()
+            if self.step % self.config.save_interval == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.last_saved_step != self.step:
+            self.save()
+        if self.logger.means or self.logger.values:
+            self.dump_logs()
+
+    def run_step(self, batch, cond):
+        """One optimizer update at global step `self.step`."""
+        # Schedules for this update (MD, LRC, CLTS): set before anything is sampled.
+        sched = self.schedules(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = sched["lr"]
+            group["betas"] = (sched["beta1"], group["betas"][1])
+        for key, value in sched.items():
+            self.logger.logkv(key, value)
+
+        # Accumulate gradients: microbatch losses are weighted by their share of the batch,
+        # so the gradient is that of the batch mean whatever --microbatch is.
+        self.opt.zero_grad(set_to_none=True)
+        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
+        x = to_model_input(batch, self.device).contiguous(memory_format=memory_format)
+        cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
+        n_total = x.shape[0]
+        for start in range(0, n_total, self.microbatch):
+            micro = x[start : start + self.microbatch]
+            micro_cond = {k: v[start : start + self.microbatch] for k, v in cond.items()}
+            last = start + self.microbatch >= n_total
+            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
+            sync = nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
+            with sync:
+                with self._autocast():
+                    losses = self.diffusion.training_losses(self.train_model, micro, t, model_kwargs=micro_cond)
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n_total)
+                self._log_losses(t, losses, weights)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+
+        # Update weights, unless the loss or a gradient is not finite.
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        if self.scaler is not None:
+            scale_before = self.scaler.get_scale()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+            stepped = self.scaler.get_scale() >= scale_before
+        else:
+            stepped = bool(torch.isfinite(grad_norm))
+            if stepped:
+                self.opt.step()
+        if stepped:
+            self.nonfinite_streak = 0
+            self.logger.logkv_mean("grad_norm", grad_norm)
+            self._update_ema()
+        else:
+            self.nonfinite_streak += 1
+            self.skipped_steps += 1
+            self.logger.log(f"step {self.step}: non-finite loss or gradient, update skipped")
+            if self.nonfinite_streak >= self.config.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.nonfinite_streak} non-finite steps in a row (limit --max_nonfinite_steps "
+                    f"{self.config.max_nonfinite_steps}) at step {self.step}: the run has diverged. "
+                    "Lower --lr, use --precision bf16/fp32 or --grad_clip; the last checkpoint is intact."
+                )
+
+    def _log_losses(self, t, losses, weights):
+        """Mean of each loss term, and per timestep quartile as the original: on device."""
+        quartile = (4 * t // self.diffusion.num_timesteps).clamp_(0, 3)
+        counts = torch.bincount(quartile, minlength=4).float()
+        for key, values in losses.items():
+            values = values.detach().float()
+            self.logger.logkv_sum(key, values.sum(), values.numel())
+            sums = torch.zeros(4, device=values.device).scatter_add_(0, quartile, values)
+            for q in range(4):
+                self.logger.logkv_sum(f"{key}_q{q}", sums[q], counts[q])
+
+    @torch.no_grad()
+    def _update_ema(self):
+        for rate, ema in zip(self.config.ema_rate, self.ema_params):
+            torch._foreach_lerp_(ema, [p.detach() for p in self.params], 1.0 - rate)
+
+    def dump_logs(self):
+        now = time.perf_counter()
+        start_time, start_step = self._interval_start
+        steps = self.step - start_step
+        self.logger.logkv("step", self.step)
+        self.logger.logkv("samples", self.step * self.config.batch_size * self.world_size)
+        if steps > 0:
+            self.logger.logkv("images_per_sec", steps * self.config.batch_size * self.world_size / (now - start_time))
+        self.logger.logkv("skipped_steps", self.skipped_steps)
+        if self.scaler is not None:
+            self.logger.logkv("loss_scale", self.scaler.get_scale())
+        self.logger.dumpkvs()
+        self.skipped_steps = 0
+        self._interval_start = (time.perf_counter(), self.step)
+
+    # ------------------------------------------------------------------ EMA model
+
+    def ema_state_dict(self, index=0):
+        """A plain state dict of the model with EMA `index`'s weights (original format)."""
+        state = self.model.state_dict()
+        for name, value in zip(self.param_names, self.ema_params[index]):
+            state[name] = value.detach().clone()
+        return state
+
+    def ema_model(self, index=0):
+        """A copy of the model carrying EMA weights, for evaluation."""
+        if not hasattr(self, "_ema_model"):
+            self._ema_model = copy.deepcopy(self.model)
+        self._ema_model.load_state_dict(self.ema_state_dict(index))
+        self._ema_model.eval()
+        return self._ema_model
+
+    def evaluate(self):
+        metrics = self.evaluator(self.ema_model(0), self.step)
+        for key, value in (metrics or {}).items():
+            self.logger.logkv(key, value)
+        self.logger.log(f"eval at step {self.step}: {metrics}")
+        if self.step % self.config.log_interval != 0:
+            self.dump_logs()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _rank_state(self):
+        state = {"rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng_state()}
+        if torch.cuda.is_available():
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        if hasattr(self.data, "state_dict"):
+            state["data"] = self.data.state_dict()
+        return state
+
+    def save(self):
+        """Write the checkpoint at this step (rank 0), atomically; every rank must call this."""
+        if self.log_dir is None:
+            return
+        rank_states = dist_util.all_gather_objects(self._rank_state())
+        if dist_util.is_main():
+            self._check_finite()
+            os.makedirs(self.log_dir, exist_ok=True)
+            files = {}
+
+            def write(name, obj):
+                path = os.path.join(self.log_dir, name)
+                ckpt.atomic_save(obj, path)
+                files[name] = os.path.getsize(path)
+
+            write(ckpt.model_name(self.step), self.model.state_dict())
+            for i, rate in enumerate(self.config.ema_rate):
+                write(ckpt.ema_name(rate, self.step), self.ema_state_dict(i))
+            write(ckpt.opt_name(self.step), self.opt.state_dict())
+            state = {
+                "format": 1,
+                "step": self.step,
+                "files": files,
+                "world_size": self.world_size,
+                "ranks": rank_states,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "sampler": self.schedule_sampler.state_dict() if hasattr(self.schedule_sampler, "state_dict") else None,
+                "schedules": self.schedules(self.step),
+                "nonfinite_streak": self.nonfinite_streak,
+                "ema_rate": list(self.config.ema_rate),
+                "config": _plain(self.run_config),
+            }
+            ckpt.atomic_save(state, os.path.join(self.log_dir, ckpt.state_name(self.step)))
+            self.logger.log(f"saved checkpoint at step {self.step} in {self.log_dir}")
+            self._prune_checkpoints()
+        self.last_saved_step = self.step
+        dist_util.barrier()
+
+    def _check_finite(self):
+        tensors = self.params + [p for ema in self.ema_params for p in ema]
+        norms = torch.stack([t.detach().float().norm() for t in tensors])
+        if not torch.isfinite(norms).all():
+            raise NonFiniteError(f"refusing to write a checkpoint with non-finite weights at step {self.step}")
+
+    def _prune_checkpoints(self):
+        keep = self.config.keep_checkpoints
+        if keep <= 0:
+            return
+        steps = sorted(
+            int(m.group(1)) for m in map(ckpt.STATE_PATTERN.match, os.listdir(self.log_dir)) if m
+        )
+        for step in steps[:-keep]:
+            ckpt.remove_checkpoint(self.log_dir, step)
+
+    def _resume(self, resume):
+        if resume in (None, "", "none"):
+            return
+        if resume == "auto":
+            found = ckpt.find_latest_checkpoint(self.log_dir)
+            if found is None:
+                self.logger.log(f"no intact checkpoint in {self.log_dir}: starting from step 0")
+                return
+            step, state = found
+            self._load_checkpoint(self.log_dir, step, state)
+            return
+        path = resume
+        if os.path.isdir(path):
+            found = ckpt.find_latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"--resume {path}: no intact checkpoint (stateNNNNNN.pt with its files) in this directory")
+            self._load_checkpoint(path, *found)
+            return
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume {path}: no such file")
+        step = ckpt.parse_step(path)
+        directory = os.path.dirname(path) or "."
+        state_path = os.path.join(directory, ckpt.state_name(step))
+        state = ckpt.load_state_file(state_path) if os.path.exists(state_path) else None
+        self._load_checkpoint(directory, step, state)
+
+    def _load_checkpoint(self, directory, step, state):
+        """Load model, every EMA, optimizer and (when present) the rest, on every rank."""
+
+        def need(name, what):
+            path = os.path.join(directory, name)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(
+                    f"cannot resume from step {step} in {directory}: the {what} file {name} is missing "
+                    "(pass --resume none to start from scratch)"
+                )
+            return dist_util.load_state_dict(path)
+
+        load_matching_state_dict(self.model, need(ckpt.model_name(step), "model"), what=f"model{step:06d}.pt")
+        for i, rate in enumerate(self.config.ema_rate):
+            ema_state = need(ckpt.ema_name(rate, step), f"EMA (rate {rate})")
+            check_state_dict_matches(self.model, ema_state, what=ckpt.ema_name(rate, step))
+            with torch.no_grad():
+                for p, name in zip(self.ema_params[i], self.param_names):
+                    p.copy_(ema_state[name])
+        self.opt.load_state_dict(need(ckpt.opt_name(step), "optimizer"))
+        self.step = step
+        if state is None:
+            self.logger.log(
+                f"WARNING: resuming from step {step} without state{step:06d}.pt (an original-format "
+                "checkpoint): schedules continue from the step, but RNG and data order start afresh"
+            )
+            return
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if state.get("sampler") is not None and hasattr(self.schedule_sampler, "load_state_dict"):
+            self.schedule_sampler.load_state_dict(state["sampler"])
+        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        ranks = state.get("ranks") or []
+        if len(ranks) == self.world_size:
+            mine = ranks[self.rank]
+            torch.set_rng_state(mine["rng_torch"])
+            _set_numpy_rng_state(mine["rng_numpy"])
+            if "rng_cuda" in mine and torch.cuda.is_available():
+                torch.cuda.set_rng_state(mine["rng_cuda"])
+            if "data" in mine and hasattr(self.data, "load_state_dict"):
+                self.data.load_state_dict(mine["data"])
+        else:
+            self.logger.log(
+                f"WARNING: checkpoint written by {len(ranks)} ranks, resuming on {self.world_size}: "
+                "model, EMA, optimizer and schedules are restored; RNG and data order are re-seeded"
+            )
+            torch.manual_seed(1_000_003 * step + self.rank)
+        self.last_saved_step = step
+        self.logger.log(f"resumed from step {step} in {directory}")
+
+
+def check_state_dict_matches(model, state, what="checkpoint"):
+    """Raise a ValueError listing missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{what} does not match the model built from these flags (check the model flags):"]
+        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                lines.append(f"  {title}: {shown}")
+        raise ValueError("\n".join(lines))
+
+
+def load_matching_state_dict(model, state, what="checkpoint"):
+    check_state_dict_matches(model, state, what)
+    model.load_state_dict(state, strict=True)
+
+
+def _numpy_rng_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(s):
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
+
+
+def _plain(obj):
+    """Keep only what loads with weights_only=True: dicts, lists, str, numbers, bools, None."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if hasattr(obj, "__dataclass_fields__"):
+        return _plain(asdict(obj))
+    return str(obj)

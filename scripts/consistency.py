@@ -1,0 +1,211 @@
+"""
+Consistency of several diffusion models (paper section 3.1, Eq. 1): sample the same seeds
+(same initial noise and same per-step noise) with every model and measure the PSNR between
+their images, pair by pair; C is the mean over pairs.
+
+Two checkpoints of one architecture (the shared flags describe both):
+
+    python scripts/consistency.py --model_paths run1/ema_0.9999_500000.pt,run2/ema_0.9999_500000.pt \\
+        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 \\
+        --diffusion_steps 4000 --noise_schedule cosine --timestep_respacing 250 \\
+        --num_samples 32 --batch_size 32 --seed 0 --out consistency_cifar
+
+Different architectures: per-model flag strings (or .json files of flags) override the shared
+flags, one per model, in the order of --model_paths:
+
+    mpiexec -n 8 python scripts/consistency.py --model_paths big.pt,small.pt \\
+        $SHARED_FLAGS --model_flags "--num_channels 128" "--num_channels 64 --num_res_blocks 2"
+
+Writes, on rank 0: OUT/consistency.json (pairwise PSNRs, C, per-model flags, settings),
+OUT/consistency.png (one row of images per model) and OUT/samples_<n>.npz per model.
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+import numpy as np
+
+from improved_diffusion import analysis, dist_util
+from improved_diffusion.sampling import sample_images
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    model_and_diffusion_defaults,
+)
+
+
+def main():
+    args = create_argparser().parse_args()
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    device = dist_util.dev()
+
+    paths = [p for p in args.model_paths.split(",") if p]
+    if len(paths) < 2:
+        raise SystemExit("--model_paths needs at least two comma-separated checkpoints")
+    names = [n for n in args.names.split(",") if n] if args.names else _default_names(paths)
+    if len(names) != len(paths):
+        raise SystemExit(f"--names has {len(names)} entries for {len(paths)} models")
+    flags = per_model_flags(args, len(paths))
+    sizes = {f["image_size"] for f in flags}
+    if len(sizes) != 1:
+        raise SystemExit(f"all models must produce the same image size, got {sorted(sizes)}")
+
+    image_sets, labels = [], None
+    for n, (path, model_flags) in enumerate(zip(paths, flags)):
+        if rank == 0:
+            print(f"[{names[n]}] {path}", flush=True)
+        try:
+            model, diffusion, _ = analysis.load_model_and_diffusion(path, model_flags, device)
+        except ValueError as exc:
+            raise SystemExit(f"error: model {n} ({names[n]}): {exc}")
+        images, model_labels = sample_images(
+            model,
+            diffusion,
+            num_samples=args.num_samples,
+            batch_size=args.batch_size,
+            image_size=model_flags["image_size"],
+            device=device,
+            seed=args.seed,
+            use_ddim=args.use_ddim,
+            eta=args.eta,
+            clip_denoised=args.clip_denoised,
+            class_cond=model_flags["class_cond"],
+            num_classes=args.num_classes,
+            progress=rank == 0,
+        )
+        image_sets.append(images)
+        if model_labels is not None:
+            labels = model_labels
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            arrays = {"arr_0": images}
+            if model_labels is not None:
+                arrays["arr_1"] = model_labels
+            np.savez(os.path.join(args.out, f"samples_{n}.npz"), **arrays)
+        del model
+
+    if rank == 0:
+        result = analysis.consistency(image_sets, names=names, cap_db=args.cap_db)
+        result["models"] = [
+            {"name": name, "path": path, "flags": f} for name, path, f in zip(names, paths, flags)
+        ]
+        result["settings"] = {
+            k: getattr(args, k)
+            for k in ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised")
+        }
+        result["settings"]["world_size"] = dist_util.get_world_size()
+        with open(os.path.join(args.out, "consistency.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        plot_rows(image_sets, names, result, args, os.path.join(args.out, "consistency.png"))
+        capped = f" ({result['capped']} identical image pairs capped at {args.cap_db:g} dB)"
+        print(f"C = {result['C']:.2f} dB" + (capped if result["capped"] else ""))
+        for p in result["pairs"]:
+            print(f"  {p['name_i']} vs {p['name_j']}: {p['psnr']:.2f} dB")
+        print(f"wrote {args.out}/consistency.json and consistency.png")
+    dist_util.barrier()
+
+
+def per_model_flags(args, num_models):
+    """
+    Resolve the create_model_and_diffusion flags of every model: the shared flags, overridden
+    by that model's --model_flags entry (a flag string, or a .json file of flags).
+    """
+    keys = list(model_and_diffusion_defaults().keys())
+    shared = args_to_dict(args, keys)
+    entries = args.model_flags or []
+    if len(entries) not in (0, 1, num_models):
+        raise SystemExit(
+            f"--model_flags has {len(entries)} entries; give none, one (for every model) "
+            f"or one per model ({num_models})"
+        )
+    if len(entries) <= 1:
+        entries = entries * num_models or [""] * num_models
+    resolved = []
+    for entry in entries:
+        flags = dict(shared)
+        if entry.endswith(".json") and os.path.isfile(entry):
+            with open(entry) as f:
+                overrides = json.load(f)
+            unknown = sorted(set(overrides) - set(keys))
+            if unknown:
+                raise SystemExit(f"{entry}: unknown model/diffusion keys {unknown}")
+            flags.update(overrides)
+        elif entry.strip():
+            parser = argparse.ArgumentParser(prog=f"--model_flags {entry!r}")
+            add_dict_to_argparser(parser, shared)
+            flags = args_to_dict(parser.parse_args(shlex.split(entry)), keys)
+        resolved.append(flags)
+    return resolved
+
+
+def _default_names(paths):
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(names)) != len(names):
+        names = [f"{n}:{name}" for n, name in enumerate(names)]
+    return names
+
+
+def plot_rows(image_sets, names, result, args, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(args.grid_images, image_sets[0].shape[0])
+    fig, axes = plt.subplots(
+        len(image_sets), 1, figsize=(1.2 * cols + 1.5, 1.3 * len(image_sets) + 0.6), squeeze=False
+    )
+    for ax, images, name in zip(axes[:, 0], image_sets, names):
+        pad = np.full((images.shape[1], max(1, images.shape[2] // 16), images.shape[3]), 255, np.uint8)
+        row = np.concatenate([x for im in images[:cols] for x in (im, pad)][:-1], axis=1)
+        ax.imshow(row.squeeze(-1) if row.shape[-1] == 1 else row, cmap="gray", interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    capped = " (capped)" if result["capped"] else ""
+    fig.suptitle(
+        f"consistency C = {result['C']:.2f} dB{capped}, {result['num_images']} images, "
+        f"seed {args.seed}",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def create_argparser():
+    defaults = dict(
+        model_paths="",
+        names="",
+        num_samples=32,
+        batch_size=16,
+        seed=0,
+        use_ddim=False,
+        eta=0.0,
+        clip_denoised=True,
+        num_classes=1000,
+        cap_db=analysis.PSNR_CAP_DB,
+        grid_images=8,
+        out="consistency_out",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dict_to_argparser(parser, defaults)
+    parser.add_argument(
+        "--model_flags",
+        nargs="+",
+        default=[],
+        help="per-model flag overrides, one quoted string or .json file per model "
+        "(or one for all); e.g. --model_flags \"--num_channels 64\" \"--num_channels 32\"",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""
+Approximate the bits/dimension (negative log-likelihood bound) of a model on a data set.
+
+    python scripts/image_nll.py --data_dir cifar_test/ --model_path runs/cifar/ema_0.9999_500000.pt \\
+        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True \\
+        --dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine \\
+        --num_samples 1000 --batch_size 64
+
+    mpiexec -n 8 python scripts/image_nll.py --data_dir cifar_test/ --model_path ... $FLAGS
+
+As the original: every batch runs `diffusion.calc_bpd_loop` (all T steps; do not respace),
+the per-batch means are averaged over processes, and the running mean of `total_bpd` is
+printed after each batch. Images are taken in data-set order, without flipping; process r
+takes images r, r + W, ... so every image is scored once. At the end, rank 0 writes
+`{out_dir}/nll.json` ({"bpd": ..., "num_samples": ..., per-term means}) and
+`{out_dir}/{vb,mse,xstart_mse}_terms.npz` (mean per-timestep terms, as the original).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from improved_diffusion import dist_util
+from improved_diffusion.image_datasets import load_image_dataset, to_model_input
+from improved_diffusion.sampling import load_model_weights
+from improved_diffusion.script_util import (
+    add_dict_to_argparser,
+    args_to_dict,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+
+TERMS = ("vb", "mse", "xstart_mse")
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    dist_util.setup_dist()
+    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
+    device = torch.device(args.device) if args.device else dist_util.dev()
+
+    def log(*msg):
+        if rank == 0:
+            print(*msg, flush=True)
+
+    log("creating model and diffusion...")
+    model, diffusion = create_model_and_diffusion(
+        **args_to_dict(args, model_and_diffusion_defaults().keys())
+    )
+    try:
+        load_model_weights(model, args.model_path)
+        dataset = load_image_dataset(
+            args.data_dir, args.image_size, class_cond=args.class_cond,
+            progress=None if rank == 0 else False,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    model.to(device)
+    model.eval()
+    # calc_bpd_loop draws its noise from the global generator: seed it per rank.
+    torch.manual_seed(args.seed * world_size + rank)
+
+    num_samples = min(args.num_samples, len(dataset)) if args.num_samples > 0 else len(dataset)
+    # Every rank runs the same number of batches (the all-reduces must match); a rank
+    # that runs out of images repeats its last one with weight 0.
+    per_rank = (num_samples + world_size - 1) // world_size
+    mine = list(range(rank, num_samples, world_size))
+    log(f"evaluating {num_samples} images from {args.data_dir} on {world_size} process(es)...")
+
+    sums = {name: None for name in TERMS}
+    total_bpd_sum = 0.0
+    count = 0
+    start = time.time()
+    for batch_start in range(0, per_rank, args.batch_size):
+        size = min(args.batch_size, per_rank - batch_start)
+        idx = mine[batch_start : batch_start + size]
+        n_real = len(idx)
+        idx = idx + [idx[-1] if idx else 0] * (size - n_real)
+        weight = torch.zeros(size, dtype=torch.float64, device=device)
+        weight[:n_real] = 1.0
+        images = torch.from_numpy(np.asarray(dataset.images[idx])).permute(0, 3, 1, 2)
+        x = to_model_input(images, device)
+        model_kwargs = {}
+        if args.class_cond:
+            model_kwargs["y"] = torch.from_numpy(dataset.labels[idx]).to(device)
+        with torch.no_grad():
+            metrics = diffusion.calc_bpd_loop(
+                model, x, clip_denoised=args.clip_denoised, model_kwargs=model_kwargs
+            )
+        # One all-reduce per batch: [sum of total_bpd, count, per-term sums...].
+        terms = [(metrics[name].double() * weight[:, None]).sum(0) for name in TERMS]
+        flat = torch.cat(
+            [
+                (metrics["total_bpd"].double() * weight).sum().view(1),
+                weight.sum().view(1),
+                *terms,
+            ]
+        )
+        dist_util.all_reduce_sum(flat)
+        flat = flat.cpu()
+        total_bpd_sum += flat[0].item()
+        count += int(round(flat[1].item()))
+        offset = 2
+        for name, term in zip(TERMS, terms):
+            part = flat[offset : offset + term.numel()]
+            offset += term.numel()
+            sums[name] = part.clone() if sums[name] is None else sums[name] + part
+        log(f"done {count} samples: bpd={total_bpd_sum / count:.6f}")
+
+    bpd = total_bpd_sum / count
+    result = {
+        "bpd": bpd,
+        "num_samples": count,
+        "data_dir": args.data_dir,
+        "model_path": args.model_path,
+        "clip_denoised": args.clip_denoised,
+        "seed": args.seed,
+        "seconds": round(time.time() - start, 2),
+    }
+    result["vb_bpd"] = float(sums["vb"].sum() / count)  # total_bpd minus the prior term
+    result["prior_bpd"] = bpd - result["vb_bpd"]
+    result["mean_mse"] = float(sums["mse"].mean() / count)  # averaged over timesteps
+    result["mean_xstart_mse"] = float(sums["xstart_mse"].mean() / count)
+    if rank == 0:
+        out_dir = args.out_dir or os.environ.get("OPENAI_LOGDIR") or os.path.dirname(
+            os.path.abspath(args.model_path)
+        )
+        os.makedirs(out_dir, exist_ok=True)
+        for name in TERMS:
+            np.savez(os.path.join(out_dir, f"{name}_terms.npz"), (sums[name] / count).numpy())
+        path = args.out or os.path.join(out_dir, "nll.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=2)
+        log(json.dumps(result))
+        log(f"wrote {path}")
+    dist_util.barrier()
+    log("evaluation complete")
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        clip_denoised=True,
+        num_samples=1000,
+        batch_size=1,
+        model_path="",
+        seed=0,
+        out_dir="",
+        out="",
+        device="",
+    )
+    defaults.update(model_and_diffusion_defaults())
+    help_text = {
+        "data_dir": "folder of images or .npz (arr_0 uint8 NHWC)",
+        "clip_denoised": "clip predicted x_0 to [-1, 1]",
+        "num_samples": "number of data images to evaluate (0: all)",
+        "batch_size": "images per batch in each process",
+        "model_path": "checkpoint to evaluate",
+        "seed": "seed of the noise that calc_bpd_loop adds (per process: seed * W + rank)",
+        "out_dir": "where to write nll.json and the *_terms.npz files (default: "
+                   "$OPENAI_LOGDIR, else the checkpoint's folder)",
+        "out": "path of the JSON result (default: OUT_DIR/nll.json)",
+        "device": "cpu, cuda, cuda:1 (default: this rank's GPU if any, else cpu)",
+    }
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dict_to_argparser(parser, defaults, help_text)
+    return parser
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""
+Loss and FID against training step for one or more runs, side by side.
+
+    python scripts/plot_curves.py runs/baseline runs/clts_mdlrc --out curves.png
+    python scripts/plot_curves.py runs/a runs/b --names baseline,ours --smooth 0.9 --out c.png
+
+Each LOGDIR must hold the `progress.csv` written by training (columns `step`, `loss`, and
+`fid` on the steps where FID was evaluated; empty cells elsewhere). The loss is smoothed
+with an exponential moving average (`--smooth`, 0 = raw) and drawn on a log axis.
+"""
+
+import argparse
+import csv
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_progress(log_dir):
+    """{column: [(step, value), ...]} from LOGDIR/progress.csv, skipping empty cells."""
+    path = log_dir if log_dir.endswith(".csv") else os.path.join(log_dir, "progress.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no progress.csv in {log_dir} (looked for {path})")
+    series = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "step" not in reader.fieldnames:
+            raise ValueError(f"{path} has no 'step' column (columns: {reader.fieldnames})")
+        for row in reader:
+            step = _number(row.get("step"))
+            if step is None:
+                continue
+            for key, cell in row.items():
+                value = _number(cell)
+                if key != "step" and value is not None:
+                    series.setdefault(key, []).append((step, value))
+    return series
+
+
+def _number(cell):
+    if cell is None or cell.strip() == "":
+        return None
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def ema(values, smooth):
+    """Exponential moving average with bias correction (TensorBoard-style smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = smooth * avg + (1 - smooth) * v
+        out.append(avg / (1 - smooth ** (i + 1)) if smooth > 0 else v)
+    return out
+
+
+def plot(runs, out, smooth=0.9, loss_key="loss", fid_key="fid"):
+    """
+    :param runs: list of (name, series) with series from :func:`read_progress`.
+    :param out: PNG path.
+    """
+    fig, (ax_loss, ax_fid) = plt.subplots(1, 2, figsize=(12, 4.5))
+    any_fid = False
+    for name, series in runs:
+        loss = sorted(series.get(loss_key, []))
+        if loss:
+            steps, values = zip(*loss)
+            ax_loss.plot(steps, ema(values, smooth), label=name)
+        fid = sorted(series.get(fid_key, []))
+        if fid:
+            any_fid = True
+            steps, values = zip(*fid)
+            ax_fid.plot(steps, values, marker="o", markersize=3, label=name)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel(f"{loss_key} (EMA {smooth})" if smooth > 0 else loss_key)
+    ax_loss.set_title("training loss")
+    ax_loss.grid(True, which="both", alpha=0.3)
+    ax_loss.legend()
+    ax_fid.set_xlabel("step")
+    ax_fid.set_ylabel(fid_key.upper())
+    ax_fid.set_title("FID vs step")
+    ax_fid.grid(True, alpha=0.3)
+    if any_fid:
+        ax_fid.legend()
+    else:
+        ax_fid.text(0.5, 0.5, f"no '{fid_key}' values", ha="center", va="center",
+                    transform=ax_fid.transAxes)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="run directories")
+    parser.add_argument("--out", default="curves.png", help="output PNG")
+    parser.add_argument("--names", default="", help="comma-separated run names "
+                                                    "(default: directory names)")
+    parser.add_argument("--smooth", type=float, default=0.9,
+                        help="EMA factor for the loss curve, in [0, 1)")
+    parser.add_argument("--loss_key", default="loss", help="progress.csv column for the loss")
+    parser.add_argument("--fid_key", default="fid", help="progress.csv column for FID")
+    args = parser.parse_args(argv)
+    names = [n for n in args.names.split(",")] if args.names else [
+        os.path.basename(os.path.normpath(d)) for d in args.log_dirs
+    ]
+    if len(names) != len(args.log_dirs):
+        parser.error(f"--names has {len(names)} names for {len(args.log_dirs)} runs")
+    if not 0 <= args.smooth < 1:
+        parser.error("--smooth must be in [0, 1)")
+    try:
+        runs = [(n, read_progress(d)) for n, d in zip(names, args.log_dirs)]
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    plot(runs, args.out, smooth=args.smooth, loss_key=args.loss_key, fid_key=args.fid_key)
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""A tiny model and data set that every end-to-end test shares (seconds per run on a CPU)."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PYTHON = sys.executable
+BIN = os.path.dirname(PYTHON)
+
+TINY_MODEL = {
+    "image_size": 8,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "4",
+    "num_heads": 2,
+    "diffusion_steps": 40,
+    "noise_schedule": "cosine",
+    "learn_sigma": True,
+    "dropout": 0.1,
+}
+
+
+def flags(d):
+    out = []
+    for k, v in d.items():
+        out += [f"--{k}", str(v)]
+    return out
+
+
+def make_npz(path, n=16, size=8, seed=0, classes=None):
+    """Smooth random colour images (uint8 NHWC), optionally with labels."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, size=(n, 1, 1, 3))
+    ramp = np.linspace(0, 60, size)[None, :, None, None]
+    images = np.clip(base + ramp + rng.normal(0, 10, size=(n, size, size, 3)), 0, 255).astype(np.uint8)
+    arrays = {"arr_0": images}
+    if classes:
+        arrays["arr_1"] = rng.integers(0, classes, size=n)
+    np.savez(path, **arrays)
+    return path
+
+
+def env():
+    e = dict(os.environ)
+    e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
+    e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    e.pop("OPENAI_LOGDIR", None)
+    return e
+
+
+def run_script(script, args, launcher=(), timeout=600, check=True):
+    """Run scripts/<script> (optionally under mpiexec/torchrun); returns the CompletedProcess."""
+    cmd = list(launcher) + [PYTHON, os.path.join(ROOT, "scripts", script)] + [str(a) for a in args]
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def mpiexec(n):
+    return [os.path.join(BIN, "mpiexec"), "-n", str(n)]
+
+
+def torchrun(n):
+    return [os.path.join(BIN, "torchrun"), "--standalone", f"--nproc_per_node={n}", "--no-python"]
