@@ -383,7 +383,7 @@ def make_hvp_fn(loss_fn, params):
              value.
     """
     params = list(params)
-    with math_sdpa():
+    with th.enable_grad(), math_sdpa():
         loss = loss_fn()
         grads = th.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     used = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
@@ -396,8 +396,8 @@ def make_hvp_fn(loss_fn, params):
         if not used:
             return th.zeros_like(v)
         index = {id(p): i for i, p in enumerate(params)}
-        dot = sum((g * vs[index[id(p)]]).sum() for g, p in used)
-        with math_sdpa():
+        with th.enable_grad(), math_sdpa():
+            dot = sum((g * vs[index[id(p)]]).sum() for g, p in used)
             hv = th.autograd.grad(dot, params, retain_graph=True, allow_unused=True)
         return _flatten_grads(hv, params).to(dtype=v.dtype, device=v.device)
 
@@ -538,7 +538,8 @@ def lanczos(
 
 def lanczos_top_eigenvalues(hvp_fn, dim, k=5, num_iters=None, seed=0, device="cpu", **kwargs):
     """The top-k eigenvalues (largest first) of the operator, by lanczos()."""
-    return lanczos(hvp_fn, dim, k=k, num_iters=num_iters, seed=seed, device=device, **kwargs).eigenvalues
+    res = lanczos(hvp_fn, dim, k=k, num_iters=num_iters, seed=seed, device=device, **kwargs)
+    return res.eigenvalues
 
 
 def power_iteration(hvp_fn, dim, iters=100, tol=1e-6, seed=0, device="cpu", dtype=th.float64):

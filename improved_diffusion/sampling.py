@@ -221,12 +221,11 @@ def _gather_strided(local, num_samples, world_size):
     Uses a padded ``all_gather`` of uint8/int64 tensors on the backend's device (CUDA for
     NCCL, CPU otherwise), in chunks to bound memory.
     """
-    backend = dist.get_backend()
-    comm_device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if backend == "nccl"
-        else torch.device("cpu")
-    )
+    backend = str(dist.get_backend())
+    if "gloo" in backend or "nccl" not in backend:
+        comm_device = torch.device("cpu")
+    else:
+        comm_device = torch.device("cuda", torch.cuda.current_device())
     per_rank = (num_samples + world_size - 1) // world_size
     counts = [len(range(r, num_samples, world_size)) for r in range(world_size)]
     padded = np.zeros((per_rank,) + local.shape[1:], dtype=local.dtype)

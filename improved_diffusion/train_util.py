@@ -274,15 +274,20 @@ class TrainLoop:
         x = to_model_input(batch, self.device).contiguous(memory_format=memory_format)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
         n_total = x.shape[0]
+        # Timesteps and noise are drawn for the whole batch, so microbatching changes nothing.
+        t_all, weights_all = self.schedule_sampler.sample(n_total, self.device)
+        noise_all = torch.randn_like(x)
         for start in range(0, n_total, self.microbatch):
-            micro = x[start : start + self.microbatch]
-            micro_cond = {k: v[start : start + self.microbatch] for k, v in cond.items()}
+            piece = slice(start, start + self.microbatch)
+            micro, t, weights = x[piece], t_all[piece], weights_all[piece]
+            micro_cond = {k: v[piece] for k, v in cond.items()}
             last = start + self.microbatch >= n_total
-            t, weights = self.schedule_sampler.sample(micro.shape[0], self.device)
             sync = nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
             with sync:
                 with self._autocast():
-                    losses = self.diffusion.training_losses(self.train_model, micro, t, model_kwargs=micro_cond)
+                    losses = self.diffusion.training_losses(
+                        self.train_model, micro, t, model_kwargs=micro_cond, noise=noise_all[piece]
+                    )
                 if isinstance(self.schedule_sampler, LossAwareSampler):
                     self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
                 loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n_total)

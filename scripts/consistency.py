@@ -5,7 +5,7 @@ their images, pair by pair; C is the mean over pairs.
 
 Two checkpoints of one architecture (the shared flags describe both):
 
-    python scripts/consistency.py --model_paths run1/ema_0.9999_500000.pt,run2/ema_0.9999_500000.pt \\
+    python scripts/consistency.py --model_paths runA/ema_0.9999_500000.pt,runB/ema_0.9999_500000.pt \\
         --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 \\
         --diffusion_steps 4000 --noise_schedule cosine --timestep_respacing 250 \\
         --num_samples 32 --batch_size 32 --seed 0 --out consistency_cifar
@@ -160,9 +160,11 @@ def plot_rows(image_sets, names, result, args, path):
         len(image_sets), 1, figsize=(1.2 * cols + 1.5, 1.3 * len(image_sets) + 0.6), squeeze=False
     )
     for ax, images, name in zip(axes[:, 0], image_sets, names):
-        pad = np.full((images.shape[1], max(1, images.shape[2] // 16), images.shape[3]), 255, np.uint8)
+        gap = max(1, images.shape[2] // 16)
+        pad = np.full((images.shape[1], gap, images.shape[3]), 255, np.uint8)
         row = np.concatenate([x for im in images[:cols] for x in (im, pad)][:-1], axis=1)
-        ax.imshow(row.squeeze(-1) if row.shape[-1] == 1 else row, cmap="gray", interpolation="nearest")
+        row = row.squeeze(-1) if row.shape[-1] == 1 else row
+        ax.imshow(row, cmap="gray", interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
@@ -175,6 +177,22 @@ def plot_rows(image_sets, names, result, args, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+HELP = {
+    "model_paths": "comma-separated checkpoints, one per model (at least two)",
+    "names": "comma-separated labels for the models (default: file names)",
+    "num_samples": "images per model (M; the paper uses 32)",
+    "batch_size": "images per forward pass on each rank",
+    "seed": "sampling seed; sample i uses the same initial and per-step noise for every model",
+    "use_ddim": "sample with DDIM instead of ancestral sampling",
+    "eta": "DDIM eta",
+    "clip_denoised": "clip the predicted x_0 to [-1, 1]",
+    "num_classes": "number of classes of class-conditional models",
+    "cap_db": "cap for the PSNR of identical images (infinite otherwise)",
+    "grid_images": "images per model shown in consistency.png",
+    "out": "output folder",
+}
 
 
 def create_argparser():
@@ -196,7 +214,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, help_text=HELP)
     parser.add_argument(
         "--model_flags",
         nargs="+",

@@ -45,6 +45,12 @@ def main():
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
 
+    if args.timestep_respacing:
+        print(
+            f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
+            "the respaced process (leave it empty to analyse the training objective)",
+            file=sys.stderr,
+        )
     data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
     timestep = None if args.timestep < 0 else args.timestep
     batch, t, noise = analysis.fixed_loss_inputs(
@@ -153,9 +159,11 @@ def plot(result, path):
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5), squeeze=False)
     ax = axes[0, 0]
     top = result["eigenvalues"]
-    ax.bar(range(1, len(top) + 1), top, color="C0", label="Lanczos" if "lanczos" in result else "power")
+    label = "Lanczos" if "lanczos" in result else "power iteration"
+    ax.bar(range(1, len(top) + 1), top, color="C0", label=label)
     if "power" in result and "lanczos" in result:
-        ax.axhline(result["power"]["eigenvalue"], color="C3", ls="--", lw=1, label="power iteration")
+        lam = result["power"]["eigenvalue"]
+        ax.axhline(lam, color="C3", ls="--", lw=1, label="power iteration")
     ax.set_xlabel("index i")
     ax.set_ylabel("eigenvalue lambda_i")
     ratio = result["ratio_1_k"]
@@ -174,6 +182,25 @@ def plot(result, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+HELP = {
+    "model_path": "checkpoint to analyse",
+    "data_dir": "image folder or .npz; the first batch_size images form the fixed batch",
+    "batch_size": "size of the fixed batch",
+    "seed": "seed of the fixed timesteps and noise, and of the Lanczos/power start vectors",
+    "timestep": "use this timestep for every image (-1: uniform random, fixed by --seed)",
+    "top_k": "number of top eigenvalues (lambda_1 .. lambda_k)",
+    "iters": "Lanczos steps (0: max(3 top_k, 20))",
+    "method": "lanczos, power or both",
+    "power_iters": "maximum power-iteration steps",
+    "tol": "power iteration stops when the eigenvalue changes by less than tol (relative)",
+    "density": "also estimate the spectral density by stochastic Lanczos quadrature",
+    "density_iters": "Lanczos steps per SLQ probe",
+    "density_runs": "number of SLQ probe vectors",
+    "lanczos_dtype": "float64 or float32 for the Lanczos / power vectors",
+    "out": "output folder",
+}
 
 
 def create_argparser():
@@ -198,7 +225,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, help_text=HELP)
     return parser
 
 

@@ -164,10 +164,10 @@ def create_argparser():
         "batch_size": "images per batch in each process",
         "model_path": "checkpoint to evaluate",
         "seed": "seed of the noise that calc_bpd_loop adds (per process: seed * W + rank)",
-        "out_dir": "where to write nll.json and the *_terms.npz files (default: "
-                   "$OPENAI_LOGDIR, else the checkpoint's folder)",
-        "out": "path of the JSON result (default: OUT_DIR/nll.json)",
-        "device": "cpu, cuda, cuda:1 (default: this rank's GPU if any, else cpu)",
+        "out_dir": "where to write nll.json and the *_terms.npz files; empty: "
+                   "$OPENAI_LOGDIR, else the checkpoint's folder",
+        "out": "path of the JSON result; empty: OUT_DIR/nll.json",
+        "device": "cpu, cuda, cuda:1; empty: this rank's GPU if any, else cpu",
     }
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

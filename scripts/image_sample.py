@@ -154,12 +154,12 @@ def create_argparser():
         "seed": "run seed; sample i gets its own seed derived from it",
         "eta": "DDIM eta (0 = deterministic DDIM)",
         "out": "output .npz path, or a folder for samples_NxHxWx3.npz",
-        "grid": "PNG grid path ('none': no grid); default: next to the .npz",
+        "grid": "PNG grid path; 'none': no grid; empty: next to the .npz",
         "grid_size": "number of images in the grid",
-        "log_dir": "folder for the default output (default: $OPENAI_LOGDIR, else the "
-                   "checkpoint's folder)",
+        "log_dir": "folder for the default output; empty: $OPENAI_LOGDIR, else the "
+                   "checkpoint's folder",
         "num_classes": "number of classes of a class-conditional model",
-        "device": "cpu, cuda, cuda:1 (default: this rank's GPU if any, else cpu)",
+        "device": "cpu, cuda, cuda:1; empty: this rank's GPU if any, else cpu",
     }
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

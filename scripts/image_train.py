@@ -19,8 +19,10 @@ import argparse
 import datetime
 import json
 import os
+import random
 import sys
 
+import numpy as np
 import torch
 
 from improved_diffusion import dist_util
@@ -225,10 +227,10 @@ def main(argv=None):
     model, diffusion = create_model_and_diffusion(**model_kwargs, min_snr_gamma=args.min_snr_gamma)
     model.to(device)
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    torch.manual_seed(args.seed * world + rank + 1)
+    seed_everything(args.seed * world + rank + 1)
 
     sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, **clts_kwargs(args))
-    evaluator = make_evaluator(args, model_kwargs, device) if args.eval_interval else None
+    evaluator = make_evaluator(args, precision, device) if args.eval_interval else None
     loop = TrainLoop(
         model=model,
         diffusion=diffusion,
@@ -247,6 +249,13 @@ def main(argv=None):
     return loop
 
 
+def seed_everything(seed):
+    """Seed every generator a training step draws from (torch; numpy for the original samplers)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def clts_kwargs(args):
     if args.schedule_sampler != "clts":
         return {}
@@ -259,7 +268,7 @@ def clts_kwargs(args):
     )
 
 
-def make_evaluator(args, model_kwargs, device):
+def make_evaluator(args, precision, device):
     """FID of the EMA model every --eval_interval steps, spread over all ranks."""
     from improved_diffusion import fid, sampling
     from improved_diffusion.script_util import create_gaussian_diffusion
@@ -290,11 +299,12 @@ def make_evaluator(args, model_kwargs, device):
             class_cond=args.class_cond,
             device=device,
             progress=False,
+            autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
         )
         if not dist_util.is_main():
             return {}
         if "net" not in extractor:
-            extractor["net"] = fid.FeatureExtractor(fid.load_inception(args.inception or None, device))
+            extractor["net"] = fid.load_inception(args.inception or None, device)
         return {"fid": fid.fid_of_samples(images, args.eval_ref_stats, extractor["net"])}
 
     return evaluate

@@ -40,7 +40,7 @@ def main():
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
     if not args.model_a or not args.model_b:
         raise SystemExit("give both --model_a and --model_b")
-    alphas = parse_alphas(args.alphas)
+    alphas = parse_alphas(args.alphas, args.alpha_min, args.alpha_max, args.num_alphas)
 
     sd_b = dist_util.load_state_dict(args.model_b, map_location="cpu")
     try:
@@ -49,6 +49,12 @@ def main():
     except ValueError as exc:
         raise SystemExit(f"error: {exc}")
 
+    if args.timestep_respacing:
+        print(
+            f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
+            "the respaced process (leave it empty to analyse the training objective)",
+            file=sys.stderr,
+        )
     data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
     timestep = None if args.timestep < 0 else args.timestep
     batch, t, noise = analysis.fixed_loss_inputs(
@@ -91,10 +97,16 @@ def main():
     print(f"wrote {args.out}/interpolation.json and interpolation.png")
 
 
-def parse_alphas(text):
-    """A comma-separated list of floats; empty: 21 points from -0.5 to 1.5."""
+def parse_alphas(text, alpha_min=-0.5, alpha_max=1.5, num_alphas=21):
+    """
+    A comma-separated list of floats; empty: num_alphas evenly spaced points from alpha_min
+    to alpha_max (0 and 1 are on the default grid). Write a list that starts with a minus
+    sign as --alphas=-0.5,0,0.5 (argparse reads "-0.5,..." as an option otherwise).
+    """
     if not text:
-        return [float(a) for a in np.round(np.linspace(-0.5, 1.5, 21), 10)]
+        if num_alphas < 2:
+            raise SystemExit("--num_alphas must be at least 2")
+        return [float(a) for a in np.round(np.linspace(alpha_min, alpha_max, num_alphas), 10)]
     try:
         return [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
@@ -122,12 +134,30 @@ def plot(result, path):
     plt.close(fig)
 
 
+HELP = {
+    "model_a": "checkpoint at alpha = 0",
+    "model_b": "checkpoint at alpha = 1 (same architecture)",
+    "data_dir": "image folder or .npz; the first batch_size images form the fixed batch",
+    "alphas": "explicit comma-separated alphas (write --alphas=-0.5,0,...); overrides the grid",
+    "alpha_min": "first alpha of the default grid",
+    "alpha_max": "last alpha of the default grid",
+    "num_alphas": "number of points of the default grid",
+    "batch_size": "size of the fixed batch",
+    "seed": "seed of the fixed timesteps and noise",
+    "timestep": "use this timestep for every image (-1: uniform random, fixed by --seed)",
+    "out": "output folder",
+}
+
+
 def create_argparser():
     defaults = dict(
         model_a="",
         model_b="",
         data_dir="",
         alphas="",
+        alpha_min=-0.5,
+        alpha_max=1.5,
+        num_alphas=21,
         batch_size=64,
         seed=0,
         timestep=-1,
@@ -137,7 +167,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults)
+    add_dict_to_argparser(parser, defaults, help_text=HELP)
     return parser
 
 

@@ -17,15 +17,26 @@ from improved_diffusion import analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A UNet small enough for CPU tests.
+# A UNet small enough for CPU tests (GroupNorm32 needs channels divisible by 32; 20 steps of
+# the linear schedule would reach beta = 1, so cosine).
 TINY_FLAGS = {
     "image_size": 8,
-    "num_channels": 16,
+    "num_channels": 32,
     "num_res_blocks": 1,
+    "channel_mult": "1",
     "attention_resolutions": "",
     "diffusion_steps": 20,
-    "noise_schedule": "linear",
+    "noise_schedule": "cosine",
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these small ops are faster so, and robust to a busy machine."""
+    saved = th.get_num_threads()
+    th.set_num_threads(1)
+    yield
+    th.set_num_threads(saved)
 
 
 def _flag_list(flags):
@@ -35,12 +46,24 @@ def _flag_list(flags):
     return out
 
 
-def _tiny_model_and_diffusion(**overrides):
+def _tiny_model_and_diffusion(seed=0, scale=0.2, **overrides):
+    """A tiny UNet with its weights moved off the initialisation (whose zeroed output layer
+    makes every model predict 0), in eval mode."""
     script_util = pytest.importorskip("improved_diffusion.script_util")
     args = script_util.model_and_diffusion_defaults()
     args.update(TINY_FLAGS)
     args.update(overrides)
-    return script_util.create_model_and_diffusion(**args)
+    th.manual_seed(seed)
+    model, diffusion = script_util.create_model_and_diffusion(**args)
+    gen = th.Generator().manual_seed(seed + 1000)
+    with th.no_grad():
+        for p in model.parameters():
+            p.add_(scale * th.randn(p.shape, generator=gen))
+    return model.eval(), diffusion
+
+
+def _images(n=8, size=8, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -110,7 +133,8 @@ TOP = [10.0, 7.0, 5.0, 3.0, 2.0]
 def _quadratic(dim=50, seed=0):
     gen = th.Generator().manual_seed(seed)
     q, _ = th.linalg.qr(th.randn(dim, dim, generator=gen, dtype=th.float64))
-    eig = th.cat([th.tensor(TOP, dtype=th.float64), th.linspace(-1.5, 1.5, dim - len(TOP), dtype=th.float64)])
+    rest = th.linspace(-1.5, 1.5, dim - len(TOP), dtype=th.float64)
+    eig = th.cat([th.tensor(TOP, dtype=th.float64), rest])
     a = q @ th.diag(eig) @ q.T
     a = 0.5 * (a + a.T)
     # the loss closure works on a float32 parameter, as a model would
@@ -141,7 +165,8 @@ def test_lanczos_top_k_match_known_eigenvalues():
     assert res.ritz_weights.sum() == pytest.approx(1.0)
     # through double backprop on the float32 closure, too
     _, loss_fn, params = _quadratic()
-    top = analysis.lanczos_top_eigenvalues(analysis.make_hvp_fn(loss_fn, params), 50, k=5, num_iters=30)
+    hvp_fn = analysis.make_hvp_fn(loss_fn, params)
+    top = analysis.lanczos_top_eigenvalues(hvp_fn, 50, k=5, num_iters=30)
     np.testing.assert_allclose(top, TOP, rtol=1e-4)
     # Ritz vectors are eigenvectors
     res = analysis.lanczos(op, 50, k=2, num_iters=50, return_vectors=True)
@@ -149,7 +174,8 @@ def test_lanczos_top_k_match_known_eigenvalues():
         th.testing.assert_close(a @ vec, lam * vec, rtol=0, atol=1e-8)
     # the full space: Lanczos stops at dim and recovers everything
     res = analysis.lanczos(op, 50, k=50, num_iters=80)
-    np.testing.assert_allclose(np.sort(res.ritz_values), np.sort(th.linalg.eigvalsh(a).numpy()), atol=1e-8)
+    exact = np.sort(th.linalg.eigvalsh(a).numpy())
+    np.testing.assert_allclose(np.sort(res.ritz_values), exact, atol=1e-8)
 
 
 def test_power_iteration_finds_top_eigenvalue():
@@ -203,3 +229,172 @@ def test_interpolate_state_dicts_refuses_other_architecture():
     msg = str(err.value)
     assert "conv.weight" in msg and "[4, 3]" in msg and "[8, 3]" in msg
     assert "only_a" in msg and "only_b" in msg and "a.bias" not in msg
+
+
+def test_fixed_loss_inputs_are_reproducible():
+    _, diffusion = _tiny_model_and_diffusion()
+    images = _images()
+    x, t, noise = analysis.fixed_loss_inputs(diffusion, images, 4, seed=3)
+    x2, t2, noise2 = analysis.fixed_loss_inputs(diffusion, images, 4, seed=3)
+    assert th.equal(t, t2) and th.equal(noise, noise2) and th.equal(x, x2)
+    assert x.shape == (4, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    th.testing.assert_close(x[1, :, 2, 5], th.from_numpy(images[1, 2, 5]).float() / 127.5 - 1)
+    assert t.min() >= 0 and t.max() < diffusion.num_timesteps
+    _, t3, _ = analysis.fixed_loss_inputs(diffusion, images, 4, seed=3, timestep=7)
+    assert t3.tolist() == [7] * 4
+
+
+def test_interpolation_endpoints_reproduce_checkpoint_losses():
+    model_a, diffusion = _tiny_model_and_diffusion(seed=0, dropout=0.3)
+    model_b, _ = _tiny_model_and_diffusion(seed=1, dropout=0.3)
+    sd_a = {k: v.clone() for k, v in model_a.state_dict().items()}
+    sd_b = {k: v.clone() for k, v in model_b.state_dict().items()}
+    x, t, noise = analysis.fixed_loss_inputs(diffusion, _images(), 4, seed=0)
+
+    def endpoint_loss(model):
+        with th.no_grad():
+            return analysis.diffusion_loss_fn(model, diffusion, x, t, noise)().item()
+
+    loss_a, loss_b = endpoint_loss(model_a), endpoint_loss(model_b)
+    assert loss_a != loss_b
+    model_b.train()  # dropout on: the helper must switch it off, then restore the mode
+    losses = analysis.interpolation_losses(
+        model_b, diffusion, sd_a, sd_b, [0.0, 0.5, 1.0], x, t, noise, {}
+    )
+    assert losses[0] == loss_a and losses[2] == loss_b
+    assert math.isfinite(losses[1]) and losses[1] not in (loss_a, loss_b)
+    assert model_b.training
+    for k, v in model_b.state_dict().items():  # the model's own weights are back
+        assert th.equal(v, sd_b[k])
+    assert analysis.interpolate_losses is analysis.interpolation_losses
+
+
+def test_interpolation_refuses_other_architecture():
+    model_a, diffusion = _tiny_model_and_diffusion()
+    model_c, _ = _tiny_model_and_diffusion(num_res_blocks=2)
+    x, t, noise = analysis.fixed_loss_inputs(diffusion, _images(), 2, seed=0)
+    with pytest.raises(ValueError, match=r"keys only in model b: input_blocks\.2\."):
+        analysis.interpolation_losses(
+            model_a, diffusion, model_a.state_dict(), model_c.state_dict(), [0.5], x, t, noise
+        )
+
+
+def test_lanczos_and_power_iteration_agree_on_tiny_unet():
+    model, diffusion = _tiny_model_and_diffusion()
+    x, t, noise = analysis.fixed_loss_inputs(diffusion, _images(), 4, seed=0)
+    params = list(model.parameters())
+    hvp_fn = analysis.make_hvp_fn(analysis.diffusion_loss_fn(model, diffusion, x, t, noise), params)
+    assert hvp_fn.dim == sum(p.numel() for p in params)
+    # symmetric operator: <u, H v> = <H u, v>
+    gen = th.Generator().manual_seed(5)
+    u = th.randn(hvp_fn.dim, generator=gen, dtype=th.float64)
+    v = th.randn(hvp_fn.dim, generator=gen, dtype=th.float64)
+    assert th.dot(u, hvp_fn(v)).item() == pytest.approx(th.dot(hvp_fn(u), v).item(), rel=1e-4)
+    top = analysis.lanczos(hvp_fn, hvp_fn.dim, k=3, num_iters=20, which="LM").eigenvalues
+    lam, _, iters = analysis.power_iteration(hvp_fn, hvp_fn.dim, iters=300, tol=1e-7)
+    assert iters < 300
+    assert lam == pytest.approx(top[0], rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------
+# The scripts, end to end on tiny checkpoints
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Three tiny checkpoints (a and b of one architecture, c with 2 res blocks) and data."""
+    pytest.importorskip("improved_diffusion.script_util")
+    pytest.importorskip("improved_diffusion.sampling")
+    root = tmp_path_factory.mktemp("analysis")
+    saved = th.get_num_threads()
+    th.set_num_threads(1)
+    for name, seed, over in [("a", 0, {}), ("b", 1, {}), ("c", 2, {"num_res_blocks": 2})]:
+        model, _ = _tiny_model_and_diffusion(seed=seed, scale=0.05, **over)
+        th.save(model.state_dict(), root / f"{name}.pt")
+    th.set_num_threads(saved)
+    np.savez(root / "data.npz", arr_0=_images(8))
+    return root
+
+
+def _run_script(name, *args):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", name), *map(str, args)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
+    )
+    return proc
+
+
+def test_consistency_script(tiny_run):
+    out = tiny_run / "cons"
+    proc = _run_script(
+        "consistency.py", "--model_paths", f"{tiny_run}/a.pt,{tiny_run}/b.pt,{tiny_run}/c.pt",
+        *_flag_list(TINY_FLAGS), "--model_flags", "--num_res_blocks 1", "--num_res_blocks 1",
+        "--num_res_blocks 2", "--names", "a,b,c", "--num_samples", 3, "--batch_size", 2,
+        "--use_ddim", True, "--timestep_respacing", "ddim10", "--out", out,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "consistency.json").read_text())
+    assert res["num_models"] == 3 and res["num_images"] == 3 and len(res["pairs"]) == 3
+    assert res["C"] == pytest.approx(np.mean([p["psnr"] for p in res["pairs"]]))
+    assert [m["flags"]["num_res_blocks"] for m in res["models"]] == [1, 1, 2]
+    assert (out / "consistency.png").stat().st_size > 0
+    # the saved samples are what was measured
+    sets = [np.load(out / f"samples_{n}.npz")["arr_0"] for n in range(3)]
+    assert sets[0].shape == (3, 8, 8, 3) and sets[0].dtype == np.uint8
+    assert res["pairs"][1]["psnr"] == pytest.approx(float(np.mean(analysis.psnr(sets[0], sets[2]))))
+
+
+def test_interpolate_script(tiny_run):
+    out = tiny_run / "interp"
+    common = [*_flag_list(TINY_FLAGS), "--data_dir", tiny_run / "data.npz", "--batch_size", 4]
+    proc = _run_script(
+        "interpolate.py", "--model_a", tiny_run / "a.pt", "--model_b", tiny_run / "b.pt",
+        *common, "--alphas=-0.5,0,0.5,1,1.5", "--out", out,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "interpolation.json").read_text())
+    assert res["alphas"] == [-0.5, 0.0, 0.5, 1.0, 1.5]
+    assert res["losses"][1] == res["loss_a"] and res["losses"][3] == res["loss_b"]
+    assert (out / "interpolation.png").stat().st_size > 0
+    proc = _run_script(
+        "interpolate.py", "--model_a", tiny_run / "a.pt", "--model_b", tiny_run / "c.pt",
+        *common, "--alpha_min", -1, "--alpha_max", 2, "--num_alphas", 4,
+        "--out", tiny_run / "interp_bad",
+    )
+    assert proc.returncode != 0
+    assert "different architectures" in proc.stderr and "input_blocks.2." in proc.stderr
+
+
+def test_interpolate_default_alpha_grid():
+    import importlib.util
+
+    path = os.path.join(REPO, "scripts", "interpolate.py")
+    spec = importlib.util.spec_from_file_location("interpolate_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    grid = script.parse_alphas("")
+    assert len(grid) == 21 and grid[0] == -0.5 and grid[-1] == 1.5
+    assert 0.0 in grid and 1.0 in grid
+    assert script.parse_alphas("0, 0.25,1") == [0.0, 0.25, 1.0]
+
+
+def test_hessian_script(tiny_run):
+    out = tiny_run / "hess"
+    proc = _run_script(
+        "hessian.py", "--model_path", tiny_run / "a.pt", *_flag_list(TINY_FLAGS),
+        "--data_dir", tiny_run / "data.npz", "--batch_size", 2, "--top_k", 3, "--iters", 12,
+        "--method", "both", "--power_iters", 5, "--density", True, "--density_iters", 8,
+        "--out", out,
+    )
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads((out / "hessian.json").read_text())
+    top = res["eigenvalues"]
+    assert len(top) == 3 and top[0] >= top[1] >= top[2]
+    assert res["ratio_1_k"] == pytest.approx(top[0] / top[2])
+    assert res["power"]["iters"] <= 5 and res["num_params"] > 0
+    assert len(res["density"]["grid"]) == len(res["density"]["density"])
+    assert (out / "hessian.png").stat().st_size > 0

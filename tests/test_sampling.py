@@ -58,6 +58,15 @@ def make_model(seed=0, **overrides):
     return model, diffusion
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread (and do not stall on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "ema_0.9999_000010.pt"
@@ -98,7 +107,7 @@ def test_sample_seeds_are_distinct():
 
 
 def test_sample_images_independent_of_batch_size():
-    model, diffusion = make_model()
+    model, diffusion = make_model(timestep_respacing="10")
     model.train()
     common = dict(num_samples=7, image_size=8, device="cpu", seed=3, class_cond=True,
                   num_classes=10, progress=False)
@@ -210,8 +219,9 @@ def test_image_sample_checkpoint_with_other_flags(checkpoint, tmp_path, capsys):
 
 
 def test_image_sample_missing_checkpoint_cli(tmp_path):
-    proc = run_script("image_sample.py", flags(MODEL) + ["--model_path", tmp_path / "gone.pt"],
-                      check=False)
+    proc = run_script(
+        "image_sample.py", flags(MODEL) + ["--model_path", str(tmp_path / "gone.pt")], check=False
+    )
     assert proc.returncode == 1
     assert "gone.pt" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -227,8 +237,9 @@ def test_image_nll_gives_finite_bpd(checkpoint, tmp_path, capsys):
     np.savez(data, arr_0=images, arr_1=rng.integers(0, 10, 5))
     out = tmp_path / "nll"
     script = load_script("image_nll.py")
-    script.main(flags(MODEL) + ["--model_path", checkpoint, "--data_dir", data,
-                                "--num_samples", "0", "--batch_size", "2", "--out_dir", out])
+    script.main(flags(MODEL) + ["--model_path", checkpoint, "--data_dir", str(data),
+                                "--num_samples", "0", "--batch_size", "2",
+                                "--out_dir", str(out)])
     result = json.loads((out / "nll.json").read_text())
     assert result["num_samples"] == 5
     assert np.isfinite(result["bpd"]) and result["bpd"] > 0

@@ -1,5 +1,6 @@
-"""Non-finite losses: the step is skipped, fp16 lowers its loss scale, a streak stops the run,
-and no checkpoint ever holds NaN. NaNs are injected by a forward hook on the real model."""
+"""The training step in-process: exact microbatch accumulation, and non-finite losses (the step
+is skipped, fp16 lowers its loss scale, a streak stops the run, no checkpoint ever holds NaN;
+NaNs are injected by a forward hook on the real model)."""
 
 import os
 
@@ -15,15 +16,16 @@ from improved_diffusion.train_util import NonFiniteError, TrainConfig, TrainLoop
 from tiny import TINY_MODEL
 
 
-def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3):
+def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1):
     torch.manual_seed(0)
     opts = model_and_diffusion_defaults()
     opts.update({k: v for k, v in TINY_MODEL.items()})
+    opts["dropout"] = 0.0
     model, diffusion = create_model_and_diffusion(**opts)
     images = np.random.default_rng(0).integers(0, 256, size=(8, 8, 8, 3), dtype=np.uint8)
     data = BatchStream(ImageDataset(images, None), 4, seed=0)
     config = TrainConfig(
-        batch_size=4, precision=precision, max_nonfinite_steps=max_nonfinite_steps, log_interval=1, save_interval=1000
+        batch_size=4, microbatch=microbatch, precision=precision, max_nonfinite_steps=max_nonfinite_steps, log_interval=1, save_interval=1000
     )
     return TrainLoop(
         model=model, diffusion=diffusion, data=data, config=config, log_dir=str(tmp_path), resume="none",
@@ -108,3 +110,17 @@ def test_fp16_nan_lowers_the_loss_scale_and_skips(tmp_path):
     loop.run_step(batch, cond)  # clean step: weights move, scale stays
     assert loop.scaler.get_scale() == scale / 2
     assert any(not torch.equal(a, b) for a, b in zip(before, params_of(loop)))
+
+
+def test_microbatches_give_the_gradient_of_the_batch_mean(tmp_path):
+    """--microbatch splits the batch without changing the gradient (guided-diffusion#111)."""
+    grads = []
+    for micro in (-1, 1, 2):
+        loop = make_loop(tmp_path / str(micro), microbatch=micro)
+        torch.manual_seed(5)
+        np.random.seed(5)
+        loop.run_step(*next(loop.data))
+        grads.append([p.grad.clone() for p in loop.params])
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
