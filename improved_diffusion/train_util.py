@@ -244,10 +244,11 @@ class TrainLoop:
             self.step += 1
             if bar is not None:
                 bar.update(1)
-            if self.step % self.config.log_interval == 0:
-                self.dump_logs()
-            if self.config.eval_interval and self.evaluator and self.step % self.config.eval_interval == 0:
+            evaluated = self.config.eval_interval and self.evaluator and self.step % self.config.eval_interval == 0
+            if evaluated:
                 self.evaluate()
+            if evaluated or self.step % self.config.log_interval == 0:
+                self.dump_logs()
             if self.step % self.config.save_interval == 0:
                 self.save()
         if bar is not None:
@@ -379,8 +380,6 @@ class TrainLoop:
         for key, value in (metrics or {}).items():
             self.logger.logkv(key, value)
         self.logger.log(f"eval at step {self.step}: {metrics}")
-        if self.step % self.config.log_interval != 0:
-            self.dump_logs()
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -51,6 +51,7 @@ def cmd_ref(args):
         batch_size=args.batch_size,
         device=device,
         progress=True,
+        max_images=args.max_images,
     )
     fid.save_statistics(args.out, mu, sigma, n)
     print(
@@ -116,6 +117,8 @@ def create_argparser():
     ref = sub.add_parser("ref", help="statistics of a reference data set")
     ref.add_argument("--source", required=True, help="folder of images or .npz (arr_0)")
     ref.add_argument("--out", required=True, help="where to write the statistics .npz")
+    ref.add_argument("--max_images", type=int, default=0,
+                     help="use a fixed random subset of this many images (0: all)")
     common(ref)
     ref.set_defaults(func=cmd_ref)
 

@@ -252,3 +252,44 @@ def test_config_round_trip(data, tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"no_such_option": 1}))
     proc = run_script("image_train.py", ["--config", tmp_path / "bad.json"], check=False)
     assert proc.returncode != 0 and "no_such_option" in proc.stderr
+
+
+def test_fid_during_training_and_curves(data, tmp_path):
+    """--eval_interval logs a finite FID of the EMA model at the right steps; plot_curves
+    draws two runs. A small TorchScript feature network stands in for Inception here
+    (tests/test_fid.py runs the real one)."""
+    import json
+    import math
+
+    from torch import nn
+
+    class Features(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 8, stride=8)
+
+        def forward(self, x):
+            return torch.relu(self.conv(x)).mean(dim=(2, 3))
+
+    torch.manual_seed(0)
+    net = tmp_path / "features.pt"
+    torch.jit.script(Features().eval()).save(str(net))
+    ref = tmp_path / "ref.npz"
+    run_script("fid.py", ["ref", "--source", data, "--out", ref, "--inception", net, "--device", "cpu"])
+    runs = []
+    for name in ("a", "b"):
+        log_dir = tmp_path / name
+        run_script(
+            "image_train.py",
+            train_args(
+                data, log_dir, total_steps=4, eval_interval=2, eval_num_samples=6, eval_batch_size=4,
+                eval_respacing="ddim4", eval_ref_stats=ref, inception=net, seed=len(runs),
+            ),
+        )
+        rows = read_progress(log_dir)
+        fids = {int(r["step"]): float(r["fid"]) for r in rows if r.get("fid")}
+        assert sorted(fids) == [2, 4] and all(math.isfinite(v) for v in fids.values())
+        runs.append(str(log_dir))
+    out = tmp_path / "curves.png"
+    run_script("plot_curves.py", runs + ["--out", out])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

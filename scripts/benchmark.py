@@ -1,0 +1,748 @@
+"""
+Benchmark training and sampling throughput, FLOPs and MFU of the real training step.
+
+Times `TrainLoop.run_step` (the code `image_train.py` runs: schedules, diffusion loss,
+backward, gradient check, AdamW, EMA) on synthetic in-memory uint8 data already on the
+device, and the model forward used by sampling (one DDIM step = one forward). Prints one
+JSON document, then a table. Nothing here is a test: run it by hand on the machine you
+care about (docs/benchmarks.md holds the numbers measured so far).
+
+    # one GPU (H100): the SPEC's targets, bf16 + channels-last + fused AdamW
+    python scripts/benchmark.py --config cifar10 --batch_size 128 --channels_last True \
+        --sample_batch_size 500 --json runs/bench_cifar10.json
+    python scripts/benchmark.py --config imagenet128 --batch_size 32 --channels_last True \
+        --sample_batch_size 64 --json runs/bench_imagenet128.json
+    # plain fp32 path vs fast path in one process (speed-up ratio), optionally compiled
+    python scripts/benchmark.py --config cifar10 --batch_size 128 --compare True --compile True
+    # pin the attention kernel (auto, math, flash, efficient, cudnn)
+    python scripts/benchmark.py --config cifar10 --batch_size 128 --attention_backend flash
+
+    # CPU (2 cores here): say how many threads, and there is no default peak for MFU
+    python scripts/benchmark.py --config demo --threads 2 --compare True --steps 10
+    python scripts/benchmark.py --config cifar10 --batch_size 8 --threads 2 --steps 3 --warmup 1
+
+`--config` is cifar10, imagenet128 or demo (configs/cifar10_baseline.json,
+configs/imagenet128_baseline.json, configs/demo.json), any name in configs/, or a path to
+a JSON config; model flags (`--num_channels 64`, ...) override it. FLOPs are counted with
+`torch.utils.flop_counter.FlopCounterMode` on one forward of batch 1 (convolutions,
+matmuls, and the attention itself: the CPU SDPA kernels, which the counter does not know,
+are added here). MFU = 3 x forward FLOPs x images/s / --peak_tflops (default 790 on CUDA,
+the SPEC's H100 dense bf16 figure; on CPU give your own or MFU is null).
+
+Host syncs in the timed step (by design, documented rather than tested): the finite check
+of the gradient norm (`bool(torch.isfinite(grad_norm))`) and, on CUDA, the blocking
+host-to-device copies of the sampled timesteps and weights in the schedule samplers; with
+--precision fp16 also GradScaler's `get_scale()`. Logging stays on the device between
+log intervals (`dump_logs` is not part of the timed step).
+"""
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from improved_diffusion.image_datasets import BatchStream, ImageDataset  # noqa: E402
+from improved_diffusion.logger import Logger  # noqa: E402
+from improved_diffusion.momentum_decay import MomentumSchedule  # noqa: E402
+from improved_diffusion.resample import CLTSSampler, UniformSampler  # noqa: E402
+from improved_diffusion.script_util import (  # noqa: E402
+    NUM_CLASSES,
+    create_gaussian_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+    str2bool,
+)
+from improved_diffusion.train_util import TrainConfig, TrainLoop, parse_ema_rates  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMED_CONFIGS = {"cifar10": "cifar10_baseline", "imagenet128": "imagenet128_baseline", "demo": "demo"}
+SPEC_CIFAR10_FORWARD_GFLOP = 16.8  # SPEC section 6
+DEFAULT_CUDA_PEAK_TFLOPS = 790.0  # SPEC section 6: one H100, dense bf16
+ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
+DDIM_STEPS = 50
+
+
+# ---------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------
+
+
+def create_argparser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0].strip(),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add("--config", default="cifar10", help="cifar10, imagenet128, demo, a name in configs/, or a JSON path")
+    add("--batch_size", type=int, default=0, help="training images per step (0: the config's batch_size)")
+    add("--sample_batch_size", type=int, default=0, help="images per sampling forward (0: --batch_size)")
+    add("--device", default="", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    add("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+        help="autocast precision; auto = bf16 on CUDA GPUs that have it, else fp32")
+    add("--channels_last", type=str2bool, default=False, help="channels-last activations and weights")
+    add("--compile", type=str2bool, default=False, help="torch.compile the model (warm-up includes compilation)")
+    add("--optimizer_impl", default="auto", choices=("auto", "fused", "foreach", "single"),
+        help="AdamW kernel; auto = fused on CUDA, foreach elsewhere")
+    add("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
+        help="SDPA kernel via torch.nn.attention.sdpa_kernel; on CPU only auto, math, flash")
+    add("--methods", default="all", choices=("all", "none", "config"),
+        help="paper's methods in the timed step: all (CLTS + MD + LRC), none (uniform t, fixed beta1), "
+             "or as the config says")
+    add("--steps", type=int, default=20, help="timed steps (training) and timed forwards (sampling)")
+    add("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, autotuning)")
+    add("--overhead_iters", type=int, default=2000, help="calls timed for the CLTS / MDLRC overhead")
+    add("--parts", default="train,sample,overhead", help="comma-separated subset of train,sample,overhead")
+    add("--peak_tflops", type=float, default=0.0,
+        help=f"peak TFLOP/s for MFU (0: {DEFAULT_CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU)")
+    add("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    add("--compare", type=str2bool, default=False,
+        help="run the plain fp32 path and the fast path in one process and print the ratio")
+    add("--seed", type=int, default=0, help="seed of weights and data")
+    add("--json", default="", help="also write the JSON result to this file")
+    model_group = parser.add_argument_group("model flags (override the config)")
+    for key, value in model_and_diffusion_defaults().items():
+        value_type = str2bool if isinstance(value, bool) else type(value)
+        model_group.add_argument(f"--{key}", type=value_type, default=argparse.SUPPRESS, help=f"default: config, else {value!r}")
+    return parser
+
+
+def resolve_config_path(name):
+    candidates = []
+    if name in NAMED_CONFIGS:
+        candidates.append(os.path.join(ROOT, "configs", NAMED_CONFIGS[name] + ".json"))
+    candidates += [os.path.join(ROOT, "configs", name + ".json"), name]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise SystemExit(f"--config {name}: no such config (tried {', '.join(candidates)})")
+
+
+def load_options(args):
+    """Model/diffusion options and the training options the benchmark uses."""
+    path = resolve_config_path(args.config)
+    with open(path) as f:
+        config = json.load(f)
+    model_opts = model_and_diffusion_defaults()
+    model_opts.update({k: v for k, v in config.items() if k in model_opts})
+    model_opts.update({k: getattr(args, k) for k in model_and_diffusion_defaults() if hasattr(args, k)})
+    model_opts["use_fp16"] = False  # mixed precision comes from autocast (--precision)
+    model_opts["timestep_respacing"] = ""
+    train_opts = {
+        "batch_size": args.batch_size or int(config.get("batch_size", 16)),
+        "lr": float(config.get("lr", 1e-4)),
+        "weight_decay": float(config.get("weight_decay", 0.0)),
+        "ema_rate": parse_ema_rates(config.get("ema_rate", "0.9999")),
+        "total_steps": int(config.get("total_steps") or 500000),
+    }
+    if args.methods == "all":
+        methods = {"schedule_sampler": "clts", "momentum_decay": True, "lr_compensation": True}
+    elif args.methods == "none":
+        methods = {"schedule_sampler": "uniform", "momentum_decay": False, "lr_compensation": False}
+    else:
+        methods = {k: config.get(k, d) for k, d in
+                   (("schedule_sampler", "uniform"), ("momentum_decay", False), ("lr_compensation", False))}
+    for key in ("clts_mu", "clts_sigma", "clts_target_steps", "clts_lambda_max", "md_beta_init", "md_beta_min"):
+        if key in config:
+            methods[key] = config[key]
+    return path, model_opts, train_opts, methods
+
+
+# ---------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device):
+    """(bytes, what was measured)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    # Linux reports ru_maxrss in KiB: the peak resident set of the whole process so far.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS (ru_maxrss)"
+
+
+def sdpa_context(name, device):
+    """Pin the scaled_dot_product_attention kernel (torch >= 2.3 API)."""
+    if name == "auto":
+        return nullcontext()
+    if device.type == "cpu" and name not in ("math", "flash"):
+        raise SystemExit(f"--attention_backend {name} has no CPU kernel; use auto, math or flash on CPU")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "math": "MATH",
+        "flash": "FLASH_ATTENTION",
+        "efficient": "EFFICIENT_ATTENTION",
+        "cudnn": "CUDNN_ATTENTION",
+    }
+    backend = getattr(SDPBackend, backends[name], None)
+    if backend is None:
+        raise SystemExit(f"--attention_backend {name} is not available in torch {torch.__version__}")
+    return sdpa_kernel(backend)
+
+
+def resolve_precision(precision, device):
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision, device):
+    if precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def summarize(seconds):
+    """Median and interquartile range of per-call times, in milliseconds."""
+    ms = sorted(s * 1e3 for s in seconds)
+    if len(ms) >= 2:
+        q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = ms[0]
+    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms)}
+
+
+class StepTimer:
+    """Per-call wall times, the device synchronised before and after each call."""
+
+    def __init__(self, device):
+        self.device = device
+        self.seconds = []
+
+    def __call__(self, fn):
+        synchronize(self.device)
+        start = time.perf_counter()
+        fn()
+        synchronize(self.device)
+        self.seconds.append(time.perf_counter() - start)
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------
+
+
+def _sdpa_forward_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    b, h, lq, dq = query_shape
+    lk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * lq * lk * (dq + dv)  # q k^T and attn v
+
+
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return 2 * _sdpa_forward_flops(query_shape, key_shape, value_shape)  # dq, dk, dv, d(attn)
+
+
+def sdpa_flop_mapping():
+    """FLOP formulas for the CPU SDPA kernels, which FlopCounterMode does not count itself."""
+    ops = torch.ops.aten
+    mapping = {}
+    for name, fn in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _sdpa_forward_flops),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_backward_flops),
+    ):
+        packet = getattr(ops, name, None)
+        if packet is not None:
+            mapping[packet] = fn
+    return mapping
+
+
+def count_flops(fn):
+    """(total FLOPs, {op name: FLOPs}) of running fn() once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping())
+    with counter:
+        fn()
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return int(counter.get_total_flops()), by_op
+
+
+def model_inputs(model_opts, batch, device, generator=None):
+    size = model_opts["image_size"]
+    x = torch.randn(batch, 3, size, size, device=device, generator=generator)
+    t = torch.randint(0, model_opts["diffusion_steps"], (batch,), device=device, generator=generator)
+    kwargs = {}
+    if model_opts["class_cond"]:
+        kwargs["y"] = torch.randint(0, NUM_CLASSES, (batch,), device=device, generator=generator)
+    return x, t, kwargs
+
+
+def forward_flops(model, model_opts, device):
+    """FLOPs of one fp32 forward of batch 1 on `device` (the kernels the benchmark runs)."""
+    x, t, kwargs = model_inputs(model_opts, 1, device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return count_flops(lambda: model(x, t, **kwargs))
+    finally:
+        model.train(was_training)
+
+
+def train_step_flops_meta(model_opts):
+    """FLOPs of forward + backward of batch 1, counted on the meta device (no compute)."""
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**model_opts)
+        x, t, kwargs = model_inputs(model_opts, 1, torch.device("meta"))
+    model.train()
+
+    def step():
+        model(x, t, **kwargs).float().square().mean().backward()
+
+    return count_flops(step)
+
+
+# ---------------------------------------------------------------------------------------
+# Training and sampling
+# ---------------------------------------------------------------------------------------
+
+
+def build(model_opts, train_opts, methods, settings, device, seed):
+    """A TrainLoop over synthetic uint8 data, exactly as image_train.py builds it."""
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**model_opts)
+    model.to(device)
+    momentum = MomentumSchedule(
+        momentum_decay=bool(methods["momentum_decay"]),
+        lr_compensation=bool(methods["lr_compensation"]),
+        beta_init=float(methods.get("md_beta_init", 0.9)),
+        beta_min=float(methods.get("md_beta_min", 0.5)),
+        total_steps=train_opts["total_steps"],
+    )
+    if methods["schedule_sampler"] == "clts":
+        sampler = CLTSSampler(
+            diffusion,
+            mu=methods.get("clts_mu", 0.3),
+            sigma=methods.get("clts_sigma", 1.0),
+            target_steps=methods.get("clts_target_steps", 100000),
+            lambda_max=methods.get("clts_lambda_max", 1.0),
+        )
+    else:
+        sampler = UniformSampler(diffusion)
+    batch = train_opts["batch_size"]
+    size = model_opts["image_size"]
+    rng = np.random.default_rng(seed)
+    n_images = batch * 4
+    images = rng.integers(0, 256, size=(n_images, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, NUM_CLASSES, size=n_images) if model_opts["class_cond"] else None
+    data = BatchStream(ImageDataset(images, labels), batch, seed=seed)
+    config = TrainConfig(
+        batch_size=batch,
+        lr=train_opts["lr"],
+        weight_decay=train_opts["weight_decay"],
+        total_steps=train_opts["total_steps"],
+        ema_rate=train_opts["ema_rate"],
+        log_interval=10**9,
+        save_interval=10**9,
+        precision=settings["precision"],
+        momentum=momentum,
+        channels_last=settings["channels_last"],
+        compile=settings["compile"],
+        optimizer_impl=settings["optimizer_impl"],
+        progress=False,
+    )
+    loop = TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        config=config,
+        schedule_sampler=sampler,
+        log_dir=None,
+        resume="none",
+        logger=Logger(None, stdout=False, tensorboard=False),
+    )
+    return loop
+
+
+def bench_train(loop, device, steps, warmup):
+    """Time loop.run_step on batches already on the device; also the host data stream."""
+    data_seconds = []
+    batches = []
+    for _ in range(4):
+        start = time.perf_counter()
+        batch, cond = next(loop.data)
+        data_seconds.append(time.perf_counter() - start)
+        batches.append((batch.to(device), {k: v.to(device) for k, v in cond.items()}))
+
+    def one_step():
+        batch, cond = batches[loop.step % len(batches)]
+        loop.run_step(batch, cond)
+        loop.step += 1
+
+    reset_peak_memory(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        one_step()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    timer = StepTimer(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        timer(one_step)
+    wall = time.perf_counter() - start
+    memory, memory_kind = peak_memory(device)
+    stats = summarize(timer.seconds)
+    batch_size = loop.config.batch_size
+    return {
+        "batch_size": batch_size,
+        "ms_per_step": stats["median_ms"],
+        "ms_per_step_q1": stats["q1_ms"],
+        "ms_per_step_q3": stats["q3_ms"],
+        "ms_per_step_iqr": stats["iqr_ms"],
+        "images_per_s": batch_size / (stats["median_ms"] / 1e3),
+        "images_per_s_wall": batch_size * steps / wall,
+        "timed_steps": steps,
+        "warmup_steps": warmup,
+        "warmup_s": warmup_s,
+        "skipped_steps": loop.skipped_steps,
+        "data_ms_per_batch": statistics.median(data_seconds) * 1e3,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+    }
+
+
+def bench_sample(loop, model_opts, precision, channels_last, device, batch_size, steps, warmup, seed):
+    """Time the model forward of sampling (eval, no_grad, autocast) and a full DDIM step."""
+    model = loop.train_model  # the compiled module when --compile (recompiles for eval/no_grad)
+    loop.model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    x, _, kwargs = model_inputs(model_opts, batch_size, device, generator)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ddim = create_gaussian_diffusion(
+        steps=model_opts["diffusion_steps"],
+        learn_sigma=model_opts["learn_sigma"],
+        sigma_small=model_opts["sigma_small"],
+        noise_schedule=model_opts["noise_schedule"],
+        use_kl=model_opts["use_kl"],
+        predict_xstart=model_opts["predict_xstart"],
+        rescale_timesteps=model_opts["rescale_timesteps"],
+        rescale_learned_sigmas=model_opts["rescale_learned_sigmas"],
+        timestep_respacing=f"ddim{DDIM_STEPS}",
+    )
+    t_model = torch.full((batch_size,), ddim.timestep_map[DDIM_STEPS // 2], device=device, dtype=torch.long)
+    if model_opts["rescale_timesteps"]:
+        t_model = t_model.float() * (1000.0 / model_opts["diffusion_steps"])
+    t_spaced = torch.full((batch_size,), DDIM_STEPS // 2, device=device, dtype=torch.long)
+
+    def forward():
+        with torch.no_grad(), autocast(precision, device):
+            model(x, t_model, **kwargs)
+
+    def ddim_step():
+        with torch.no_grad(), autocast(precision, device):
+            ddim.ddim_sample(model, x, t_spaced, clip_denoised=True, model_kwargs=kwargs)
+
+    reset_peak_memory(device)
+    try:
+        start = time.perf_counter()
+        for _ in range(warmup):
+            forward()
+            ddim_step()
+        synchronize(device)
+        warmup_s = time.perf_counter() - start
+        forward_timer, ddim_timer = StepTimer(device), StepTimer(device)
+        for _ in range(steps):
+            forward_timer(forward)
+        for _ in range(max(1, steps // 2)):
+            ddim_timer(ddim_step)
+    finally:
+        loop.model.train()
+    memory, memory_kind = peak_memory(device)
+    fwd, step = summarize(forward_timer.seconds), summarize(ddim_timer.seconds)
+    per_s = batch_size / (DDIM_STEPS * fwd["median_ms"] / 1e3)
+    return {
+        "batch_size": batch_size,
+        "forward_ms": fwd["median_ms"],
+        "forward_ms_iqr": fwd["iqr_ms"],
+        "ddim_step_ms": step["median_ms"],
+        "ddim_step_ms_iqr": step["iqr_ms"],
+        "ddim50_images_per_s": per_s,
+        "ddim50_images_per_s_full_step": batch_size / (DDIM_STEPS * step["median_ms"] / 1e3),
+        "ddim50_seconds_for_10k_images": 10000 / per_s,
+        "warmup_s": warmup_s,
+        "peak_memory_bytes": memory,
+        "peak_memory_kind": memory_kind,
+    }
+
+
+def bench_method_overhead(loop, methods, train_opts, device, iters):
+    """
+    Per-step cost of the paper's methods, as run_step pays it: CLTS set_step + sample(batch)
+    and MDLRC beta1 / lr_factor + writing AdamW's param_groups; uniform sampling (which the
+    baseline pays anyway) for reference.
+    """
+    diffusion, opt, batch = loop.diffusion, loop.opt, loop.config.batch_size
+    clts = CLTSSampler(
+        diffusion,
+        mu=methods.get("clts_mu", 0.3),
+        sigma=methods.get("clts_sigma", 1.0),
+        target_steps=methods.get("clts_target_steps", 100000),
+        lambda_max=methods.get("clts_lambda_max", 1.0),
+    )
+    uniform = UniformSampler(diffusion)
+    schedule = MomentumSchedule(True, True, float(methods.get("md_beta_init", 0.9)),
+                                float(methods.get("md_beta_min", 0.5)), train_opts["total_steps"])
+    saved = [(g["lr"], g["betas"]) for g in opt.param_groups]
+
+    def clts_call(k):
+        clts.set_step(k)  # lam changes every step before K_target: the distribution is rebuilt
+        clts.sample(batch, device)
+
+    def uniform_call(k):
+        uniform.sample(batch, device)
+
+    def mdlrc_call(k):
+        beta1, lr = schedule.beta1(k), loop.config.lr * schedule.lr_factor(k)
+        for group in opt.param_groups:
+            group["lr"] = lr
+            group["betas"] = (beta1, group["betas"][1])
+
+    def per_call_us(fn):
+        fn(1)
+        synchronize(device)
+        start = time.perf_counter()
+        for k in range(1000, 1000 + iters):
+            fn(k)
+        synchronize(device)
+        return (time.perf_counter() - start) / iters * 1e6
+
+    result = {
+        "clts_us": per_call_us(clts_call),
+        "mdlrc_us": per_call_us(mdlrc_call),
+        "uniform_sampler_us": per_call_us(uniform_call),
+        "iters": iters,
+        "batch_size": batch,
+        "num_timesteps": diffusion.num_timesteps,
+    }
+    for group, (lr, betas) in zip(opt.param_groups, saved):
+        group["lr"], group["betas"] = lr, betas
+    result["total_us"] = result["clts_us"] + result["mdlrc_us"]
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Runs
+# ---------------------------------------------------------------------------------------
+
+
+def fast_settings(device, compile_model):
+    """The fast path: what is fastest on this kind of device (see docs/benchmarks.md)."""
+    if device.type == "cuda":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return {"precision": precision, "channels_last": True, "optimizer_impl": "fused", "compile": compile_model}
+    # CPU: bf16 autocast is slower on CPUs without AMX/avx512-bf16, and channels-last
+    # convolutions were no faster for these small models (measured, docs/benchmarks.md).
+    return {"precision": "fp32", "channels_last": False, "optimizer_impl": "foreach", "compile": compile_model}
+
+
+def plain_settings():
+    """The plain fp32 path of the original code: fp32, NCHW, single-tensor AdamW, eager."""
+    return {"precision": "fp32", "channels_last": False, "optimizer_impl": "single", "compile": False}
+
+
+def run_one(args, model_opts, train_opts, methods, settings, device, parts, label):
+    loop = build(model_opts, train_opts, methods, settings, device, args.seed)
+    result = {"label": label, "settings": dict(settings)}
+    sample_batch = args.sample_batch_size or train_opts["batch_size"]
+    with sdpa_context(args.attention_backend, device):
+        if "train" in parts:
+            result["train"] = bench_train(loop, device, args.steps, args.warmup)
+        if "sample" in parts:
+            result["sample"] = bench_sample(
+                loop, model_opts, settings["precision"], settings["channels_last"], device,
+                sample_batch, args.steps, args.warmup, args.seed,
+            )
+        if "overhead" in parts:
+            result["overhead"] = bench_method_overhead(loop, methods, train_opts, device, args.overhead_iters)
+    return loop, result
+
+
+def add_rates(result, fwd_flops, peak_tflops):
+    train = result.get("train")
+    if train:
+        tflops = 3 * fwd_flops * train["images_per_s"] / 1e12
+        train["achieved_tflops"] = tflops
+        train["mfu"] = tflops / peak_tflops if peak_tflops else None
+        overhead = result.get("overhead")
+        if overhead:
+            overhead["step_ms"] = train["ms_per_step"]
+            overhead["percent_of_step"] = 100.0 * overhead["total_us"] / 1e3 / train["ms_per_step"]
+            overhead["percent_of_step_vs_uniform_only"] = (
+                100.0 * (overhead["clts_us"] + overhead["mdlrc_us"] - overhead["uniform_sampler_us"])
+                / 1e3 / train["ms_per_step"]
+            )
+    sample = result.get("sample")
+    if sample:
+        sample["achieved_tflops"] = fwd_flops * sample["batch_size"] / (sample["forward_ms"] / 1e3) / 1e12
+        sample["mfu"] = sample["achieved_tflops"] / peak_tflops if peak_tflops else None
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    parts = {p.strip() for p in args.parts.split(",") if p.strip()}
+    unknown = parts - {"train", "sample", "overhead"}
+    if unknown:
+        raise SystemExit(f"--parts: unknown part(s) {sorted(unknown)}; choose from train, sample, overhead")
+    if args.steps < 1 or args.warmup < 0:
+        raise SystemExit("--steps must be >= 1 and --warmup >= 0")
+    config_path, model_opts, train_opts, methods = load_options(args)
+    peak = args.peak_tflops or (DEFAULT_CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
+
+    # FLOPs: the forward on the benchmark device (its attention kernels), fwd+bwd on meta.
+    torch.manual_seed(args.seed)
+    model, _ = create_model_and_diffusion(**model_opts)
+    model.to(device)
+    params = sum(p.numel() for p in model.parameters())
+    fwd_flops, fwd_by_op = forward_flops(model, model_opts, device)
+    del model
+    train_flops, train_by_op = train_step_flops_meta(model_opts)
+
+    result = {
+        "benchmark": "scripts/benchmark.py",
+        "config": args.config,
+        "config_path": os.path.relpath(config_path, ROOT) if config_path.startswith(ROOT) else config_path,
+        "model": {k: model_opts[k] for k in sorted(model_opts)},
+        "params": params,
+        "methods": methods,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "attention_backend": args.attention_backend,
+        "peak_tflops": peak or None,
+        "flops": {
+            "forward_per_image": fwd_flops,
+            "forward_gflop_per_image": fwd_flops / 1e9,
+            "forward_by_op": fwd_by_op,
+            "train_step_per_image_counted": train_flops,
+            "train_step_gflop_per_image_counted": train_flops / 1e9,
+            "train_step_by_op": train_by_op,
+            "train_step_per_image_3x_forward": 3 * fwd_flops,
+            "spec_cifar10_forward_gflop": SPEC_CIFAR10_FORWARD_GFLOP,
+            "ratio_to_spec_cifar10": fwd_flops / 1e9 / SPEC_CIFAR10_FORWARD_GFLOP,
+        },
+    }
+
+    settings = {
+        "precision": resolve_precision(args.precision, device),
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+        "optimizer_impl": args.optimizer_impl,
+    }
+    if args.compare:
+        runs = [("plain", plain_settings()), ("fast", fast_settings(device, args.compile))]
+    else:
+        runs = [("run", settings)]
+    for label, run_settings in runs:
+        run_parts = parts if label != "plain" else parts - {"overhead"}
+        loop, run = run_one(args, model_opts, train_opts, methods, run_settings, device, run_parts, label)
+        del loop
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        add_rates(run, fwd_flops, peak)
+        result[label] = run
+    if args.compare:
+        result["speedup"] = {}
+        for part, key in (("train", "images_per_s"), ("sample", "ddim50_images_per_s")):
+            if part in result["plain"] and part in result["fast"]:
+                result["speedup"][part] = result["fast"][part][key] / result["plain"][part][key]
+
+    text = json.dumps(result, indent=2, default=str)
+    print(text)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print()
+    print(format_table(result, [label for label, _ in runs]))
+    return result
+
+
+def _fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value == 0 or math.isfinite(value) and abs(value) >= 0.01:
+            return f"{value:,.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+        return f"{value:.2e}"
+    return str(value)
+
+
+def format_table(result, labels):
+    flops = result["flops"]
+    lines = [
+        f"config {result['config']} ({result['config_path']}), {result['params']:,} parameters, "
+        f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
+        f"{result['threads']} threads",
+        f"FLOPs per image: forward {flops['forward_gflop_per_image']:.2f} GFLOP "
+        f"(SPEC CIFAR-10: {SPEC_CIFAR10_FORWARD_GFLOP} GFLOP), train step counted "
+        f"{flops['train_step_gflop_per_image_counted']:.2f} GFLOP (3x forward: "
+        f"{3 * flops['forward_gflop_per_image']:.2f})",
+    ]
+    rows = [("run", "precision", "ch-last", "compile", "adamw", "batch", "ms/step (IQR)", "img/s", "TFLOP/s",
+             "MFU", "peak mem MiB", "DDIM-50 img/s", "fwd ms")]
+    for label in labels:
+        run = result[label]
+        s, train, sample = run["settings"], run.get("train", {}), run.get("sample", {})
+        rows.append((
+            label, s["precision"], str(s["channels_last"]), str(s["compile"]), s["optimizer_impl"],
+            str(train.get("batch_size", "-")),
+            f"{_fmt(train.get('ms_per_step'))} ({_fmt(train.get('ms_per_step_iqr'), 2)})" if train else "-",
+            _fmt(train.get("images_per_s")), _fmt(train.get("achieved_tflops")),
+            f"{100 * train['mfu']:.1f}%" if train.get("mfu") is not None else "-",
+            _fmt(train["peak_memory_bytes"] / 2**20) if train else "-",
+            _fmt(sample.get("ddim50_images_per_s")), _fmt(sample.get("forward_ms")),
+        ))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if "speedup" in result:
+        lines.append("fast / plain: " + ", ".join(f"{k} {v:.2f}x" for k, v in result["speedup"].items()))
+    for label in labels:
+        overhead = result[label].get("overhead")
+        if overhead and "percent_of_step" in overhead:
+            lines.append(
+                f"paper's methods per step ({label}): CLTS {overhead['clts_us']:.1f} us + MDLRC "
+                f"{overhead['mdlrc_us']:.1f} us = {overhead['percent_of_step']:.3f}% of a "
+                f"{overhead['step_ms']:.1f} ms step (uniform sampler alone: {overhead['uniform_sampler_us']:.1f} us)"
+            )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# Ablation runner: train several variants (or a sweep of one flag) with the same seed and step
+# budget, then draw their loss and FID-vs-step curves side by side and summarise them.
+#
+#   scripts/launch/ablation.sh EXPERIMENT OUT_DIR [--variants LIST | --sweep KEY=V1,V2,...]
+#                              [--base VARIANT] [--with_baseline] [extra image_train.py flags...]
+#
+# EXPERIMENT: cifar10, imagenet128 (configs/EXP_VARIANT.json), demo (configs/demo.json), another
+#   config prefix, or a base config .json. Where configs/EXP_VARIANT.json exists it is the
+#   variant; otherwise the variant is a flag set on top of configs/EXP.json (or the given file):
+#     baseline  --schedule_sampler uniform --momentum_decay False --lr_compensation False
+#     md        --schedule_sampler uniform --momentum_decay True  --lr_compensation False
+#     md_lrc    --schedule_sampler uniform --momentum_decay True  --lr_compensation True
+#     clts      --schedule_sampler clts    --momentum_decay False --lr_compensation False
+#     all       --schedule_sampler clts    --momentum_decay True  --lr_compensation True
+# --variants LIST   comma-separated variants to run (default: baseline,md,md_lrc,clts,all)
+# --sweep KEY=VALS  one run per value of --KEY (clts_mu, clts_sigma, clts_target_steps, ...) on
+#                   top of --base VARIANT (default all); --with_baseline adds a baseline run
+# extra flags       passed to every run (after the variant's), e.g. --total_steps 300
+#
+# Each run goes to OUT_DIR/NAME (NAME = the variant, or KEY_VALUE) through train.sh, with FID
+# during training when REF_STATS is set; then OUT_DIR/curves.png (scripts/plot_curves.py) and
+# OUT_DIR/summary.csv, summary.md (scripts/launch/summarize.py: final loss, FID at each
+# evaluation, best FID, steps to reach the baseline's final FID). Re-running resumes each run.
+#
+# Environment: train.sh's (NGPUS, LAUNCHER, GLOBAL_BATCH, REF_STATS, EVAL_INTERVAL, EVAL_SAMPLES,
+#   EVAL_BATCH, EVAL_RESPACING, INCEPTION, ...), and
+#   DATA_DIR      training data  (cifar10: data/cifar10/train, imagenet128: data/imagenet128/train.npz,
+#                                 demo: data/demo/mnist_demo.npz)
+#   REF_STATS     FID reference  (cifar10: data/cifar10_ref.npz, imagenet128: data/imagenet128_ref.npz,
+#                                 demo: data/demo/mnist_demo_ref.npz if present); empty: no FID
+#   GLOBAL_BATCH  (cifar10: 128, imagenet128: 256; demo: the config's batch_size)
+#   SEED          the seed of every run (0)
+#   NUM_SAMPLES   final samples per run with FID (0: none; the curves come from training)
+#   KEEP_GOING=1  go on with the other runs when one fails (exit status 1 at the end)
+#
+#   NGPUS=1 REF_STATS=data/demo/mnist_demo_ref.npz \
+#       scripts/launch/ablation.sh demo runs/ablation --total_steps 300 --eval_interval 100
+#   scripts/launch/ablation.sh cifar10 runs/cifar10_ablation --total_steps 200000
+#   scripts/launch/ablation.sh cifar10 runs/cifar10_mu --sweep clts_mu=0.1,0.3,0.5,0.7,0.9 --with_baseline
+set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+usage() { print_usage "${BASH_SOURCE[0]}"; exit 2; }
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage
+if (( $# < 2 )); then
+    echo "[ablation.sh] error: missing arguments (need EXPERIMENT OUT_DIR)" >&2
+    usage
+fi
+EXPERIMENT="$1" OUT_DIR="$2"
+shift 2
+
+VARIANT_LIST="" SWEEP="" BASE="" WITH_BASELINE=0 EXTRA=()
+while (( $# )); do
+    case "$1" in
+        --variants) (( $# >= 2 )) || die "--variants needs a value"; VARIANT_LIST="$2"; shift 2 ;;
+        --variants=*) VARIANT_LIST="${1#*=}"; shift ;;
+        --sweep) (( $# >= 2 )) || die "--sweep needs KEY=V1,V2,..."; SWEEP="$2"; shift 2 ;;
+        --sweep=*) SWEEP="${1#*=}"; shift ;;
+        --base) (( $# >= 2 )) || die "--base needs a variant"; BASE="$2"; shift 2 ;;
+        --base=*) BASE="${1#*=}"; shift ;;
+        --with_baseline) WITH_BASELINE=1; shift ;;
+        *) EXTRA+=("$1"); shift ;;
+    esac
+done
+[[ -n "$VARIANT_LIST" && -n "$SWEEP" ]] && die "give --variants or --sweep, not both"
+[[ -n "$BASE" && -z "$SWEEP" ]] && die "--base only goes with --sweep"
+(( WITH_BASELINE )) && [[ -z "$SWEEP" ]] && die "--with_baseline only goes with --sweep"
+
+# ------------------------------------------------------------ the experiment and its defaults
+if [[ "$EXPERIMENT" == *.json || -f "$EXPERIMENT" ]]; then
+    [[ -f "$EXPERIMENT" ]] || die "base config not found: $EXPERIMENT"
+    BASE_CONFIG="$EXPERIMENT" FROM_FILE=1
+    experiment_defaults "$(basename "$EXPERIMENT" .json)"
+else
+    BASE_CONFIG="$REPO/configs/$EXPERIMENT.json" FROM_FILE=""
+    [[ -f "$BASE_CONFIG" ]] || compgen -G "$REPO/configs/${EXPERIMENT}_*.json" >/dev/null || \
+        die "unknown experiment '$EXPERIMENT': no configs/${EXPERIMENT}.json or configs/${EXPERIMENT}_VARIANT.json" \
+            "(known: $(cd "$REPO/configs" && ls ./*.json | sed 's#^\./##; s/\.json$//; s/_\(baseline\|md\|md_lrc\|clts\|all\)$//' | sort -u | tr '\n' ' '))"
+    experiment_defaults "$EXPERIMENT"
+fi
+check_inputs
+export NUM_SAMPLES="${NUM_SAMPLES:-0}"
+SEED="${SEED:-0}"
+if [[ -n "$REF_STATS" && -z "${EVAL_SAMPLES:-}" && "$EXPERIMENT" == demo ]]; then
+    # the demo runs on a CPU: keep each evaluation small unless the config or EVAL_SAMPLES says otherwise
+    [[ -n "$(config_get "$BASE_CONFIG" eval_num_samples 2>/dev/null || true)" ]] || export EVAL_SAMPLES=500
+fi
+
+# variant_run VARIANT: set RUN_CONFIG and RUN_FLAGS of a variant of this experiment.
+variant_run() {
+    check_variant "$1"
+    local own="$REPO/configs/${EXPERIMENT}_$1.json"
+    if [[ -z "$FROM_FILE" && -f "$own" ]]; then
+        RUN_CONFIG="$own" RUN_FLAGS=""
+    elif [[ -f "$BASE_CONFIG" ]]; then
+        RUN_CONFIG="$BASE_CONFIG" RUN_FLAGS="$(variant_flags "$1")"
+    else
+        die "no config for variant '$1': neither $own nor $BASE_CONFIG exists"
+    fi
+}
+
+NAMES=() CONFIGS=() FLAGS=()
+add_run() {  # NAME CONFIG FLAGS
+    NAMES+=("$1") CONFIGS+=("$2") FLAGS+=("$3")
+}
+if [[ -n "$SWEEP" ]]; then
+    [[ "$SWEEP" =~ ^([A-Za-z0-9_]+)=([^=]+)$ ]] || die "--sweep must be KEY=V1,V2,... (e.g. clts_mu=0.1,0.3,0.5), got '$SWEEP'"
+    KEY="${BASH_REMATCH[1]}" VALUES="${BASH_REMATCH[2]}"
+    BASE="${BASE:-all}"
+    check_variant "$BASE"
+    if [[ "$KEY" == clts_* && "$BASE" != clts && "$BASE" != all ]]; then
+        log "warning: sweeping $KEY on top of '$BASE', which does not use CLTS: the values change nothing"
+    fi
+    if (( WITH_BASELINE )); then
+        variant_run baseline
+        add_run baseline "$RUN_CONFIG" "$RUN_FLAGS"
+    fi
+    variant_run "$BASE"
+    base_config="$RUN_CONFIG" base_flags="$RUN_FLAGS"
+    IFS=',' read -r -a values <<< "$VALUES"
+    for v in "${values[@]}"; do
+        [[ -n "$v" ]] || continue
+        [[ "$v" =~ ^[A-Za-z0-9_.+-]+$ ]] || die "sweep value '$v' has characters that cannot name a run folder"
+        add_run "${KEY}_$v" "$base_config" "${base_flags:+$base_flags }--$KEY $v"
+    done
+else
+    IFS=',' read -r -a variants <<< "${VARIANT_LIST:-baseline,md,md_lrc,clts,all}"
+    for v in "${variants[@]}"; do
+        [[ -n "$v" ]] || continue
+        check_variant "$v"
+        variant_run "$v"
+        add_run "$v" "$RUN_CONFIG" "$RUN_FLAGS"
+    done
+fi
+(( ${#NAMES[@]} )) || die "nothing to run"
+
+# ------------------------------------------------------------ the runs
+mkdir -p "$OUT_DIR"
+{
+    printf '# name\tconfig and flags (common: --seed %s %s)\n' "$SEED" "${EXTRA[*]:-}"
+    for i in "${!NAMES[@]}"; do
+        printf '%s\t%s %s\n' "${NAMES[i]}" "${CONFIGS[i]#"$REPO"/}" "${FLAGS[i]}"
+    done
+} > "$OUT_DIR/runs.tsv"
+log "${#NAMES[@]} run(s) into $OUT_DIR: ${NAMES[*]} (seed $SEED, data $DATA_DIR, FID reference ${REF_STATS:-none})"
+
+failed=()
+for i in "${!NAMES[@]}"; do
+    name="${NAMES[i]}"
+    read -r -a run_flags <<< "${FLAGS[i]}"
+    log "== run $((i + 1))/${#NAMES[@]}: $name"
+    if ! run bash "$LAUNCH_DIR/train.sh" "${CONFIGS[i]}" "$DATA_DIR" "$OUT_DIR/$name" \
+            ${run_flags[@]+"${run_flags[@]}"} --seed "$SEED" ${EXTRA[@]+"${EXTRA[@]}"}; then
+        [[ "${KEEP_GOING:-0}" == 1 ]] || die "run $name failed (KEEP_GOING=1 goes on with the others)"
+        log "run $name failed; going on (KEEP_GOING=1)"
+        failed+=("$name")
+    fi
+done
+
+# ------------------------------------------------------------ curves and summary
+dirs=() names=()
+for name in "${NAMES[@]}"; do
+    if [[ -f "$OUT_DIR/$name/progress.csv" ]]; then
+        dirs+=("$OUT_DIR/$name") names+=("$name")
+    fi
+done
+if (( ${#dirs[@]} )); then
+    log "== curves and summary"
+    run "$PYTHON" "$REPO/scripts/plot_curves.py" "${dirs[@]}" --names "$(IFS=,; echo "${names[*]}")" \
+        --out "$OUT_DIR/curves.png"
+    run "$PYTHON" "$LAUNCH_DIR/summarize.py" "$OUT_DIR"
+else
+    log "no run wrote a progress.csv: nothing to plot"
+fi
+if (( ${#failed[@]} )); then
+    log "failed runs: ${failed[*]}"
+    exit 1
+fi
+log "done: $OUT_DIR/curves.png, $OUT_DIR/summary.md"

@@ -1,0 +1,119 @@
+"""
+Read a training run's options back, for the launch scripts.
+
+    python scripts/launch/config_flags.py LOG_DIR
+    # --attention_resolutions 16,8 --channel_mult '' --class_cond False ... (one line)
+
+prints the model and diffusion flags (the keys of
+`improved_diffusion.script_util.model_and_diffusion_defaults()`) of the run's
+`LOG_DIR/config.json` as `--key value` pairs, shell-quoted, so that
+
+    eval "MODEL_FLAGS=($(python scripts/launch/config_flags.py runs/x))"
+    python scripts/image_sample.py --model_path ... "${MODEL_FLAGS[@]}"
+
+builds the same model. A key missing from the file gets its default. LOG_DIR may also be
+a config file (any `--config` JSON). Other modes:
+
+    config_flags.py LOG_DIR --exclude timestep_respacing   # leave keys out
+    config_flags.py LOG_DIR --ema_checkpoint               # newest intact EMA checkpoint (first rate)
+    config_flags.py CONFIG.json --get eval_num_samples     # one value ('' when absent)
+"""
+
+import argparse
+import json
+import os
+import shlex
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def config_path(path):
+    return os.path.join(path, "config.json") if os.path.isdir(path) else path
+
+
+def load_config(path):
+    path = config_path(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path}: no such file (is this a training log dir?)")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"error: {path}: expected a JSON object of options")
+    return values
+
+
+def format_value(value):
+    """A config value as the command line spells it (str2bool reads True/False)."""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if value is None:
+        return ""
+    return str(value)
+
+
+def model_flags(values, exclude=()):
+    """['--key', 'value', ...] for every model/diffusion key, in sorted order."""
+    from improved_diffusion.script_util import model_and_diffusion_defaults
+
+    defaults = model_and_diffusion_defaults()
+    out = []
+    for key in sorted(defaults):
+        if key in exclude:
+            continue
+        out += [f"--{key}", format_value(values.get(key, defaults[key]))]
+    return out
+
+
+def ema_checkpoint(log_dir):
+    """Path of the first-rate EMA file of the newest intact checkpoint in `log_dir`."""
+    from improved_diffusion import checkpoint as ckpt
+
+    found = ckpt.find_latest_checkpoint(log_dir)
+    if found is None:
+        raise SystemExit(f"error: no intact checkpoint (stateNNNNNN.pt with its files) in {log_dir}")
+    step, state = found
+    rates = state.get("ema_rate") or []
+    names = [n for n in state["files"] if n.startswith("ema_")]
+    if rates:
+        name = ckpt.ema_name(rates[0], step)
+        if name in state["files"]:
+            return os.path.join(log_dir, name)
+    if names:
+        return os.path.join(log_dir, sorted(names)[0])
+    raise SystemExit(f"error: the checkpoint at step {step} in {log_dir} has no EMA file")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("log_dir", metavar="LOG_DIR", help="training log dir (or a config .json)")
+    parser.add_argument("--exclude", default="", help="comma-separated keys to leave out")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--ema_checkpoint", action="store_true",
+                      help="print the newest intact EMA checkpoint of LOG_DIR instead")
+    mode.add_argument("--get", metavar="KEY", default="",
+                      help="print the value of one key of the config ('' when absent)")
+    args = parser.parse_args(argv)
+
+    if args.ema_checkpoint:
+        if not os.path.isdir(args.log_dir):
+            raise SystemExit(f"error: {args.log_dir}: not a directory")
+        print(ema_checkpoint(args.log_dir))
+        return
+    values = load_config(args.log_dir)
+    if args.get:
+        print(format_value(values.get(args.get)))
+        return
+    exclude = {k.strip() for k in args.exclude.split(",") if k.strip()}
+    print(" ".join(shlex.quote(x) for x in model_flags(values, exclude)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+# Shared helpers of the launch scripts (sourced, not run).
+#
+# Environment read here:
+#   NGPUS     processes (one per GPU); 1 runs plain python        (default 8)
+#   LAUNCHER  mpiexec or torchrun                                  (default mpiexec)
+#   PYTHON    the interpreter                                      (default python)
+#   MPIEXEC   the mpiexec binary                                   (default mpiexec)
+#   MPI_FLAGS extra mpiexec flags, word-split (e.g. "-hosts a,b")
+#   TORCHRUN  the torchrun binary                                  (default torchrun)
+#   TORCHRUN_FLAGS extra torchrun flags, word-split                (default --standalone)
+
+LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$LAUNCH_DIR/../.." && pwd)"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+PYTHON="${PYTHON:-python}"
+VARIANTS="baseline md md_lrc clts all"
+
+log() { echo "[$(basename "$0")] $*"; }
+die() { echo "[$(basename "$0")] error: $*" >&2; exit 2; }
+
+# Echo a command (shell-quoted) and run it.
+run() {
+    local quoted
+    quoted="$(printf '%q ' "$@")"
+    log "+ ${quoted% }"
+    "$@"
+}
+
+is_int() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+# launch SCRIPT ARGS...: run a Python script on NGPUS processes.
+launch() {
+    local ngpus="${NGPUS:-8}" launcher="${LAUNCHER:-mpiexec}"
+    is_int "$ngpus" && (( ngpus >= 1 )) || die "NGPUS must be a positive integer, got '$ngpus'"
+    if (( ngpus == 1 )); then
+        run "$PYTHON" "$@"
+        return
+    fi
+    case "$launcher" in
+        mpiexec|mpirun)
+            # shellcheck disable=SC2086
+            run "${MPIEXEC:-$launcher}" -n "$ngpus" ${MPI_FLAGS:-} "$PYTHON" "$@" ;;
+        torchrun)
+            # shellcheck disable=SC2086
+            run "${TORCHRUN:-torchrun}" ${TORCHRUN_FLAGS---standalone} --nproc_per_node "$ngpus" \
+                --no-python "$PYTHON" "$@" ;;
+        *) die "LAUNCHER must be mpiexec or torchrun, got '$launcher'" ;;
+    esac
+}
+
+check_variant() {
+    local v
+    for v in $VARIANTS; do [[ "$1" == "$v" ]] && return 0; done
+    die "unknown variant '$1' (choose from: ${VARIANTS// /, })"
+}
+
+# variant_flags NAME: the image_train flags that make variant NAME on top of any base config.
+# Every method is set explicitly, so a base config with all methods on (demo.json) works too.
+variant_flags() {
+    check_variant "$1"
+    case "$1" in
+        baseline) echo "--schedule_sampler uniform --momentum_decay False --lr_compensation False" ;;
+        md)       echo "--schedule_sampler uniform --momentum_decay True --lr_compensation False" ;;
+        md_lrc)   echo "--schedule_sampler uniform --momentum_decay True --lr_compensation True" ;;
+        clts)     echo "--schedule_sampler clts --momentum_decay False --lr_compensation False" ;;
+        all)      echo "--schedule_sampler clts --momentum_decay True --lr_compensation True" ;;
+    esac
+}
+
+# config_get CONFIG KEY: a value of a JSON config ('' when absent).
+config_get() {
+    "$PYTHON" "$LAUNCH_DIR/config_flags.py" "$1" --get "$2"
+}
+
+# experiment_defaults EXPERIMENT: default DATA_DIR, REF_STATS, GLOBAL_BATCH (and for the demo
+# NGPUS, EVAL_SAMPLES) of the paper's experiments; variables already set (even to '') win.
+experiment_defaults() {
+    case "$1" in
+        cifar10)
+            : "${DATA_DIR=$REPO/data/cifar10/train}"
+            : "${REF_STATS=$REPO/data/cifar10_ref.npz}"
+            : "${GLOBAL_BATCH=128}"
+            DATA_HINT="python datasets/cifar10.py --archive PATH/cifar-10-python.tar.gz --out $REPO/data/cifar10/train"
+            REF_HINT="python scripts/fid.py ref --source $DATA_DIR --image_size 32 --out $REPO/data/cifar10_ref.npz" ;;
+        imagenet128)
+            : "${DATA_DIR=$REPO/data/imagenet128/train.npz}"
+            : "${REF_STATS=$REPO/data/imagenet128_ref.npz}"
+            : "${GLOBAL_BATCH=256}"
+            DATA_HINT="python datasets/imagenet.py --root PATH/train --out $REPO/data/imagenet128/train.npz --npz --workers 16"
+            REF_HINT="python scripts/fid.py ref --source $DATA_DIR --out $REPO/data/imagenet128_ref.npz (or guided-diffusion's VIRTUAL_imagenet128_labeled.npz)" ;;
+        demo)
+            : "${DATA_DIR=$REPO/data/demo/mnist_demo.npz}"
+            if [[ -z "${REF_STATS+set}" && -f "$REPO/data/demo/mnist_demo_ref.npz" ]]; then
+                REF_STATS="$REPO/data/demo/mnist_demo_ref.npz"
+            fi
+            : "${NGPUS=1}"
+            DATA_HINT="python datasets/mnist_demo.py --image_size 16 --out $REPO/data/demo"
+            REF_HINT="python scripts/fid.py ref --source $DATA_DIR --out $REPO/data/demo/mnist_demo_ref.npz" ;;
+        *)
+            DATA_HINT="set DATA_DIR to an image folder or .npz"
+            REF_HINT="python scripts/fid.py ref --source \$DATA_DIR --out ref.npz" ;;
+    esac
+    : "${DATA_DIR:=}"
+    : "${REF_STATS:=}"
+    : "${GLOBAL_BATCH:=}"
+    export DATA_DIR REF_STATS GLOBAL_BATCH
+    [[ -n "${NGPUS:-}" ]] && export NGPUS
+    return 0
+}
+
+# check_inputs: clear errors before any training starts.
+check_inputs() {
+    if [[ -z "$DATA_DIR" ]]; then
+        die "DATA_DIR is not set ($DATA_HINT)"
+    fi
+    if [[ "$DATA_DIR" != *://* && ! -e "$DATA_DIR" ]]; then
+        die "data not found: $DATA_DIR (prepare it: $DATA_HINT; or set DATA_DIR)"
+    fi
+    if [[ -n "$REF_STATS" && ! -f "$REF_STATS" ]]; then
+        die "reference statistics not found: $REF_STATS (make them: $REF_HINT; or set REF_STATS= to train without FID)"
+    fi
+}
+
+# print_usage FILE: the comment block at the top of FILE (after the #! line), to stderr.
+print_usage() {
+    awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1" >&2
+}
+
+# paper_experiment EXPERIMENT VARIANT [extra flags...]: one run of the paper's experiment.
+paper_experiment() {
+    local exp="$1" variant="$2"
+    shift 2
+    check_variant "$variant"
+    local config="$REPO/configs/${exp}_${variant}.json"
+    [[ -f "$config" ]] || die "config not found: $config"
+    experiment_defaults "$exp"
+    check_inputs
+    local log_dir="${LOG_DIR:-$REPO/runs/${exp}_${variant}}"
+    log "experiment $exp, variant $variant: config $config, data $DATA_DIR, log dir $log_dir," \
+        "global batch ${GLOBAL_BATCH:-from config} on ${NGPUS:-8} GPU(s), FID reference ${REF_STATS:-none}"
+    run bash "$LAUNCH_DIR/train.sh" "$config" "$DATA_DIR" "$log_dir" "$@"
+}
