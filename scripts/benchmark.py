@@ -378,116 +378,183 @@ def build(model_opts, train_opts, methods, settings, device, seed):
     return loop
 
 
-def bench_train(loop, device, steps, warmup):
-    """Time loop.run_step on batches already on the device; also the host data stream."""
-    data_seconds = []
-    batches = []
-    for _ in range(4):
+class Candidate:
+    """
+    One configuration under test: its TrainLoop, a few batches already on the device, and
+    the sampling forward. Several candidates are timed step by step in turn (interleaved),
+    so that a machine whose load changes (a shared CPU) treats them alike.
+    """
+
+    def __init__(self, label, settings, model_opts, train_opts, methods, device, seed):
+        self.label, self.settings, self.device = label, dict(settings), device
+        self.model_opts = model_opts
+        self.result = {"label": label, "settings": dict(settings)}
+        self.memory_before = self._allocated()
+        reset_peak_memory(device)
+        self.loop = build(model_opts, train_opts, methods, settings, device, seed)
+        data_seconds, self.batches = [], []
+        for _ in range(4):
+            start = time.perf_counter()
+            batch, cond = next(self.loop.data)
+            data_seconds.append(time.perf_counter() - start)
+            self.batches.append((batch.to(device), {k: v.to(device) for k, v in cond.items()}))
+        self.data_ms = statistics.median(data_seconds) * 1e3
+
+    def _allocated(self):
+        return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+
+    def _peak_since(self, baseline):
+        memory, kind = peak_memory(self.device)
+        if self.device.type == "cuda":
+            return memory - baseline, kind + " (this configuration's share)"
+        return memory, kind
+
+    # -------------------------------------------------------------- training
+
+    def train_step(self):
+        batch, cond = self.batches[self.loop.step % len(self.batches)]
+        self.loop.run_step(batch, cond)
+        self.loop.step += 1
+
+    def warm_up_training(self, steps):
         start = time.perf_counter()
-        batch, cond = next(loop.data)
-        data_seconds.append(time.perf_counter() - start)
-        batches.append((batch.to(device), {k: v.to(device) for k, v in cond.items()}))
-
-    def one_step():
-        batch, cond = batches[loop.step % len(batches)]
-        loop.run_step(batch, cond)
-        loop.step += 1
-
-    reset_peak_memory(device)
-    start = time.perf_counter()
-    for _ in range(warmup):
-        one_step()
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-    timer = StepTimer(device)
-    start = time.perf_counter()
-    for _ in range(steps):
-        timer(one_step)
-    wall = time.perf_counter() - start
-    memory, memory_kind = peak_memory(device)
-    stats = summarize(timer.seconds)
-    batch_size = loop.config.batch_size
-    return {
-        "batch_size": batch_size,
-        "ms_per_step": stats["median_ms"],
-        "ms_per_step_q1": stats["q1_ms"],
-        "ms_per_step_q3": stats["q3_ms"],
-        "ms_per_step_iqr": stats["iqr_ms"],
-        "images_per_s": batch_size / (stats["median_ms"] / 1e3),
-        "images_per_s_wall": batch_size * steps / wall,
-        "timed_steps": steps,
-        "warmup_steps": warmup,
-        "warmup_s": warmup_s,
-        "skipped_steps": loop.skipped_steps,
-        "data_ms_per_batch": statistics.median(data_seconds) * 1e3,
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": memory_kind,
-    }
-
-
-def bench_sample(loop, model_opts, precision, channels_last, device, batch_size, steps, warmup, seed):
-    """Time the model forward of sampling (eval, no_grad, autocast) and a full DDIM step."""
-    model = loop.train_model  # the compiled module when --compile (recompiles for eval/no_grad)
-    loop.model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x, _, kwargs = model_inputs(model_opts, batch_size, device, generator)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    ddim = create_gaussian_diffusion(
-        steps=model_opts["diffusion_steps"],
-        learn_sigma=model_opts["learn_sigma"],
-        sigma_small=model_opts["sigma_small"],
-        noise_schedule=model_opts["noise_schedule"],
-        use_kl=model_opts["use_kl"],
-        predict_xstart=model_opts["predict_xstart"],
-        rescale_timesteps=model_opts["rescale_timesteps"],
-        rescale_learned_sigmas=model_opts["rescale_learned_sigmas"],
-        timestep_respacing=f"ddim{DDIM_STEPS}",
-    )
-    t_model = torch.full((batch_size,), ddim.timestep_map[DDIM_STEPS // 2], device=device, dtype=torch.long)
-    if model_opts["rescale_timesteps"]:
-        t_model = t_model.float() * (1000.0 / model_opts["diffusion_steps"])
-    t_spaced = torch.full((batch_size,), DDIM_STEPS // 2, device=device, dtype=torch.long)
-
-    def forward():
-        with torch.no_grad(), autocast(precision, device):
-            model(x, t_model, **kwargs)
-
-    def ddim_step():
-        with torch.no_grad(), autocast(precision, device):
-            ddim.ddim_sample(model, x, t_spaced, clip_denoised=True, model_kwargs=kwargs)
-
-    reset_peak_memory(device)
-    try:
-        start = time.perf_counter()
-        for _ in range(warmup):
-            forward()
-            ddim_step()
-        synchronize(device)
-        warmup_s = time.perf_counter() - start
-        forward_timer, ddim_timer = StepTimer(device), StepTimer(device)
         for _ in range(steps):
-            forward_timer(forward)
-        for _ in range(max(1, steps // 2)):
-            ddim_timer(ddim_step)
-    finally:
-        loop.model.train()
-    memory, memory_kind = peak_memory(device)
-    fwd, step = summarize(forward_timer.seconds), summarize(ddim_timer.seconds)
-    per_s = batch_size / (DDIM_STEPS * fwd["median_ms"] / 1e3)
-    return {
-        "batch_size": batch_size,
-        "forward_ms": fwd["median_ms"],
-        "forward_ms_iqr": fwd["iqr_ms"],
-        "ddim_step_ms": step["median_ms"],
-        "ddim_step_ms_iqr": step["iqr_ms"],
-        "ddim50_images_per_s": per_s,
-        "ddim50_images_per_s_full_step": batch_size / (DDIM_STEPS * step["median_ms"] / 1e3),
-        "ddim50_seconds_for_10k_images": 10000 / per_s,
-        "warmup_s": warmup_s,
-        "peak_memory_bytes": memory,
-        "peak_memory_kind": memory_kind,
-    }
+            self.train_step()
+        synchronize(self.device)
+        self.train_warmup_s = time.perf_counter() - start
+        self.train_memory = self._peak_since(self.memory_before)
+
+    def train_result(self, seconds):
+        stats = summarize(seconds)
+        batch_size = self.loop.config.batch_size
+        return {
+            "batch_size": batch_size,
+            "ms_per_step": stats["median_ms"],
+            "ms_per_step_q1": stats["q1_ms"],
+            "ms_per_step_q3": stats["q3_ms"],
+            "ms_per_step_iqr": stats["iqr_ms"],
+            "images_per_s": batch_size / (stats["median_ms"] / 1e3),
+            "images_per_s_mean": batch_size * len(seconds) / sum(seconds),
+            "timed_steps": len(seconds),
+            "warmup_s": self.train_warmup_s,
+            "skipped_steps": self.loop.skipped_steps,
+            "data_ms_per_batch": self.data_ms,
+            "peak_memory_bytes": self.train_memory[0],
+            "peak_memory_kind": self.train_memory[1],
+        }
+
+    # -------------------------------------------------------------- sampling
+
+    def prepare_sampling(self, batch_size, seed):
+        """The sampling forward (eval, no_grad, autocast) and one full DDIM step."""
+        opts, device, precision = self.model_opts, self.device, self.settings["precision"]
+        model = self.loop.train_model  # the compiled module with --compile (recompiles for eval)
+        self.sample_batch = batch_size
+        generator = torch.Generator(device=device).manual_seed(seed)
+        x, _, kwargs = model_inputs(opts, batch_size, device, generator)
+        if self.settings["channels_last"]:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ddim = create_gaussian_diffusion(
+            steps=opts["diffusion_steps"],
+            learn_sigma=opts["learn_sigma"],
+            sigma_small=opts["sigma_small"],
+            noise_schedule=opts["noise_schedule"],
+            use_kl=opts["use_kl"],
+            predict_xstart=opts["predict_xstart"],
+            rescale_timesteps=opts["rescale_timesteps"],
+            rescale_learned_sigmas=opts["rescale_learned_sigmas"],
+            timestep_respacing=f"ddim{DDIM_STEPS}",
+        )
+        mid = DDIM_STEPS // 2
+        t_model = torch.full((batch_size,), ddim.timestep_map[mid], device=device, dtype=torch.long)
+        if opts["rescale_timesteps"]:
+            t_model = t_model.float() * (1000.0 / opts["diffusion_steps"])
+        t_spaced = torch.full((batch_size,), mid, device=device, dtype=torch.long)
+
+        def forward():
+            with torch.no_grad(), autocast(precision, device):
+                model(x, t_model, **kwargs)
+
+        def ddim_step():
+            with torch.no_grad(), autocast(precision, device):
+                ddim.ddim_sample(model, x, t_spaced, clip_denoised=True, model_kwargs=kwargs)
+
+        self.forward, self.ddim_step = forward, ddim_step
+
+    def warm_up_sampling(self, steps):
+        self.loop.model.eval()
+        baseline = self._allocated()
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        for _ in range(max(1, steps)):
+            self.forward()
+            self.ddim_step()
+        synchronize(self.device)
+        self.sample_warmup_s = time.perf_counter() - start
+        memory, kind = self._peak_since(baseline)
+        if self.device.type == "cuda":  # activations above what was resident, plus the weights
+            memory += sum(p.numel() * p.element_size() for p in self.loop.model.parameters())
+            kind = "torch.cuda.max_memory_allocated (weights + sampling activations)"
+        self.sample_memory = (memory, kind)
+
+    def sample_result(self, forward_seconds, ddim_seconds):
+        self.loop.model.train()
+        fwd, step = summarize(forward_seconds), summarize(ddim_seconds)
+        batch_size = self.sample_batch
+        per_s = batch_size / (DDIM_STEPS * fwd["median_ms"] / 1e3)
+        return {
+            "batch_size": batch_size,
+            "forward_ms": fwd["median_ms"],
+            "forward_ms_iqr": fwd["iqr_ms"],
+            "ddim_step_ms": step["median_ms"],
+            "ddim_step_ms_iqr": step["iqr_ms"],
+            "ddim50_images_per_s": per_s,
+            "ddim50_images_per_s_full_step": batch_size / (DDIM_STEPS * step["median_ms"] / 1e3),
+            "ddim50_seconds_for_10k_images": 10000 / per_s,
+            "warmup_s": self.sample_warmup_s,
+            "peak_memory_bytes": self.sample_memory[0],
+            "peak_memory_kind": self.sample_memory[1],
+        }
+
+
+def time_interleaved(candidates, method, n, device):
+    """n timed calls of `method` per candidate, taking turns; {label: [seconds]}."""
+    timers = {c.label: StepTimer(device) for c in candidates}
+    for _ in range(n):
+        for c in candidates:
+            timers[c.label](getattr(c, method))
+    return {label: timer.seconds for label, timer in timers.items()}
+
+
+def measure(runs, args, model_opts, train_opts, methods, device, parts):
+    """
+    Benchmark each (label, settings) of `runs`; all are built first, then timed in turn.
+
+    :return: {label: result dict}, and the candidates (the last one serves the overhead).
+    """
+    candidates = []
+    with sdpa_context(args.attention_backend, device):
+        for label, settings in runs:
+            c = Candidate(label, settings, model_opts, train_opts, methods, device, args.seed)
+            if "train" in parts:
+                c.warm_up_training(args.warmup)
+            candidates.append(c)
+        if "train" in parts:
+            seconds = time_interleaved(candidates, "train_step", args.steps, device)
+            for c in candidates:
+                c.result["train"] = c.train_result(seconds[c.label])
+        if "sample" in parts:
+            for c in candidates:
+                c.prepare_sampling(args.sample_batch_size or train_opts["batch_size"], args.seed)
+                c.warm_up_sampling(args.warmup)
+            forward = time_interleaved(candidates, "forward", args.steps, device)
+            ddim = time_interleaved(candidates, "ddim_step", max(1, args.steps // 2), device)
+            for c in candidates:
+                c.result["sample"] = c.sample_result(forward[c.label], ddim[c.label])
+        if "overhead" in parts:
+            last = candidates[-1]
+            last.result["overhead"] = bench_method_overhead(last.loop, methods, train_opts, device, args.overhead_iters)
+    return {c.label: c.result for c in candidates}
 
 
 def bench_method_overhead(loop, methods, train_opts, device, iters):
@@ -563,23 +630,6 @@ def fast_settings(device, compile_model):
 def plain_settings():
     """The plain fp32 path of the original code: fp32, NCHW, single-tensor AdamW, eager."""
     return {"precision": "fp32", "channels_last": False, "optimizer_impl": "single", "compile": False}
-
-
-def run_one(args, model_opts, train_opts, methods, settings, device, parts, label):
-    loop = build(model_opts, train_opts, methods, settings, device, args.seed)
-    result = {"label": label, "settings": dict(settings)}
-    sample_batch = args.sample_batch_size or train_opts["batch_size"]
-    with sdpa_context(args.attention_backend, device):
-        if "train" in parts:
-            result["train"] = bench_train(loop, device, args.steps, args.warmup)
-        if "sample" in parts:
-            result["sample"] = bench_sample(
-                loop, model_opts, settings["precision"], settings["channels_last"], device,
-                sample_batch, args.steps, args.warmup, args.seed,
-            )
-        if "overhead" in parts:
-            result["overhead"] = bench_method_overhead(loop, methods, train_opts, device, args.overhead_iters)
-    return loop, result
 
 
 def add_rates(result, fwd_flops, peak_tflops):
@@ -668,12 +718,7 @@ def main(argv=None):
         runs = [("plain", plain_settings()), ("fast", fast_settings(device, args.compile))]
     else:
         runs = [("run", settings)]
-    for label, run_settings in runs:
-        run_parts = parts if label != "plain" else parts - {"overhead"}
-        loop, run = run_one(args, model_opts, train_opts, methods, run_settings, device, run_parts, label)
-        del loop
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for label, run in measure(runs, args, model_opts, train_opts, methods, device, parts).items():
         add_rates(run, fwd_flops, peak)
         result[label] = run
     if args.compare:

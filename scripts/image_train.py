@@ -203,7 +203,7 @@ def main(argv=None):
     if not args.data_dir:
         raise SystemExit("--data_dir is required: an image folder or an .npz of images")
 
-    logger = Logger(args.log_dir)
+    logger = Logger(None if args.dry_run else args.log_dir)  # a dry run writes nothing
     resolved = effective_config(args)
     logger.log("options:\n" + json.dumps(resolved, indent=2, sort_keys=True))
     logger.log(f"world size {world}, device {device}, precision {precision}, log dir {args.log_dir}")

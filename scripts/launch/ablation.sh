@@ -3,7 +3,7 @@
 # budget, then draw their loss and FID-vs-step curves side by side and summarise them.
 #
 #   scripts/launch/ablation.sh EXPERIMENT OUT_DIR [--variants LIST | --sweep KEY=V1,V2,...]
-#                              [--base VARIANT] [--with_baseline] [extra image_train.py flags...]
+#                              [--base VARIANT] [--with_baseline] [--plan] [extra image_train.py flags...]
 #
 # EXPERIMENT: cifar10, imagenet128 (configs/EXP_VARIANT.json), demo (configs/demo.json), another
 #   config prefix, or a base config .json. Where configs/EXP_VARIANT.json exists it is the
@@ -16,6 +16,7 @@
 # --variants LIST   comma-separated variants to run (default: baseline,md,md_lrc,clts,all)
 # --sweep KEY=VALS  one run per value of --KEY (clts_mu, clts_sigma, clts_target_steps, ...) on
 #                   top of --base VARIANT (default all); --with_baseline adds a baseline run
+# --plan            print the runs' commands and stop (nothing is run or written)
 # extra flags       passed to every run (after the variant's), e.g. --total_steps 300
 #
 # Each run goes to OUT_DIR/NAME (NAME = the variant, or KEY_VALUE) through train.sh, with FID
@@ -28,13 +29,14 @@
 #   DATA_DIR      training data  (cifar10: data/cifar10/train, imagenet128: data/imagenet128/train.npz,
 #                                 demo: data/demo/mnist_demo.npz)
 #   REF_STATS     FID reference  (cifar10: data/cifar10_ref.npz, imagenet128: data/imagenet128_ref.npz,
-#                                 demo: data/demo/mnist_demo_ref.npz if present); empty: no FID
+#                                 demo: data/demo/ref_stats_N.npz of scripts/demo.sh if present);
+#                 empty: no FID
 #   GLOBAL_BATCH  (cifar10: 128, imagenet128: 256; demo: the config's batch_size)
 #   SEED          the seed of every run (0)
 #   NUM_SAMPLES   final samples per run with FID (0: none; the curves come from training)
 #   KEEP_GOING=1  go on with the other runs when one fails (exit status 1 at the end)
 #
-#   NGPUS=1 REF_STATS=data/demo/mnist_demo_ref.npz \
+#   NGPUS=1 REF_STATS=data/demo/ref_stats_500.npz \
 #       scripts/launch/ablation.sh demo runs/ablation --total_steps 300 --eval_interval 100
 #   scripts/launch/ablation.sh cifar10 runs/cifar10_ablation --total_steps 200000
 #   scripts/launch/ablation.sh cifar10 runs/cifar10_mu --sweep clts_mu=0.1,0.3,0.5,0.7,0.9 --with_baseline
@@ -51,7 +53,7 @@ fi
 EXPERIMENT="$1" OUT_DIR="$2"
 shift 2
 
-VARIANT_LIST="" SWEEP="" BASE="" WITH_BASELINE=0 EXTRA=()
+VARIANT_LIST="" SWEEP="" BASE="" WITH_BASELINE=0 PLAN=0 EXTRA=()
 while (( $# )); do
     case "$1" in
         --variants) (( $# >= 2 )) || die "--variants needs a value"; VARIANT_LIST="$2"; shift 2 ;;
@@ -61,6 +63,7 @@ while (( $# )); do
         --base) (( $# >= 2 )) || die "--base needs a variant"; BASE="$2"; shift 2 ;;
         --base=*) BASE="${1#*=}"; shift ;;
         --with_baseline) WITH_BASELINE=1; shift ;;
+        --plan) PLAN=1; shift ;;
         *) EXTRA+=("$1"); shift ;;
     esac
 done
@@ -71,21 +74,20 @@ done
 # ------------------------------------------------------------ the experiment and its defaults
 if [[ "$EXPERIMENT" == *.json || -f "$EXPERIMENT" ]]; then
     [[ -f "$EXPERIMENT" ]] || die "base config not found: $EXPERIMENT"
-    BASE_CONFIG="$EXPERIMENT" FROM_FILE=1
-    experiment_defaults "$(basename "$EXPERIMENT" .json)"
+    BASE_CONFIG="$EXPERIMENT" FROM_FILE=1 EXP_NAME="$(basename "$EXPERIMENT" .json)"
 else
-    BASE_CONFIG="$REPO/configs/$EXPERIMENT.json" FROM_FILE=""
+    BASE_CONFIG="$REPO/configs/$EXPERIMENT.json" FROM_FILE="" EXP_NAME="$EXPERIMENT"
     [[ -f "$BASE_CONFIG" ]] || compgen -G "$REPO/configs/${EXPERIMENT}_*.json" >/dev/null || \
         die "unknown experiment '$EXPERIMENT': no configs/${EXPERIMENT}.json or configs/${EXPERIMENT}_VARIANT.json" \
             "(known: $(cd "$REPO/configs" && ls ./*.json | sed 's#^\./##; s/\.json$//; s/_\(baseline\|md\|md_lrc\|clts\|all\)$//' | sort -u | tr '\n' ' '))"
-    experiment_defaults "$EXPERIMENT"
 fi
+experiment_defaults "$EXP_NAME"
 check_inputs
 export NUM_SAMPLES="${NUM_SAMPLES:-0}"
 SEED="${SEED:-0}"
-if [[ -n "$REF_STATS" && -z "${EVAL_SAMPLES:-}" && "$EXPERIMENT" == demo ]]; then
+if [[ -n "$REF_STATS" && -z "${EVAL_SAMPLES:-}" && "$EXP_NAME" == demo ]]; then
     # the demo runs on a CPU: keep each evaluation small unless the config or EVAL_SAMPLES says otherwise
-    [[ -n "$(config_get "$BASE_CONFIG" eval_num_samples 2>/dev/null || true)" ]] || export EVAL_SAMPLES=500
+    [[ -n "$(config_get "$BASE_CONFIG" eval_num_samples 2>/dev/null || true)" ]] || export EVAL_SAMPLES=200
 fi
 
 # variant_run VARIANT: set RUN_CONFIG and RUN_FLAGS of a variant of this experiment.
@@ -137,6 +139,16 @@ fi
 (( ${#NAMES[@]} )) || die "nothing to run"
 
 # ------------------------------------------------------------ the runs
+if (( PLAN )); then
+    log "plan: ${#NAMES[@]} run(s) into $OUT_DIR (seed $SEED, data $DATA_DIR, global batch ${GLOBAL_BATCH:-from the config} on ${NGPUS:-8} process(es), FID reference ${REF_STATS:-none})"
+    for i in "${!NAMES[@]}"; do
+        read -r -a run_flags <<< "${FLAGS[i]}"
+        cmd="$(printf '%q ' bash "$LAUNCH_DIR/train.sh" "${CONFIGS[i]}" "$DATA_DIR" "$OUT_DIR/${NAMES[i]}" \
+            ${run_flags[@]+"${run_flags[@]}"} --seed "$SEED" ${EXTRA[@]+"${EXTRA[@]}"})"
+        echo "${NAMES[i]}: ${cmd% }"
+    done
+    exit 0
+fi
 mkdir -p "$OUT_DIR"
 {
     printf '# name\tconfig and flags (common: --seed %s %s)\n' "$SEED" "${EXTRA[*]:-}"
@@ -144,7 +156,7 @@ mkdir -p "$OUT_DIR"
         printf '%s\t%s %s\n' "${NAMES[i]}" "${CONFIGS[i]#"$REPO"/}" "${FLAGS[i]}"
     done
 } > "$OUT_DIR/runs.tsv"
-log "${#NAMES[@]} run(s) into $OUT_DIR: ${NAMES[*]} (seed $SEED, data $DATA_DIR, FID reference ${REF_STATS:-none})"
+log "${#NAMES[@]} run(s) into $OUT_DIR: ${NAMES[*]} (seed $SEED, data $DATA_DIR, global batch ${GLOBAL_BATCH:-from the config} on ${NGPUS:-8} process(es), FID reference ${REF_STATS:-none})"
 
 failed=()
 for i in "${!NAMES[@]}"; do
@@ -171,11 +183,11 @@ if (( ${#dirs[@]} )); then
     run "$PYTHON" "$REPO/scripts/plot_curves.py" "${dirs[@]}" --names "$(IFS=,; echo "${names[*]}")" \
         --out "$OUT_DIR/curves.png"
     run "$PYTHON" "$LAUNCH_DIR/summarize.py" "$OUT_DIR"
+    log "done: $OUT_DIR/curves.png, $OUT_DIR/summary.md"
 else
-    log "no run wrote a progress.csv: nothing to plot"
+    log "no run wrote a progress.csv: nothing to plot or summarise"
 fi
 if (( ${#failed[@]} )); then
     log "failed runs: ${failed[*]}"
     exit 1
 fi
-log "done: $OUT_DIR/curves.png, $OUT_DIR/summary.md"

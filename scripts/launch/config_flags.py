@@ -2,7 +2,7 @@
 Read a training run's options back, for the launch scripts.
 
     python scripts/launch/config_flags.py LOG_DIR
-    # --attention_resolutions 16,8 --channel_mult '' --class_cond False ... (one line)
+    # --attention_resolutions 16,8 --class_cond False --diffusion_steps 1000 ... (one line)
 
 prints the model and diffusion flags (the keys of
 `improved_diffusion.script_util.model_and_diffusion_defaults()`) of the run's
@@ -11,11 +11,14 @@ prints the model and diffusion flags (the keys of
     eval "MODEL_FLAGS=($(python scripts/launch/config_flags.py runs/x))"
     python scripts/image_sample.py --model_path ... "${MODEL_FLAGS[@]}"
 
-builds the same model. A key missing from the file gets its default. LOG_DIR may also be
+builds the same model. A key missing from the file gets its default; an empty value is
+printed as '' (keys that are empty by default, like channel_mult, are left out when empty,
+so the usual output also works unquoted: `$(config_flags.py LOG_DIR)`). LOG_DIR may also be
 a config file (any `--config` JSON). Other modes:
 
     config_flags.py LOG_DIR --exclude timestep_respacing   # leave keys out
     config_flags.py LOG_DIR --ema_checkpoint               # newest intact EMA checkpoint (first rate)
+    config_flags.py LOG_DIR --with_checkpoint              # --model_path THAT, then the flags
     config_flags.py CONFIG.json --get eval_num_samples     # one value ('' when absent)
 """
 
@@ -58,15 +61,22 @@ def format_value(value):
 
 
 def model_flags(values, exclude=()):
-    """['--key', 'value', ...] for every model/diffusion key, in sorted order."""
+    """
+    ['--key', 'value', ...] for every model/diffusion key, in sorted order.
+
+    A key whose value is empty and whose default is empty too (`channel_mult`,
+    `timestep_respacing`) is left out: it changes nothing, and without empty words the output
+    also works word-split, unquoted (`$(config_flags.py LOG_DIR)`), in the usual cases.
+    """
     from improved_diffusion.script_util import model_and_diffusion_defaults
 
     defaults = model_and_diffusion_defaults()
     out = []
     for key in sorted(defaults):
-        if key in exclude:
+        value = format_value(values.get(key, defaults[key]))
+        if key in exclude or (value == "" and format_value(defaults[key]) == ""):
             continue
-        out += [f"--{key}", format_value(values.get(key, defaults[key]))]
+        out += [f"--{key}", value]
     return out
 
 
@@ -98,6 +108,8 @@ def main(argv=None):
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--ema_checkpoint", action="store_true",
                       help="print the newest intact EMA checkpoint of LOG_DIR instead")
+    mode.add_argument("--with_checkpoint", action="store_true",
+                      help="start the line with --model_path and the newest intact EMA checkpoint")
     mode.add_argument("--get", metavar="KEY", default="",
                       help="print the value of one key of the config ('' when absent)")
     args = parser.parse_args(argv)
@@ -112,7 +124,10 @@ def main(argv=None):
         print(format_value(values.get(args.get)))
         return
     exclude = {k.strip() for k in args.exclude.split(",") if k.strip()}
-    print(" ".join(shlex.quote(x) for x in model_flags(values, exclude)))
+    words = model_flags(values, exclude)
+    if args.with_checkpoint:
+        words = ["--model_path", ema_checkpoint(args.log_dir)] + words
+    print(" ".join(shlex.quote(x) for x in words))
 
 
 if __name__ == "__main__":

@@ -90,12 +90,13 @@ experiment_defaults() {
             REF_HINT="python scripts/fid.py ref --source $DATA_DIR --out $REPO/data/imagenet128_ref.npz (or guided-diffusion's VIRTUAL_imagenet128_labeled.npz)" ;;
         demo)
             : "${DATA_DIR=$REPO/data/demo/mnist_demo.npz}"
-            if [[ -z "${REF_STATS+set}" && -f "$REPO/data/demo/mnist_demo_ref.npz" ]]; then
-                REF_STATS="$REPO/data/demo/mnist_demo_ref.npz"
+            if [[ -z "${REF_STATS+set}" ]]; then
+                # what scripts/demo.sh writes (ref_stats_N.npz; the largest N), if it has run
+                REF_STATS="$(ls "$REPO"/data/demo/ref_stats_*.npz 2>/dev/null | sort -V | tail -n 1 || true)"
             fi
             : "${NGPUS=1}"
             DATA_HINT="python datasets/mnist_demo.py --image_size 16 --out $REPO/data/demo"
-            REF_HINT="python scripts/fid.py ref --source $DATA_DIR --out $REPO/data/demo/mnist_demo_ref.npz" ;;
+            REF_HINT="python scripts/fid.py ref --source $DATA_DIR --max_images 500 --out $REPO/data/demo/ref_stats_500.npz" ;;
         *)
             DATA_HINT="set DATA_DIR to an image folder or .npz"
             REF_HINT="python scripts/fid.py ref --source \$DATA_DIR --out ref.npz" ;;

@@ -10,9 +10,9 @@ flags of the run), else every sub-folder with a progress.csv. Per run:
 - `final_fid` / `best_fid` (at `best_fid_step`): FID during training (the `fid` column,
   written with --eval_interval); `fid@STEP`: FID at each evaluation step;
 - `steps_to_baseline_fid`: the first evaluation step at which the run's FID is at or below the
-  baseline's final FID, and `speedup` = the baseline's step of that FID / that step (the
+  baseline's final FID, and `speedup` = the baseline's own steps_to_baseline_fid / the run's (the
   paper's "2x fewer iterations to the baseline's FID"); empty when never reached or when there
-  is no baseline run;
+  is no baseline run (`--baseline NAME` picks it; default `baseline`);
 - `sample_fid`: FID of the final samples (`samples/*_fid.json` written by train.sh), if any.
 
 Writes OUT_DIR/summary.csv and OUT_DIR/summary.md and prints the markdown.
@@ -112,18 +112,25 @@ def steps_to_reach(fid, target):
 
 
 def add_baseline_comparison(runs, baseline):
-    """Fill steps_to_baseline_fid and speedup of every run from the baseline's final FID."""
+    """
+    Fill steps_to_baseline_fid and speedup of every run, against the baseline's final FID.
+
+    The target is the baseline's last FID value; every run, the baseline included, is timed by
+    its first evaluation at or below it, and speedup = the baseline's time / the run's time
+    (so the baseline itself gets 1.0 even when its FID curve dipped below its final value earlier).
+    """
     base = next((r for r in runs if r["run"] == baseline), None)
     for r in runs:
         r["steps_to_baseline_fid"] = r["speedup"] = None
     if base is None or base["final_fid"] is None:
         return None
-    target, target_step = base["final_fid"], base["final_fid_step"]
+    target = base["final_fid"]
+    base_steps = steps_to_reach(base["fid"], target)
     for r in runs:
         step = steps_to_reach(r["fid"], target)
         r["steps_to_baseline_fid"] = step
         if step:
-            r["speedup"] = target_step / step
+            r["speedup"] = base_steps / step
     return base
 
 
@@ -175,14 +182,15 @@ def write_csv(path, runs, eval_steps):
 def markdown(out_dir, runs, eval_steps, baseline, base):
     lines = [f"# Ablation summary: {out_dir}", ""]
     if base is not None:
-        lines.append(f"Baseline `{baseline}`: final FID {base['final_fid']:.2f} at step "
-                     f"{base['final_fid_step']}. *Steps to baseline FID*: the first evaluation at "
-                     "or below it; *speed-up*: the baseline's step / that step.")
+        lines.append(f"Baseline `{baseline}`: final FID {base['final_fid']:.2f} (step "
+                     f"{base['final_fid_step']}). *Steps to baseline FID*: a run's first evaluation at "
+                     "or below it; *speed-up*: the baseline's steps to it / the run's.")
     elif any(r["fid"] for r in runs):
         lines.append(f"No baseline run (`{baseline}`) with FID here: no steps-to-baseline column.")
     else:
         lines.append("No FID values in these runs (train with REF_STATS set, or --eval_interval "
                      "and --eval_ref_stats).")
+    lines.append("")
     samples = {r["config"].get("eval_num_samples") for r in runs if r["fid"]} - {None}
     respacing = {r["config"].get("eval_respacing") for r in runs if r["fid"]} - {None}
     if samples:

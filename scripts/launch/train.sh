@@ -102,11 +102,12 @@ if (( NUM_SAMPLES == 0 )); then
 fi
 
 # ---------------------------------------------------------------- 2. sample
-CKPT="$("$PYTHON" "$LAUNCH_DIR/config_flags.py" "$LOG_DIR" --ema_checkpoint)"
-flags_line="$("$PYTHON" "$LAUNCH_DIR/config_flags.py" "$LOG_DIR" --exclude timestep_respacing)"
+# "--model_path CKPT --image_size ..." (shell-quoted) from the run's checkpoints and config.json
+flags_line="$("$PYTHON" "$LAUNCH_DIR/config_flags.py" "$LOG_DIR" --with_checkpoint --exclude timestep_respacing)"
 eval "MODEL_FLAGS=($flags_line)"
+CKPT="${MODEL_FLAGS[1]}"
 RESPACING="${SAMPLE_RESPACING:-250}"
-SAMPLE_ARGS=(--model_path "$CKPT" "${MODEL_FLAGS[@]}" --timestep_respacing "$RESPACING"
+SAMPLE_ARGS=("${MODEL_FLAGS[@]}" --timestep_respacing "$RESPACING"
              --num_samples "$NUM_SAMPLES" --batch_size "${SAMPLE_BATCH:-256}"
              --seed "${SAMPLE_SEED:-0}" --precision "${SAMPLE_PRECISION:-fp32}")
 [[ "$RESPACING" == ddim* ]] && SAMPLE_ARGS+=(--use_ddim True)
