@@ -638,20 +638,12 @@ def load_model_and_diffusion(path, flags, device="cpu"):
     :param flags: the keyword arguments of script_util.create_model_and_diffusion.
     :return: (model in eval mode on device, diffusion, the loaded state dict on the CPU).
     """
-    from . import dist_util, script_util
+    from . import script_util
+    from .sampling import load_model_weights
 
     model, diffusion = script_util.create_model_and_diffusion(**flags)
-    state = dist_util.load_state_dict(path, map_location="cpu")
-    if not isinstance(state, dict) or not all(isinstance(v, th.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a plain model state dict")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(
-            f"checkpoint {path} does not fit the model built from the given flags; "
-            f"check the model flags (image_size, num_channels, num_res_blocks, "
-            f"attention_resolutions, learn_sigma, class_cond, ...): {exc}"
-        ) from exc
+    load_model_weights(model, path)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.to(device)
     model.eval()
     return model, diffusion, state

@@ -114,3 +114,33 @@ def remove_checkpoint(log_dir, step):
             os.remove(os.path.join(log_dir, name))
         except FileNotFoundError:
             pass
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint's keys or shapes do not fit the model built from the given flags."""
+
+
+MODEL_FLAGS_HINT = (
+    "check --image_size, --num_channels, --num_res_blocks, --attention_resolutions, --channel_mult, "
+    "--learn_sigma, --class_cond, --num_heads / --num_head_channels, --resblock_updown, --use_scale_shift_norm"
+)
+
+
+def check_state_dict_matches(model, state, what="checkpoint"):
+    """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return
+    lines = [f"{what} does not fit the model built from the given flags ({MODEL_FLAGS_HINT}):"]
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+        if items:
+            more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
+            lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
+    raise CheckpointMismatchError("\n".join(lines))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .checkpoint import CheckpointMismatchError, check_state_dict_matches  # noqa: F401 (re-exported)
+
 SEED_STRIDE = 2**31 - 1
 
 
@@ -279,10 +281,6 @@ def save_grid(images, path, nrow=None, padding=2):
     Image.fromarray(grid).save(path)
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not fit the model built from the given flags."""
-
-
 def load_model_weights(model, path):
     """
     Load a plain state dict file into ``model`` strictly, with readable errors.
@@ -314,30 +312,6 @@ def load_model_weights(model, path):
             f"{path} is not a model state dict (a dict of tensors, as in modelNNNNNN.pt or "
             f"ema_RATE_NNNNNN.pt); got {type(state).__name__}"
         )
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and state[k].shape != own[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [
-            f"checkpoint {path} does not fit the model built from the given flags "
-            "(check --image_size, --num_channels, --num_res_blocks, --attention_resolutions, "
-            "--channel_mult, --learn_sigma, --class_cond, --num_heads / --num_head_channels, "
-            "--resblock_updown, --use_scale_shift_norm):"
-        ]
-        for title, items in (
-            ("missing keys", missing),
-            ("unexpected keys", unexpected),
-            ("shape mismatches", mismatched),
-        ):
-            if items:
-                shown = items[:20]
-                more = f" ... and {len(items) - len(shown)} more" if len(items) > len(shown) else ""
-                lines.append(f"  {title} ({len(items)}): " + ", ".join(shown) + more)
-        raise CheckpointMismatchError("\n".join(lines))
+    check_state_dict_matches(model, state, what=f"checkpoint {path}")
     model.load_state_dict(state, strict=True)
     return model

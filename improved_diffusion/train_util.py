@@ -483,10 +483,12 @@ class TrainLoop:
                 )
             return dist_util.load_state_dict(path)
 
-        load_matching_state_dict(self.model, need(ckpt.model_name(step), "model"), what=f"model{step:06d}.pt")
+        model_state = need(ckpt.model_name(step), "model")
+        ckpt.check_state_dict_matches(self.model, model_state, what=ckpt.model_name(step))
+        self.model.load_state_dict(model_state, strict=True)
         for i, rate in enumerate(self.config.ema_rate):
             ema_state = need(ckpt.ema_name(rate, step), f"EMA (rate {rate})")
-            check_state_dict_matches(self.model, ema_state, what=ckpt.ema_name(rate, step))
+            ckpt.check_state_dict_matches(self.model, ema_state, what=ckpt.ema_name(rate, step))
             with torch.no_grad():
                 for p, name in zip(self.ema_params[i], self.param_names):
                     p.copy_(ema_state[name])
@@ -520,30 +522,6 @@ class TrainLoop:
             torch.manual_seed(1_000_003 * step + self.rank)
         self.last_saved_step = step
         self.logger.log(f"resumed from step {step} in {directory}")
-
-
-def check_state_dict_matches(model, state, what="checkpoint"):
-    """Raise a ValueError listing missing, unexpected and mis-shaped keys."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        lines = [f"{what} does not match the model built from these flags (check the model flags):"]
-        for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                lines.append(f"  {title}: {shown}")
-        raise ValueError("\n".join(lines))
-
-
-def load_matching_state_dict(model, state, what="checkpoint"):
-    check_state_dict_matches(model, state, what)
-    model.load_state_dict(state, strict=True)
 
 
 def _numpy_rng_state():

@@ -223,7 +223,7 @@ def summarize(seconds):
         q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive")
     else:
         q1 = q3 = ms[0]
-    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "n": len(ms)}
+    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1, "min_ms": ms[0], "n": len(ms)}
 
 
 class StepTimer:
@@ -433,6 +433,7 @@ class Candidate:
             "ms_per_step_q1": stats["q1_ms"],
             "ms_per_step_q3": stats["q3_ms"],
             "ms_per_step_iqr": stats["iqr_ms"],
+            "ms_per_step_min": stats["min_ms"],
             "images_per_s": batch_size / (stats["median_ms"] / 1e3),
             "images_per_s_mean": batch_size * len(seconds) / sum(seconds),
             "timed_steps": len(seconds),
@@ -506,6 +507,7 @@ class Candidate:
             "batch_size": batch_size,
             "forward_ms": fwd["median_ms"],
             "forward_ms_iqr": fwd["iqr_ms"],
+            "forward_ms_min": fwd["min_ms"],
             "ddim_step_ms": step["median_ms"],
             "ddim_step_ms_iqr": step["iqr_ms"],
             "ddim50_images_per_s": per_s,

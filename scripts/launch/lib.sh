@@ -3,7 +3,7 @@
 # Environment read here:
 #   NGPUS     processes (one per GPU); 1 runs plain python        (default 8)
 #   LAUNCHER  mpiexec or torchrun                                  (default mpiexec)
-#   PYTHON    the interpreter                                      (default python)
+#   PYTHON    the interpreter              (default: the repo's .venv if there is one, else python)
 #   MPIEXEC   the mpiexec binary                                   (default mpiexec)
 #   MPI_FLAGS extra mpiexec flags, word-split (e.g. "-hosts a,b")
 #   TORCHRUN  the torchrun binary                                  (default torchrun)
@@ -12,6 +12,10 @@
 LAUNCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$LAUNCH_DIR/../.." && pwd)"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "${PYTHON:-}" ] && [ -x "$REPO/.venv/bin/python" ] && [ -z "${VIRTUAL_ENV:-}" ]; then
+    PYTHON="$REPO/.venv/bin/python"
+    export PATH="$REPO/.venv/bin:$PATH"  # its mpiexec and torchrun too
+fi
 PYTHON="${PYTHON:-python}"
 VARIANTS="baseline md md_lrc clts all"
 

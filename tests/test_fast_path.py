@@ -1,0 +1,367 @@
+"""
+The fast path (SPEC section 6) computes what the plain fp32 path computes.
+
+Each part is checked on the CPU against fp32 eager on a tiny UNet, through the real
+`TrainLoop.run_step`: bf16 and fp16 autocast (within their precision), channels-last
+(same numbers), fused / foreach / single-tensor AdamW (same numbers after a few steps with
+the paper's beta1 and lr schedules moving), `torch.compile` (aot_eager always; inductor
+only when asked, it takes minutes on 2 cores), bf16 sampling, the FLOP counter (it counts
+the attention), and `scripts/benchmark.py` itself. No test here times anything: speed is
+measured by the benchmark script (docs/benchmarks.md).
+
+Host syncs of the training step are documented in scripts/benchmark.py, not tested.
+"""
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from improved_diffusion.image_datasets import BatchStream, ImageDataset
+from improved_diffusion.logger import Logger
+from improved_diffusion.momentum_decay import MomentumSchedule
+from improved_diffusion.resample import CLTSSampler
+from improved_diffusion.sampling import sample_images
+from improved_diffusion.script_util import (
+    create_gaussian_diffusion,
+    create_model_and_diffusion,
+    model_and_diffusion_defaults,
+)
+from improved_diffusion.train_util import TrainConfig, TrainLoop
+from tiny import PYTHON, ROOT, TINY_MODEL, env
+
+BATCH = 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, two OpenMP threads that wait on
+    each other are several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_options(**overrides):
+    opts = model_and_diffusion_defaults()
+    opts.update(TINY_MODEL)
+    opts["dropout"] = 0.0  # deterministic steps, so two loops can be compared
+    opts.update(overrides)
+    return opts
+
+
+def trained_like_model(opts, seed=0):
+    """The tiny model with every weight moved off its initial value.
+
+    At initialisation the zero-initialised output convolutions block the gradient of
+    everything before them; perturbed weights make every gradient non-trivial.
+    """
+    torch.manual_seed(seed)
+    model, diffusion = create_model_and_diffusion(**opts)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model, diffusion
+
+
+def make_loop(model, diffusion, methods=True, **config):
+    images = np.random.default_rng(0).integers(0, 256, size=(4 * BATCH, 8, 8, 3), dtype=np.uint8)
+    data = BatchStream(ImageDataset(images), BATCH, seed=0)
+    momentum = MomentumSchedule(momentum_decay=True, lr_compensation=True, total_steps=10) if methods else MomentumSchedule()
+    sampler = CLTSSampler(diffusion, mu=0.3, sigma=0.2, target_steps=5) if methods else None
+    defaults = dict(batch_size=BATCH, lr=1e-3, log_interval=10**6, save_interval=10**6, momentum=momentum, progress=False)
+    defaults.update(config)
+    return TrainLoop(
+        model=model,
+        diffusion=diffusion,
+        data=data,
+        config=TrainConfig(**defaults),
+        schedule_sampler=sampler,
+        log_dir=None,
+        resume="none",
+        logger=Logger(None, stdout=False, tensorboard=False),
+    )
+
+
+def twin_loops(configs, opts=None, methods=True):
+    """One loop per config dict, all over identical copies of one perturbed model."""
+    model, diffusion = trained_like_model(opts or tiny_options())
+    return [make_loop(copy.deepcopy(model), diffusion, methods=methods, **c) for c in configs]
+
+
+def run_steps(loop, steps, seed=0):
+    """`steps` real training steps; timesteps and noise are the same for every loop."""
+    for _ in range(steps):
+        batch, cond = next(loop.data)
+        torch.manual_seed(seed + loop.step)
+        np.random.seed(seed + loop.step)
+        loop.run_step(batch, cond)
+        loop.step += 1
+
+
+def step_loss(loop):
+    total, count = loop.logger.means["loss"]
+    return float(total) / float(count)
+
+
+def grads(loop):
+    return [p.grad.detach().float().clone() for p in loop.params]
+
+
+def rel_err(a, b):
+    """||a - b|| / ||b|| over a list of tensors."""
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b)) ** 0.5
+    den = sum(float(y.pow(2).sum()) for y in b) ** 0.5
+    return num / den
+
+
+def assert_lists_close(a, b, rtol, atol):
+    for i, (x, y) in enumerate(zip(a, b)):
+        torch.testing.assert_close(x, y, rtol=rtol, atol=atol, msg=lambda m: f"tensor {i}: {m}")
+
+
+# ---------------------------------------------------------------------------------------
+# Mixed precision
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision, tol", [("bf16", 3e-2), ("fp16", 1e-2)])
+def test_autocast_training_step_matches_fp32(precision, tol):
+    fp32, low = twin_loops([dict(precision="fp32"), dict(precision=precision)])
+    run_steps(fp32, 1)
+    run_steps(low, 1)
+    assert low.skipped_steps == 0  # fp16: the first loss scale (2**16) does not overflow here
+    loss32, loss_low = step_loss(fp32), step_loss(low)
+    assert abs(loss_low - loss32) <= tol * abs(loss32), (loss32, loss_low)
+    g32, g_low = grads(fp32), grads(low)
+    assert all(float(g.abs().max()) > 0 for g in g32), "every gradient should be non-trivial"
+    assert rel_err(g_low, g32) < tol, rel_err(g_low, g32)
+    # Parameters, gradients and the optimizer stay float32 under autocast.
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in low.params)
+    # Per tensor too: no single layer is far off (small tensors are noisier: looser).
+    # Conv biases right before a GroupNorm with one channel per group get no gradient
+    # (the norm removes any per-channel constant): fp32 says ~1e-9, so skip them.
+    largest = max(float(g.norm()) for g in g32)
+    for name, a, b in zip(fp32.param_names, g_low, g32):
+        if float(b.norm()) > 1e-4 * largest:
+            assert rel_err([a], [b]) < 5 * tol, name
+
+
+# ---------------------------------------------------------------------------------------
+# Memory format and optimizer kernels
+# ---------------------------------------------------------------------------------------
+
+
+def test_channels_last_training_step_equals_contiguous():
+    plain, cl = twin_loops([dict(channels_last=False), dict(channels_last=True)])
+    run_steps(plain, 2)
+    run_steps(cl, 2)
+    assert cl.model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert abs(step_loss(cl) - step_loss(plain)) <= 1e-5 * abs(step_loss(plain))
+    assert_lists_close(grads(cl), grads(plain), rtol=1e-4, atol=1e-5)
+    assert_lists_close(
+        [p.detach() for p in cl.params], [p.detach() for p in plain.params], rtol=1e-5, atol=1e-5
+    )
+    # The checkpointed state dict is the same whatever the memory format.
+    assert list(cl.model.state_dict()) == list(plain.model.state_dict())
+
+
+def _cpu_fused_adamw_available():
+    p = torch.nn.Parameter(torch.zeros(2))
+    try:
+        opt = torch.optim.AdamW([p], fused=True)
+        p.grad = torch.ones(2)
+        opt.step()
+    except (RuntimeError, TypeError, ValueError) as err:
+        return str(err).splitlines()[0]
+    return None
+
+
+def test_adamw_implementations_agree_with_moving_beta1_and_lr():
+    impls = ["single", "foreach"]
+    reason = _cpu_fused_adamw_available()
+    if reason is None:
+        impls.append("fused")
+    loops = twin_loops([dict(optimizer_impl=i) for i in impls])
+    for loop, impl in zip(loops, impls):
+        run_steps(loop, 3)
+        assert loop.opt.param_groups[0]["betas"][0] < 0.9  # MD moved beta1 every step
+    ref = [p.detach() for p in loops[0].params]
+    for loop, impl in zip(loops[1:], impls[1:]):
+        assert_lists_close([p.detach() for p in loop.params], ref, rtol=1e-6, atol=1e-6)
+        assert_lists_close(loop.ema_params[0], loops[0].ema_params[0], rtol=1e-6, atol=1e-6)
+    if reason is not None:
+        pytest.skip(f"single == foreach checked; fused AdamW unavailable on CPU in torch {torch.__version__}: {reason}")
+
+
+def test_auto_optimizer_is_foreach_on_cpu():
+    (loop,) = twin_loops([dict(optimizer_impl="auto")], methods=False)
+    assert loop.opt.defaults.get("foreach") is True and not loop.opt.defaults.get("fused")
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, diffusion, x, t, noise):
+    model.zero_grad(set_to_none=True)
+    loss = diffusion.training_losses(model, x, t, noise=noise)["loss"].mean()
+    loss.backward()
+    return float(loss), [p.grad.detach().clone() for p in model.parameters()]
+
+
+def _check_compiled_matches_eager(backend):
+    torch._dynamo.reset()
+    model, diffusion = trained_like_model(tiny_options())
+    compiled = torch.compile(copy.deepcopy(model), backend=backend)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(BATCH, 3, 8, 8, generator=gen)
+    noise = torch.randn(BATCH, 3, 8, 8, generator=gen)
+    t = torch.tensor([0, 5, 20, 39])
+    loss_e, grads_e = _loss_and_grads(model, diffusion, x, t, noise)
+    loss_c, grads_c = _loss_and_grads(compiled, diffusion, x, t, noise)
+    assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e)
+    assert_lists_close(grads_c, grads_e, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        model.eval()
+        compiled.eval()
+        torch.testing.assert_close(compiled(x, t), model(x, t), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_aot_eager_matches_eager():
+    """Dynamo capture plus AOTAutograd (no code generation): cheap, about 10 s on 2 cores."""
+    try:
+        _check_compiled_matches_eager("aot_eager")
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # pragma: no cover
+        pytest.skip(f"torch.compile unavailable here: {err}")
+
+
+@pytest.mark.skipif(
+    os.environ.get("IDIFF_TEST_INDUCTOR", "") != "1",
+    reason="inductor compilation of the tiny UNet takes over 2 minutes on 2 CPU cores; "
+    "set IDIFF_TEST_INDUCTOR=1 to run it",
+)
+def test_compile_inductor_matches_eager():
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("gcc") is None:
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    _check_compiled_matches_eager("inductor")
+
+
+def test_compiled_loop_checkpoints_plain_state_dict():
+    """--compile never leaks `_orig_mod.` into the state dicts that checkpoints hold."""
+    (loop,) = twin_loops([dict(compile=True)], methods=False)
+    assert loop.train_model is not loop.model
+    assert not any(k.startswith("_orig_mod") for k in loop.model.state_dict())
+    assert not any(k.startswith("_orig_mod") for k in loop.ema_state_dict())
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------
+
+
+def test_bf16_sampling_close_to_fp32():
+    opts = tiny_options()
+    model, _ = trained_like_model(opts)
+    diffusion = create_gaussian_diffusion(
+        steps=opts["diffusion_steps"],
+        learn_sigma=opts["learn_sigma"],
+        noise_schedule=opts["noise_schedule"],
+        rescale_timesteps=opts["rescale_timesteps"],
+        rescale_learned_sigmas=opts["rescale_learned_sigmas"],
+        timestep_respacing="ddim10",
+    )
+    common = dict(num_samples=6, batch_size=3, image_size=8, device="cpu", seed=3, use_ddim=True, progress=False)
+    ref, _ = sample_images(model, diffusion, **common)
+    low, _ = sample_images(model, diffusion, autocast_dtype=torch.bfloat16, **common)
+    diff = np.abs(ref.astype(np.int32) - low.astype(np.int32))
+    assert ref.std() > 10  # the images are not constant, so the comparison means something
+    assert diff.mean() < 2.0 and np.percentile(diff, 99) <= 12, (diff.mean(), diff.max())
+
+
+# ---------------------------------------------------------------------------------------
+# FLOPs and the benchmark script
+# ---------------------------------------------------------------------------------------
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_counter_counts_cpu_attention():
+    bench = _benchmark_module()
+    opts = tiny_options()
+    model, _ = create_model_and_diffusion(**opts)
+    total, by_op = bench.forward_flops(model, opts, torch.device("cpu"))
+    # The attention itself: one block at 4x4 in the encoder, the middle one at 4x4, two
+    # in the decoder at 4x4, each 2 * 2 * T^2 * C with T = 16 tokens and C = 64 channels.
+    attention = 4 * (2 * 2 * 16 * 16 * 64)
+    sdpa = sum(n for op, n in by_op.items() if "scaled_dot_product" in op)
+    assert sdpa == attention, by_op
+    # The 1x1 qkv / proj_out convolutions run as matmuls and are counted too.
+    assert any(("mm" in op) for op in by_op), by_op
+    # The meta device runs the math attention (bmm) and must agree exactly.
+    with torch.device("meta"):
+        meta_model, _ = create_model_and_diffusion(**opts)
+    meta_total, _ = bench.forward_flops(meta_model, opts, torch.device("meta"))
+    assert total == meta_total
+
+
+def test_cifar10_forward_flops_match_spec():
+    """SPEC section 6: the CIFAR-10 model costs 16.8 GFLOP per image forward."""
+    bench = _benchmark_module()
+    with open(os.path.join(ROOT, "configs", "cifar10_baseline.json")) as f:
+        config = json.load(f)
+    opts = model_and_diffusion_defaults()
+    opts.update({k: v for k, v in config.items() if k in opts})
+    with torch.device("meta"):
+        model, _ = create_model_and_diffusion(**opts)
+    total, _ = bench.forward_flops(model, opts, torch.device("meta"))
+    assert abs(total / 1e9 - 16.8) < 0.1, total / 1e9
+
+
+def test_benchmark_script_compare_on_demo_config(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [
+        PYTHON, os.path.join(ROOT, "scripts", "benchmark.py"), "--config", "demo", "--batch_size", "4",
+        "--steps", "2", "--warmup", "1", "--overhead_iters", "20", "--threads", "1", "--compare", "True",
+        "--json", str(out),
+    ]
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed, end = json.JSONDecoder().raw_decode(proc.stdout)  # JSON first, then the table
+    assert "fast / plain" in proc.stdout[end:]
+    result = json.loads(out.read_text())
+    assert result == json.loads(json.dumps(printed))
+    assert result["config_path"] == os.path.join("configs", "demo.json")
+    assert result["device"] == "cpu" and result["threads"] == 1 and result["peak_tflops"] is None
+    flops = result["flops"]
+    assert flops["forward_per_image"] > 0 and flops["train_step_per_image_counted"] > 2 * flops["forward_per_image"]
+    for label in ("plain", "fast"):
+        run = result[label]
+        train, sample = run["train"], run["sample"]
+        for key in ("images_per_s", "ms_per_step", "ms_per_step_iqr", "peak_memory_bytes", "achieved_tflops"):
+            assert train[key] > 0, (label, key)
+        assert train["mfu"] is None and train["batch_size"] == 4 and train["timed_steps"] == 2
+        assert train["skipped_steps"] == 0
+        for key in ("forward_ms", "ddim_step_ms", "ddim50_images_per_s", "peak_memory_bytes"):
+            assert sample[key] > 0, (label, key)
+    assert result["plain"]["settings"] == {
+        "precision": "fp32", "channels_last": False, "optimizer_impl": "single", "compile": False
+    }
+    overhead = result["fast"]["overhead"]
+    for key in ("clts_us", "mdlrc_us", "uniform_sampler_us", "percent_of_step"):
+        assert overhead[key] > 0, key
+    assert set(result["speedup"]) == {"train", "sample"}
