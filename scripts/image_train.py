@@ -314,5 +314,7 @@ if __name__ == "__main__":
     try:
         main()
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
