@@ -6,13 +6,13 @@
 #
 # DEMO_RUN is the output of scripts/demo.sh (model "A": demo config, seed 0). Trained here,
 # each for the same number of steps: "B" the same configuration with seed 1, "C" another
-# architecture (two res-blocks per level instead of one), "D" the same configuration on other
+# architecture (two resolution levels instead of three), "D" the same configuration on other
 # data (the digits with inverted colours). About 30 minutes on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEMO=${1:-runs/demo}
 OUT=${2:-runs/analysis}
-STEPS=${STEPS:-2000}
+STEPS=${STEPS:-1000}
 SAMPLES=${SAMPLES:-32}
 . .venv/bin/activate
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -34,7 +34,7 @@ train() {  # name, extra flags...
 # Two at a time, one thread each.
 export OMP_NUM_THREADS=1
 train B_seed1 --seed 1 &
-train C_arch --num_res_blocks 2 &
+train C_arch --channel_mult 1,2 --attention_resolutions 8 &
 wait
 train D_inverted --data_dir "$INVERTED" &
 wait
@@ -48,7 +48,7 @@ echo "== consistency (same initial and per-step noise, $SAMPLES images, 100 DDPM
 python scripts/consistency.py $FLAGS \
   --model_paths "$(ema "$DEMO/train"),$(ema "$OUT/B_seed1"),$(ema "$OUT/C_arch"),$(ema "$OUT/D_inverted")" \
   --names A_seed0,B_seed1,C_arch,D_inverted_data \
-  --model_flags "" "" "--num_res_blocks 2" "" \
+  --model_flags "" "" "--channel_mult 1,2 --attention_resolutions 8" "" \
   --num_samples "$SAMPLES" --batch_size "$SAMPLES" --timestep_respacing 100 --out "$OUT/consistency"
 
 echo "== 1-D interpolation between A and B (fixed batch, timesteps and noise)"

@@ -17,9 +17,10 @@ care about (docs/benchmarks.md holds the numbers measured so far).
     # pin the attention kernel (auto, math, flash, efficient, cudnn)
     python scripts/benchmark.py --config cifar10 --batch_size 128 --attention_backend flash
 
-    # CPU (2 cores here): say how many threads, and there is no default peak for MFU
-    python scripts/benchmark.py --config demo --threads 2 --compare True --steps 10
-    python scripts/benchmark.py --config cifar10 --batch_size 8 --threads 2 --steps 3 --warmup 1
+    # CPU (docs/benchmarks.md used 1 thread on a shared 2-core machine); MFU needs --peak_tflops
+    python scripts/benchmark.py --config demo --threads 1 --compare True --steps 40
+    python scripts/benchmark.py --config cifar10 --batch_size 8 --threads 1 --steps 3 --warmup 1
+    python scripts/benchmark.py --config imagenet128 --parts flops   # FLOPs only
 
 `--config` is cifar10, imagenet128 or demo (configs/cifar10_baseline.json,
 configs/imagenet128_baseline.json, configs/demo.json), any name in configs/, or a path to
@@ -108,11 +109,14 @@ def create_argparser():
         help=f"peak TFLOP/s for MFU (0: {DEFAULT_CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU)")
     add("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     add("--compare", type=str2bool, default=False,
-        help="run the plain fp32 path and the fast path in one process and print the ratio")
+        help="run the plain fp32 path and the fast path in one process and print the ratio "
+             "(their settings replace --precision, --channels_last and --optimizer_impl)")
     add("--seed", type=int, default=0, help="seed of weights and data")
     add("--json", default="", help="also write the JSON result to this file")
     model_group = parser.add_argument_group("model flags (override the config)")
     for key, value in model_and_diffusion_defaults().items():
+        if key in ("timestep_respacing", "use_fp16"):  # sampling steps are DDIM-50; fp16 is --precision
+            continue
         value_type = str2bool if isinstance(value, bool) else type(value)
         model_group.add_argument(f"--{key}", type=value_type, default=argparse.SUPPRESS, help=f"default: config, else {value!r}")
     return parser
@@ -821,7 +825,7 @@ def format_table(result, labels):
             _fmt(sample.get("ddim50_images_per_s")), _fmt(sample.get("forward_ms")),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
+    for row in rows if labels else []:
         lines.append("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
     if "speedup" in result:
         lines.append(

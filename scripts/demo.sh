@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 OUT=${OUT:-runs/demo}
-STEPS=${STEPS:-2000}
+STEPS=${STEPS:-1000}
 EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 REF_IMAGES=${REF_IMAGES:-500}
 DATA=data/demo

@@ -423,4 +423,5 @@ def test_benchmark_script_compare_on_demo_config(tmp_path):
     overhead = result["fast"]["overhead"]
     for key in ("clts_us", "mdlrc_us", "uniform_sampler_us", "percent_of_step"):
         assert overhead[key] > 0, key
-    assert set(result["speedup"]) == {"train", "sample"}
+    assert set(result["speedup"]) == set(result["speedup_from_min"]) == {"train", "sample"}
+    assert all(v > 0 for v in result["speedup"].values())
