@@ -10,7 +10,6 @@ loss or gradient skips the step, and too many in a row stop the run with a clear
 """
 
 import copy
-import math
 import os
 import sys
 import time
@@ -178,7 +177,7 @@ class TrainLoop:
             weight_decay=self.config.weight_decay,
         )
         if impl == "auto":
-            impl = "fused" if self.device.type == "cuda" else "foreach"
+            impl = "fused" if _fused_adamw_works(self.device) else "foreach"
         if impl == "fused":
             kwargs["fused"] = True
         elif impl == "foreach":
@@ -277,7 +276,8 @@ class TrainLoop:
         n_total = x.shape[0]
         # Timesteps and noise are drawn for the whole batch, so microbatching changes nothing.
         t_all, weights_all = self.schedule_sampler.sample(n_total, self.device)
-        noise_all = torch.randn_like(x)
+        # Drawn in NCHW order, so the memory format never changes the noise.
+        noise_all = torch.randn(x.shape, device=x.device, dtype=x.dtype).contiguous(memory_format=memory_format)
         for start in range(0, n_total, self.microbatch):
             piece = slice(start, start + self.microbatch)
             micro, t, weights = x[piece], t_all[piece], weights_all[piece]
@@ -301,8 +301,7 @@ class TrainLoop:
         # Update weights, unless the loss or a gradient is not finite.
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        grad_norm = self._grad_norm_and_clip()
         if self.scaler is not None:
             scale_before = self.scaler.get_scale()
             self.scaler.step(self.opt)
@@ -326,6 +325,13 @@ class TrainLoop:
                     f"{self.config.max_nonfinite_steps}) at step {self.step}: the run has diverged. "
                     "Lower --lr, use --precision bf16/fp32 or --grad_clip; the last checkpoint is intact."
                 )
+
+    def _grad_norm_and_clip(self):
+        """The global gradient norm; clips to --grad_clip only when that is on (no extra pass)."""
+        if self.config.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip, foreach=True)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _log_losses(self, t, losses, weights):
         """Mean of each loss term, and per timestep quartile as the original: on device."""
@@ -522,6 +528,16 @@ class TrainLoop:
             torch.manual_seed(1_000_003 * step + self.rank)
         self.last_saved_step = step
         self.logger.log(f"resumed from step {step} in {directory}")
+
+
+def _fused_adamw_works(device):
+    """Whether this torch has a fused AdamW kernel for `device` (CUDA; CPU from torch 2.4)."""
+    try:
+        probe = torch.zeros(1, device=device, requires_grad=True)
+        torch.optim.AdamW([probe], fused=True)
+    except (RuntimeError, ValueError, TypeError):
+        return False
+    return True
 
 
 def _numpy_rng_state():

@@ -209,13 +209,6 @@ def test_channels_last_forward_backward_equals_contiguous():
     assert_lists_close(g_cl, g, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="TrainLoop.run_step draws its noise with torch.randn_like(x) after x is made "
-    "channels-last, and randn_like fills in memory order: the same seed gives different "
-    "noise with --channels_last (reported to the lead; remove this marker once train_util "
-    "draws the noise in NCHW order)",
-)
 def test_channels_last_training_step_equals_contiguous():
     plain, cl = twin_loops([dict(channels_last=False), dict(channels_last=True)])
     assert cl.model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -259,9 +252,16 @@ def test_adamw_implementations_agree_with_moving_beta1_and_lr():
         torch.testing.assert_close(e[m], f[m], rtol=1e-5, atol=1e-6)
 
 
-def test_auto_optimizer_is_foreach_on_cpu():
+def test_auto_optimizer_is_fused_where_torch_has_it():
+    """auto = the fused AdamW kernel when this torch has one for the device (6x faster than
+    foreach on this CPU for the CIFAR-10 model), else foreach."""
+    from improved_diffusion.train_util import _fused_adamw_works
+
     (loop,) = twin_loops([dict(optimizer_impl="auto")], methods=False)
-    assert loop.opt.defaults.get("foreach") is True and not loop.opt.defaults.get("fused")
+    if _fused_adamw_works(torch.device("cpu")):
+        assert loop.opt.defaults.get("fused") is True
+    else:
+        assert loop.opt.defaults.get("foreach") is True
 
 
 # ---------------------------------------------------------------------------------------
