@@ -10,7 +10,6 @@ setup(
         "torch>=2.4",
         "torchvision>=0.19",
         "numpy>=1.22",
-        "scipy>=1.8",
         "tqdm>=4.0",
         "pillow>=9.0",
         "blobfile>=1.0.5",
@@ -20,6 +19,6 @@ setup(
         # A self-contained MPI for machines without one; clusters use their own.
         "mpich": ["mpich"],
         "plots": ["matplotlib>=3.5"],
-        "dev": ["pytest>=7", "matplotlib>=3.5"],
+        "dev": ["pytest>=7", "matplotlib>=3.5", "scipy>=1.8"],
     },
 )

@@ -173,6 +173,47 @@ class Logger:
                 f.close()
 
 
+def read_progress(log_dir):
+    """
+    {step: {column: value}} from LOG_DIR/progress.csv (or a .csv path): numbers only, empty
+    and non-finite cells skipped; a step logged twice (after a resume) keeps the last values.
+    """
+    path = log_dir if str(log_dir).endswith(".csv") else os.path.join(log_dir, "progress.csv")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no progress.csv in {log_dir} (looked for {path})")
+    rows = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "step" not in reader.fieldnames:
+            raise ValueError(f"{path} has no 'step' column (columns: {reader.fieldnames})")
+        for row in reader:
+            step = parse_number(row.get("step"))
+            if step is None:
+                continue
+            merged = rows.setdefault(int(step), {})
+            for key, cell in row.items():
+                value = parse_number(cell)
+                if key not in ("step", None) and value is not None:
+                    merged[key] = value
+    return rows
+
+
+def progress_series(rows, key):
+    """[(step, value), ...] of one column of `read_progress`'s rows, in step order."""
+    return [(step, rows[step][key]) for step in sorted(rows) if key in rows[step]]
+
+
+def parse_number(cell):
+    """A finite float from a CSV cell, or None for an empty, non-numeric or non-finite one."""
+    if cell is None or str(cell).strip() == "":
+        return None
+    try:
+        value = float(cell)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
 # The original's module-level facade, for scripts and users' code that call logger.logkv(...).
 _current = Logger()
 

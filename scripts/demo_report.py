@@ -8,26 +8,13 @@ curves.png (made by scripts/demo.sh) and writes RUN/report/report.md.
 """
 
 import argparse
-import csv
 import json
 import os
 import platform
 
 import torch
 
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def column(rows, key):
-    """(step, value) pairs of the rows where `key` has a value."""
-    out = []
-    for row in rows:
-        if row.get(key) not in (None, ""):
-            out.append((int(float(row["step"])), float(row[key])))
-    return out
+from improved_diffusion.logger import progress_series, read_progress
 
 
 def main():
@@ -38,11 +25,11 @@ def main():
 
     train_dir = os.path.join(args.run, "train")
     report_dir = os.path.join(args.run, "report")
-    rows = read_rows(os.path.join(train_dir, "progress.csv"))
+    rows = read_progress(train_dir)
     with open(os.path.join(train_dir, "config.json")) as f:
         config = json.load(f)
-    losses, fids = column(rows, "loss"), column(rows, "fid")
-    speed = column(rows, "images_per_sec")
+    losses, fids = progress_series(rows, "loss"), progress_series(rows, "fid")
+    speed = progress_series(rows, "images_per_sec")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
     lines = [

@@ -10,8 +10,6 @@ with an exponential moving average (`--smooth`, 0 = raw) and drawn on a log axis
 """
 
 import argparse
-import csv
-import math
 import os
 import sys
 
@@ -20,36 +18,14 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from improved_diffusion import logger  # noqa: E402
+
 
 def read_progress(log_dir):
     """{column: [(step, value), ...]} from LOGDIR/progress.csv, skipping empty cells."""
-    path = log_dir if log_dir.endswith(".csv") else os.path.join(log_dir, "progress.csv")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no progress.csv in {log_dir} (looked for {path})")
-    series = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ValueError(f"{path} has no 'step' column (columns: {reader.fieldnames})")
-        for row in reader:
-            step = _number(row.get("step"))
-            if step is None:
-                continue
-            for key, cell in row.items():
-                value = _number(cell)
-                if key != "step" and value is not None:
-                    series.setdefault(key, []).append((step, value))
-    return series
-
-
-def _number(cell):
-    if cell is None or cell.strip() == "":
-        return None
-    try:
-        value = float(cell)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
+    rows = logger.read_progress(log_dir)
+    columns = {key for values in rows.values() for key in values}
+    return {key: logger.progress_series(rows, key) for key in columns}
 
 
 def ema(values, smooth):

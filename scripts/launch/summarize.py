@@ -22,41 +22,14 @@ import argparse
 import csv
 import glob
 import json
-import math
 import os
 import sys
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
 
-def _number(cell):
-    if cell is None or str(cell).strip() == "":
-        return None
-    try:
-        value = float(cell)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) else None
-
-
-def read_progress(run_dir):
-    """{step: {column: value}} from RUN/progress.csv; a step logged twice (resume) keeps the last."""
-    path = os.path.join(run_dir, "progress.csv")
-    rows = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ValueError(f"{path} has no 'step' column (columns: {reader.fieldnames})")
-        for row in reader:
-            step = _number(row.get("step"))
-            if step is None:
-                continue
-            values = {k: _number(v) for k, v in row.items() if k != "step" and k is not None}
-            merged = rows.setdefault(int(step), {})
-            merged.update({k: v for k, v in values.items() if v is not None})
-    return rows
-
-
-def series(rows, key):
-    return [(step, rows[step][key]) for step in sorted(rows) if key in rows[step]]
+from improved_diffusion import logger  # noqa: E402
 
 
 def sample_fid(run_dir):
@@ -65,7 +38,7 @@ def sample_fid(run_dir):
     for path in reversed(paths):
         try:
             with open(path) as f:
-                value = _number(json.load(f).get("fid"))
+                value = logger.parse_number(json.load(f).get("fid"))
         except (OSError, ValueError, AttributeError):
             continue
         if value is not None:
@@ -82,9 +55,9 @@ def run_config(run_dir):
 
 
 def summarize_run(name, run_dir):
-    rows = read_progress(run_dir)
-    loss = series(rows, "loss")
-    fid = series(rows, "fid")
+    rows = logger.read_progress(run_dir)
+    loss = logger.progress_series(rows, "loss")
+    fid = logger.progress_series(rows, "fid")
     out = {
         "run": name,
         "steps": max(rows) if rows else None,
