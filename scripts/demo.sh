@@ -2,7 +2,7 @@
 # The README's first command: install, build the demo digits, train a small model with
 # CLTS + MD + LRC, sample, measure FID, and write a report folder.
 #
-#   bash scripts/demo.sh                 # everything, about 10-15 minutes on 2 CPU cores
+#   bash scripts/demo.sh                 # everything, about 12 minutes on 2 CPU cores (9 once .venv exists)
 #   OUT=runs/my_demo STEPS=500 bash scripts/demo.sh
 #
 # A GPU is used automatically when there is one. Run it again and training resumes
