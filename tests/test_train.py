@@ -135,7 +135,8 @@ def test_killed_runs_resume_from_newest_intact_checkpoint(data, tmp_path):
         load_checkpoint_files(tmp_path / "straight", total), load_checkpoint_files(log_dir, total)
     )
     states = [n for n in os.listdir(log_dir) if ckpt.STATE_PATTERN.match(n)]
-    assert len(states) <= 3  # --keep_checkpoints
+    # --keep_checkpoints 3, plus at most one left by a kill between a save and its pruning
+    assert len(states) <= 4
 
 
 def test_partial_checkpoints_are_never_picked(data, tmp_path):
