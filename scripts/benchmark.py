@@ -122,6 +122,17 @@ def create_argparser():
     return parser
 
 
+def clts_sampler(diffusion, methods):
+    """The CLTS sampler of a config's options (SPEC defaults where unset)."""
+    return CLTSSampler(
+        diffusion,
+        mu=methods.get("clts_mu", 0.3),
+        sigma=methods.get("clts_sigma", 1.0),
+        target_steps=methods.get("clts_target_steps", 100000),
+        lambda_max=methods.get("clts_lambda_max", 1.0),
+    )
+
+
 def resolve_config_path(name):
     candidates = []
     if name in NAMED_CONFIGS:
@@ -362,13 +373,7 @@ def build(model_opts, train_opts, methods, settings, device, seed):
         total_steps=train_opts["total_steps"],
     )
     if methods["schedule_sampler"] == "clts":
-        sampler = CLTSSampler(
-            diffusion,
-            mu=methods.get("clts_mu", 0.3),
-            sigma=methods.get("clts_sigma", 1.0),
-            target_steps=methods.get("clts_target_steps", 100000),
-            lambda_max=methods.get("clts_lambda_max", 1.0),
-        )
+        sampler = clts_sampler(diffusion, methods)
     else:
         sampler = UniformSampler(diffusion)
     batch = train_opts["batch_size"]
@@ -594,13 +599,7 @@ def bench_method_overhead(loop, methods, train_opts, device, iters):
     baseline pays anyway) for reference.
     """
     diffusion, opt, batch = loop.diffusion, loop.opt, loop.config.batch_size
-    clts = CLTSSampler(
-        diffusion,
-        mu=methods.get("clts_mu", 0.3),
-        sigma=methods.get("clts_sigma", 1.0),
-        target_steps=methods.get("clts_target_steps", 100000),
-        lambda_max=methods.get("clts_lambda_max", 1.0),
-    )
+    clts = clts_sampler(diffusion, methods)
     uniform = UniformSampler(diffusion)
     schedule = MomentumSchedule(True, True, float(methods.get("md_beta_init", 0.9)),
                                 float(methods.get("md_beta_min", 0.5)), train_opts["total_steps"])
