@@ -237,6 +237,16 @@ def test_resume_with_other_architecture_lists_keys(data, tmp_path):
     proc = run_script("image_train.py", train_args(data, log_dir, total_steps=4, num_channels=64), check=False)
     assert proc.returncode != 0
     assert "shape mismatches" in proc.stderr and "input_blocks.0.0.weight" in proc.stderr
+    # the original's flag, pointing at a model file from another log dir
+    other = tmp_path / "other"
+    proc = run_script(
+        "image_train.py",
+        train_args(data, other, total_steps=4, num_channels=64, resume_checkpoint=log_dir / ckpt.model_name(2)),
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert "shape mismatches" in proc.stderr and "input_blocks.0.0.weight" in proc.stderr
+    assert not list(other.glob("model*.pt"))
 
 
 def test_config_round_trip(data, tmp_path):
