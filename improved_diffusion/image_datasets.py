@@ -412,6 +412,10 @@ class BatchStream:
     Each item is ``(images, cond)``: ``images`` a contiguous uint8 tensor (B, 3, H, W) on
     the CPU, ``cond`` ``{"y": int64 tensor (B,)}`` when the data set has labels, else ``{}``.
 
+    With ``device`` set, the whole data set is copied once to that device as uint8 NCHW and
+    batches are gathered and mirrored there: the same batches, bit for bit, with no per-step
+    copy of images (CIFAR-10 takes 150 MB; an ImageNet-sized set does not fit a GPU).
+
     :param dataset: an :class:`ImageDataset`.
     :param batch_size: images per batch on this rank.
     :param rank: this rank's index, 0 <= rank < world_size.
@@ -420,6 +424,7 @@ class BatchStream:
     :param shuffle: shuffle every epoch (False: index order, as ``deterministic=True``).
     :param random_flip: mirror half of the images horizontally.
     :param drop_last: drop each epoch's last batch when it would be short.
+    :param device: keep the images on this device (None: host memory).
     """
 
     def __init__(
@@ -433,6 +438,7 @@ class BatchStream:
         shuffle=True,
         random_flip=True,
         drop_last=True,
+        device=None,
     ):
         if not _is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -464,6 +470,10 @@ class BatchStream:
         self._cached_epoch = None
         self._order = None
         self._flips = None
+        self.device = None if device is None else torch.device(device)
+        self._device_images = self._device_labels = None
+        if self.device is not None:
+            self._device_images, self._device_labels = _copy_to_device(dataset, self.device)
 
     @property
     def epoch(self):
@@ -509,6 +519,10 @@ class BatchStream:
             flips = self._flips[start:stop]
         else:
             flips = np.zeros(len(indices), dtype=bool)
+        if self.device is not None:
+            images, cond = self._gather_on_device(indices, flips)
+            self._position = stop
+            return images, cond
         source = self.dataset.images
         batch = np.empty((len(indices), 3) + source.shape[1:3], dtype=np.uint8)
         # One image at a time: transposing HWC -> CHW per image stays in cache and is
@@ -524,6 +538,18 @@ class BatchStream:
         return images, cond
 
     next = __next__
+
+    def _gather_on_device(self, indices, flips):
+        """The batch of `indices`, mirrored where `flips`, gathered from the device copy."""
+        index = torch.from_numpy(np.ascontiguousarray(indices)).to(self.device, non_blocking=True)
+        images = self._device_images.index_select(0, index)
+        if flips.any():
+            mirror = torch.from_numpy(np.ascontiguousarray(flips)).to(self.device, non_blocking=True)
+            images = torch.where(mirror[:, None, None, None], images.flip(3), images)
+        cond = {}
+        if self._device_labels is not None:
+            cond["y"] = self._device_labels.index_select(0, index)
+        return images, cond
 
     def state_dict(self):
         """The position of the stream: ``{"epoch": int, "position": int}`` (images read)."""
@@ -546,6 +572,23 @@ class BatchStream:
         self._position = position
 
 
+def _copy_to_device(dataset, device, chunk=4096):
+    """The data set as uint8 NCHW (and int64 labels) on `device`, copied in chunks."""
+    n, h, w, c = dataset.images.shape
+    try:
+        images = torch.empty((n, c, h, w), dtype=torch.uint8, device=device)
+        for start in range(0, n, chunk):
+            part = torch.from_numpy(np.ascontiguousarray(dataset.images[start : start + chunk]))
+            images[start : start + len(part)] = part.to(device).permute(0, 3, 1, 2)
+    except torch.cuda.OutOfMemoryError:
+        raise MemoryError(
+            f"--data_on_device: the {n} images ({n * h * w * c / 2**30:.1f} GiB as uint8) do not "
+            f"fit on {device}; leave --data_on_device off to keep them in host memory"
+        ) from None
+    labels = None if dataset.labels is None else torch.from_numpy(dataset.labels).to(device)
+    return images, labels
+
+
 # ---------------------------------------------------------------------------------------
 # Device transfer and the original generator API
 # ---------------------------------------------------------------------------------------
@@ -558,6 +601,9 @@ def to_model_input(uint8_batch, device, dtype=torch.float32, *, memory_format=No
     The conversion to floating point happens on the device, so only uint8 bytes cross the
     bus. The arithmetic is done in float32 and the result cast to ``dtype``.
 
+    A floating-point batch is taken to be in [-1, 1] already (what :func:`load_data` and
+    the original loaders yield) and is only moved and cast.
+
     :param uint8_batch: uint8 tensor (or numpy array) of shape (N, C, H, W).
     :param device: target device.
     :param dtype: floating dtype of the result.
@@ -565,10 +611,13 @@ def to_model_input(uint8_batch, device, dtype=torch.float32, *, memory_format=No
     """
     if isinstance(uint8_batch, np.ndarray):
         uint8_batch = torch.from_numpy(uint8_batch)
-    if uint8_batch.dtype != torch.uint8:
-        raise TypeError(f"expected a uint8 batch, got {uint8_batch.dtype}")
-    x = uint8_batch.to(device, non_blocking=True)
-    x = x.to(torch.float32).div_(127.5).sub_(1.0)
+    if uint8_batch.dtype == torch.uint8:
+        x = uint8_batch.to(device, non_blocking=True)
+        x = x.to(torch.float32).div_(127.5).sub_(1.0)
+    elif uint8_batch.is_floating_point():
+        x = uint8_batch.to(device, torch.float32, non_blocking=True)
+    else:
+        raise TypeError(f"expected a uint8 batch (or floats in [-1, 1]), got {uint8_batch.dtype}")
     if dtype != torch.float32:
         x = x.to(dtype)
     if memory_format is not None:

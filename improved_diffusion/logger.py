@@ -85,6 +85,7 @@ class Logger:
         self.dir = log_dir
         self.values = {}  # key -> plain value, written as is (rank 0's)
         self.means = {}  # key -> [sum, count], tensors or floats, reduced over ranks
+        self.groups = {}  # (key, ...) -> [sums, counts]: 1-D tensors, one entry per key
         self.stdout = stdout
         self.writers = []
         self.text = None
@@ -118,26 +119,47 @@ class Logger:
         else:
             self.means[key] = [total, count]
 
+    def logkv_sums(self, keys, totals, counts):
+        """`logkv_sum` for several keys at once from 1-D tensors: one device add per call."""
+        keys = tuple(keys)
+        totals, counts = totals.detach().float(), counts.detach().float()
+        if keys in self.groups:
+            acc = self.groups[keys]
+            acc[0] = acc[0] + totals
+            acc[1] = acc[1] + counts
+        else:
+            self.groups[keys] = [totals, counts]
+
+    @property
+    def pending(self):
+        """Whether anything waits to be written by `dumpkvs`."""
+        return bool(self.values or self.means or self.groups)
+
     def _reduced_means(self):
         """One all-reduce for every mean of every rank; keys must match across ranks."""
-        keys = sorted(self.means)
-        if not keys:
+        if not (self.means or self.groups):
             return {}
+        tensors = [v for pair in (*self.means.values(), *self.groups.values()) for v in pair]
         device = next(
-            (v.device for pair in self.means.values() for v in pair if isinstance(v, torch.Tensor)),
+            (v.device for v in tensors if isinstance(v, torch.Tensor)),
             dist_util.dev() if dist_util.get_world_size() > 1 else torch.device("cpu"),
         )
-        flat = torch.stack(
-            [torch.as_tensor(v, dtype=torch.float64, device=device) for k in keys for v in self.means[k]]
-        )
+        names, parts = [], []
+        for key in sorted(self.means):
+            names.append(key)
+            parts.append(torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in self.means[key]]))
+        for keys in sorted(self.groups):
+            totals, counts = self.groups[keys]
+            names.extend(keys)
+            parts.append(torch.stack([totals.double(), counts.double()], dim=1).flatten())
+        flat = torch.cat(parts)
         dist_util.all_reduce_sum(flat)
         flat = flat.cpu().tolist()
-        out = {}
-        for i, k in enumerate(keys):
-            total, count = flat[2 * i], flat[2 * i + 1]
-            if count > 0:
-                out[k] = total / count
-        return out
+        sums = {}
+        for i, key in enumerate(names):
+            total, count = sums.get(key, (0.0, 0.0))
+            sums[key] = (total + flat[2 * i], count + flat[2 * i + 1])
+        return {key: total / count for key, (total, count) in sums.items() if count > 0}
 
     def dumpkvs(self):
         """Reduce, write and clear this interval's metrics; returns the row on every rank."""
@@ -145,6 +167,7 @@ class Logger:
         row.update(self._reduced_means())
         self.values.clear()
         self.means.clear()
+        self.groups.clear()
         if dist_util.is_main():
             if self.stdout:
                 print(_format_table(row), flush=True)

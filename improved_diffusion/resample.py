@@ -101,6 +101,11 @@ class UniformSampler(ScheduleSampler):
     def weights(self):
         return self._weights
 
+    def sample(self, batch_size, device):
+        """Drawn on `device` with torch's generator: no host-to-device copy in the step."""
+        indices = torch.randint(0, self.diffusion.num_timesteps, (batch_size,), device=device)
+        return indices, torch.ones(batch_size, dtype=torch.float32, device=device)
+
 
 class LossAwareSampler(ScheduleSampler):
     """A sampler whose distribution is updated from observed losses."""
@@ -227,8 +232,9 @@ class CLTSSampler(ScheduleSampler):
     back to the uniform objective (importance_weighting=True does that, with
     weights 1 / (T p_k(t))).
 
-    Draws use torch's global (CPU) generator, so saving and restoring the
-    training RNG state makes them reproducible.
+    Draws use torch's generator of the training device, so saving and
+    restoring the training RNG state makes them reproducible; the distribution
+    is built on that device, so a step copies nothing from the host.
 
     :param diffusion: the diffusion process (for T).
     :param mu: centre of the Gaussian in s = t / (T - 1), in [0, 1].
@@ -267,11 +273,14 @@ class CLTSSampler(ScheduleSampler):
         T = diffusion.num_timesteps
         s = torch.arange(T, dtype=torch.float64) / max(T - 1, 1)
         g = torch.exp(-((s - mu) ** 2) / (2 * sigma**2))
+        if not g.sum() > 0:
+            raise ValueError(
+                f"clts_sigma {sigma} is too small for T = {T} timesteps: the Gaussian is zero "
+                f"at every timestep (its spacing is 1 / (T - 1) = {1 / max(T - 1, 1):.2g})"
+            )
         self._gaussian = g / g.sum()
         self._uniform = torch.full((T,), 1.0 / T, dtype=torch.float64)
-        self._cached_lam = None
-        self._cached_p = None
-        self._cached_cdf = None
+        self._cache = {}  # device -> (lam, p, cdf, gaussian, uniform) on that device
 
     @property
     def lam(self):
@@ -289,18 +298,22 @@ class CLTSSampler(ScheduleSampler):
             raise ValueError(f"step must be >= 0, got {step}")
         self.step = step
 
-    def _distribution(self):
-        lam = self.lam
-        if lam != self._cached_lam:
-            p = (1.0 - lam) * self._uniform + lam * self._gaussian
-            self._cached_p = p
-            self._cached_cdf = torch.cumsum(p, dim=0)
-            self._cached_lam = lam
-        return self._cached_p, self._cached_cdf
+    def _distribution(self, device):
+        """p_k and its CDF on `device`, rebuilt there only when lam has changed."""
+        device = torch.device(device)
+        lam, p, cdf, gaussian, uniform = self._cache.get(device) or (None, None, None, None, None)
+        if gaussian is None:
+            gaussian, uniform = self._gaussian.to(device), self._uniform.to(device)
+        if lam != self.lam:
+            lam = self.lam
+            p = (1.0 - lam) * uniform + lam * gaussian
+            cdf = torch.cumsum(p, dim=0)
+            self._cache[device] = (lam, p, cdf, gaussian, uniform)
+        return p, cdf
 
     def weights(self):
         """p_k over the T timesteps, float64 numpy, summing to 1."""
-        p, _ = self._distribution()
+        p, _ = self._distribution("cpu")
         return p.numpy().copy()
 
     def sample(self, batch_size, device):
@@ -312,14 +325,14 @@ class CLTSSampler(ScheduleSampler):
         :return: (timesteps, weights): int64 indices and float32 weights,
                  ones unless importance_weighting is set.
         """
-        p, cdf = self._distribution()
-        u = torch.rand(batch_size, dtype=torch.float64) * cdf[-1]
+        p, cdf = self._distribution(device)
+        u = torch.rand(batch_size, dtype=torch.float64, device=cdf.device) * cdf[-1]
         indices = torch.searchsorted(cdf, u, right=True).clamp_(max=len(cdf) - 1)
         if self.importance_weighting:
             weights = (1.0 / (len(p) * p[indices])).float()
         else:
-            weights = torch.ones(batch_size, dtype=torch.float32)
-        return indices.to(device), weights.to(device)
+            weights = torch.ones(batch_size, dtype=torch.float32, device=cdf.device)
+        return indices, weights
 
     def state_dict(self):
         return {"step": self.step}

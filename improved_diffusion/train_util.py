@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
 from . import dist_util
+from . import logger as logger_module
 from .image_datasets import to_model_input
 from .logger import Logger
 from .momentum_decay import MomentumSchedule
@@ -76,6 +77,19 @@ class TrainConfig:
         if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"--total_steps must be positive, got {self.total_steps}")
 
+    @classmethod
+    def from_original_options(
+        cls, *, batch_size, microbatch, lr, ema_rate, log_interval, save_interval, use_fp16=False,
+        fp16_scale_growth=1e-3, weight_decay=0.0, lr_anneal_steps=0,
+    ):
+        """The keywords of the original `TrainLoop` (improved- and guided-diffusion)."""
+        return cls(
+            batch_size=batch_size, microbatch=microbatch, lr=lr, ema_rate=parse_ema_rates(ema_rate),
+            log_interval=log_interval, save_interval=save_interval,
+            precision="fp16" if use_fp16 else "fp32", fp16_scale_growth=fp16_scale_growth,
+            weight_decay=weight_decay, lr_anneal_steps=lr_anneal_steps,
+        )
+
 
 def parse_ema_rates(text):
     """'0.9999,0.999' -> (0.9999, 0.999); the rate's text is kept for file names."""
@@ -107,6 +121,10 @@ class TrainLoop:
     :param evaluator: optional callable(ema_model, step) -> dict of metrics, run every
         `config.eval_interval` steps on every rank (e.g. FID of the EMA model).
     :param run_config: a JSON-able dict of the run's options, stored in state files.
+
+    The original keyword form also works: `TrainLoop(model=, diffusion=, data=, batch_size=,
+    microbatch=, lr=, ema_rate=, log_interval=, save_interval=, resume_checkpoint=, ...)`
+    instead of `config=`; it writes to the module logger's directory, as the original.
     """
 
     def __init__(
@@ -115,14 +133,22 @@ class TrainLoop:
         model,
         diffusion,
         data,
-        config: TrainConfig,
+        config: Optional[TrainConfig] = None,
         schedule_sampler=None,
         log_dir=None,
         resume="auto",
         logger: Optional[Logger] = None,
         evaluator: Optional[Callable] = None,
         run_config: Optional[dict] = None,
+        **original_options,
     ):
+        if config is None:
+            resume = original_options.pop("resume_checkpoint", "") or "none"
+            config = TrainConfig.from_original_options(**original_options)
+            log_dir = log_dir or logger_module.get_dir()
+            logger = logger or logger_module.get_current()
+        elif original_options:
+            raise TypeError(f"TrainLoop takes config= or the original options, not both: {sorted(original_options)}")
         self.model = model
         self.diffusion = diffusion
         self.data = data
@@ -137,15 +163,19 @@ class TrainLoop:
         self.world_size = dist_util.get_world_size()
         self.microbatch = config.microbatch if config.microbatch > 0 else config.batch_size
         self.step = 0
-        self.nonfinite_streak = 0
-        self.skipped_steps = 0  # non-finite steps since the last dump (identical on all ranks)
         self.last_saved_step = None
 
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._param_data = [p.detach() for p in self.params]  # views the optimizer updates in place
+        # Non-finite steps (identical on all ranks): counted on the device, read at log intervals.
+        self._skipped = torch.zeros((), dtype=torch.long, device=self.device)
+        self._streak = torch.zeros((), dtype=torch.long, device=self.device)
+        self._worst_streak = torch.zeros((), dtype=torch.long, device=self.device)
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         self.opt = self._make_optimizer()
+        self._optimizer_skips_on_device = bool(self.opt.param_groups[0].get("fused"))
         self.scaler = self._make_scaler()
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in config.ema_rate]
 
@@ -254,7 +284,7 @@ class TrainLoop:
             bar.close()
         if self.last_saved_step != self.step:
             self.save()
-        if self.logger.means or self.logger.values:
+        if self.logger.pending:
             self.dump_logs()
 
     def run_step(self, batch, cond):
@@ -298,33 +328,55 @@ class TrainLoop:
                 else:
                     loss.backward()
 
-        # Update weights, unless the loss or a gradient is not finite.
+        # Update weights, unless the loss or a gradient is not finite. The decision stays on
+        # the device (fused AdamW's found_inf input), so the step never waits for the host.
         if self.scaler is not None:
             self.scaler.unscale_(self.opt)
         grad_norm = self._grad_norm_and_clip()
+        finite = torch.isfinite(grad_norm)
         if self.scaler is not None:
-            scale_before = self.scaler.get_scale()
-            self.scaler.step(self.opt)
+            self.scaler.step(self.opt)  # skips by itself when a gradient is not finite
             self.scaler.update()
-            stepped = self.scaler.get_scale() >= scale_before
-        else:
-            stepped = bool(torch.isfinite(grad_norm))
-            if stepped:
+        elif self._optimizer_skips_on_device:
+            self.opt.found_inf = (~finite).float()
+            try:
                 self.opt.step()
-        if stepped:
-            self.nonfinite_streak = 0
-            self.logger.logkv_mean("grad_norm", grad_norm)
-            self._update_ema()
-        else:
-            self.nonfinite_streak += 1
-            self.skipped_steps += 1
-            self.logger.log(f"step {self.step}: non-finite loss or gradient, update skipped")
-            if self.nonfinite_streak >= self.config.max_nonfinite_steps:
-                raise NonFiniteError(
-                    f"{self.nonfinite_streak} non-finite steps in a row (limit --max_nonfinite_steps "
-                    f"{self.config.max_nonfinite_steps}) at step {self.step}: the run has diverged. "
-                    "Lower --lr, use --precision bf16/fp32 or --grad_clip; the last checkpoint is intact."
-                )
+            finally:
+                del self.opt.found_inf
+        elif finite:  # a host sync, only for optimizers without found_inf (foreach, single)
+            self.opt.step()
+        self.logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
+        self._update_ema(finite)
+        self._count_nonfinite(finite)
+
+    def _count_nonfinite(self, finite):
+        """Skipped steps and the longest non-finite streak, as device counters."""
+        bad = (~finite).long()
+        self._skipped = self._skipped + bad
+        self._streak = (self._streak + 1) * bad
+        self._worst_streak = torch.maximum(self._worst_streak, self._streak)
+
+    @property
+    def nonfinite_streak(self):
+        """Non-finite steps in a row up to now (reads the device counter)."""
+        return int(self._streak)
+
+    def nonfinite_counts(self, reset):
+        """(skipped steps, longest streak) since the last reset: one host sync."""
+        skipped, worst = torch.stack([self._skipped, self._worst_streak]).tolist()
+        if reset:
+            self._skipped.zero_()
+            self._worst_streak.copy_(self._streak)
+        return skipped, worst
+
+    def _stop_if_diverged(self, worst_streak):
+        """Checked at every log interval and save, so a streak is noticed within --log_interval."""
+        if worst_streak >= self.config.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{worst_streak} non-finite steps in a row (limit --max_nonfinite_steps "
+                f"{self.config.max_nonfinite_steps}) by step {self.step}: the run has diverged. "
+                "Lower --lr, use --precision bf16/fp32 or --grad_clip; the last checkpoint is intact."
+            )
 
     def _grad_norm_and_clip(self):
         """The global gradient norm; clips to --grad_clip only when that is on (no extra pass)."""
@@ -334,20 +386,25 @@ class TrainLoop:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
     def _log_losses(self, t, losses, weights):
-        """Mean of each loss term, and per timestep quartile as the original: on device."""
-        quartile = (4 * t // self.diffusion.num_timesteps).clamp_(0, 3)
-        counts = torch.bincount(quartile, minlength=4).float()
-        for key, values in losses.items():
-            values = values.detach().float()
-            self.logger.logkv_sum(key, values.sum(), values.numel())
-            sums = torch.zeros(4, device=values.device).scatter_add_(0, quartile, values)
-            for q in range(4):
-                self.logger.logkv_sum(f"{key}_q{q}", sums[q], counts[q])
+        """Mean of each loss term times its sampler weight, overall and per timestep quartile,
+        as the original logs them, in a handful of device ops (a NaN stays in its quartile)."""
+        keys = list(losses)
+        values = torch.stack([losses[k].detach().float() for k in keys]) * weights  # (terms, batch)
+        rows = torch.cat([values, torch.ones_like(values[:1])])  # a last row of ones counts
+        quartile = (4 * t // self.diffusion.num_timesteps).clamp_(0, 3).expand_as(rows)
+        per_quartile = rows.new_zeros(len(rows), 4).scatter_add_(1, quartile, rows)
+        totals = torch.cat([rows.sum(1, keepdim=True), per_quartile], dim=1)  # (terms + 1, 5)
+        names = [name for k in keys for name in (k, f"{k}_q0", f"{k}_q1", f"{k}_q2", f"{k}_q3")]
+        counts = totals[-1].repeat(len(keys))
+        self.logger.logkv_sums(names, totals[:-1].flatten(), counts)
 
     @torch.no_grad()
-    def _update_ema(self):
+    def _update_ema(self, finite):
+        """ema += (1 - rate) * (param - ema), with weight 0 after a skipped step (no host sync)."""
         for rate, ema in zip(self.config.ema_rate, self.ema_params):
-            torch._foreach_lerp_(ema, [p.detach() for p in self.params], 1.0 - rate)
+            delta = torch._foreach_sub(self._param_data, ema)
+            torch._foreach_mul_(delta, finite.float() * (1.0 - rate))
+            torch._foreach_add_(ema, delta)
 
     def dump_logs(self):
         now = time.perf_counter()
@@ -357,12 +414,15 @@ class TrainLoop:
         self.logger.logkv("samples", self.step * self.config.batch_size * self.world_size)
         if steps > 0:
             self.logger.logkv("images_per_sec", steps * self.config.batch_size * self.world_size / (now - start_time))
-        self.logger.logkv("skipped_steps", self.skipped_steps)
+        skipped, worst_streak = self.nonfinite_counts(reset=True)
+        self.logger.logkv("skipped_steps", skipped)
+        if skipped:
+            self.logger.log(f"{skipped} update(s) skipped up to step {self.step}: non-finite loss or gradient")
         if self.scaler is not None:
             self.logger.logkv("loss_scale", self.scaler.get_scale())
         self.logger.dumpkvs()
-        self.skipped_steps = 0
         self._interval_start = (time.perf_counter(), self.step)
+        self._stop_if_diverged(worst_streak)
 
     # ------------------------------------------------------------------ EMA model
 
@@ -401,6 +461,7 @@ class TrainLoop:
         """Write the checkpoint at this step (rank 0), atomically; every rank must call this."""
         if self.log_dir is None:
             return
+        self._stop_if_diverged(self.nonfinite_counts(reset=False)[1])
         rank_states = dist_util.all_gather_objects(self._rank_state())
         if dist_util.is_main():
             self._check_finite()
@@ -510,7 +571,8 @@ class TrainLoop:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("sampler") is not None and hasattr(self.schedule_sampler, "load_state_dict"):
             self.schedule_sampler.load_state_dict(state["sampler"])
-        self.nonfinite_streak = state.get("nonfinite_streak", 0)
+        self._streak.fill_(int(state.get("nonfinite_streak", 0)))
+        self._worst_streak.copy_(self._streak)
         ranks = state.get("ranks") or []
         if len(ranks) == self.world_size:
             mine = ranks[self.rank]

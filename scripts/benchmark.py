@@ -30,11 +30,11 @@ matmuls, and the attention itself: the CPU SDPA kernels, which the counter does 
 are added here). MFU = 3 x forward FLOPs x images/s / --peak_tflops (default 790 on CUDA,
 the SPEC's H100 dense bf16 figure; on CPU give your own or MFU is null).
 
-Host syncs in the timed step (by design, documented rather than tested): the finite check
-of the gradient norm (`bool(torch.isfinite(grad_norm))`) and, on CUDA, the blocking
-host-to-device copies of the sampled timesteps and weights in the schedule samplers; with
---precision fp16 also GradScaler's `get_scale()`. Logging stays on the device between
-log intervals (`dump_logs` is not part of the timed step).
+The timed step reads nothing back to the host with fused AdamW (the default where torch has
+it): the skip of a non-finite step is decided on the device, timesteps are drawn there, and
+metrics stay there until a log interval (`dump_logs` is not part of the timed step). The
+tests check this (tests/test_fast_path.py, `HostReads`; on a GPU also CUDA's sync detector).
+With --optimizer_impl foreach or single, the skip decision needs one host read per step.
 """
 
 import argparse
@@ -471,7 +471,7 @@ class Candidate:
             "images_per_s_mean": batch_size * len(seconds) / sum(seconds),
             "timed_steps": len(seconds),
             "warmup_s": self.train_warmup_s,
-            "skipped_steps": self.loop.skipped_steps,
+            "skipped_steps": self.loop.nonfinite_counts(reset=False)[0],
             "data_ms_per_batch": self.data_ms,
             "peak_memory_bytes": self.train_memory[0],
             "peak_memory_kind": self.train_memory[1],

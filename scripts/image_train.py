@@ -65,6 +65,7 @@ TRAIN_OPTIONS = {
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0: all)"),
     "max_nonfinite_steps": (20, "stop after this many non-finite steps in a row"),
     "random_flip": (True, "random horizontal flips of training images"),
+    "data_on_device": (False, "copy the data set to the GPU once; batches are gathered and flipped there"),
     "channels_last": (False, "channels-last memory format (faster convolutions on GPUs)"),
     "compile": (False, "torch.compile the model"),
     "optimizer_impl": ("auto", "AdamW kernel: auto (fused on CUDA), fused, foreach, single"),
@@ -217,7 +218,8 @@ def main(argv=None):
     dataset = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
     data = BatchStream(
-        dataset, args.batch_size, rank=rank, world_size=world, seed=args.seed, random_flip=args.random_flip
+        dataset, args.batch_size, rank=rank, world_size=world, seed=args.seed, random_flip=args.random_flip,
+        device=device if args.data_on_device else None,
     )
 
     # Identical initial weights on every rank; then a different stream of randomness per rank.

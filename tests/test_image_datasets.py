@@ -323,6 +323,30 @@ def test_stream_argument_errors():
         stream.load_state_dict({"epoch": 0, "position": 11})
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("labels", [True, False])
+def test_device_resident_stream_gives_the_host_streams_batches(device, labels):
+    """The device copy gathers and mirrors with torch ops; the host path with numpy. Random
+    pixels (so a wrong flip axis or channel order shows), 2 ranks, short last batches,
+    several epochs, and a resume mid-epoch."""
+    rng = np.random.default_rng(4)
+    images = rng.integers(0, 256, size=(23, 5, 7, 3), dtype=np.uint8)  # H != W on purpose
+    ds = ImageDataset(images, rng.integers(0, 10, size=23) if labels else None)
+    for rank in range(2):
+        kwargs = dict(rank=rank, world_size=2, seed=8, drop_last=False)
+        host, dev = BatchStream(ds, 4, **kwargs), BatchStream(ds, 4, device=device, **kwargs)
+        for (xh, ch), (xd, cd) in zip(_take(host, 10), _take(dev, 10)):
+            assert xd.device.type == device and xd.dtype == torch.uint8 and xd.is_contiguous()
+            assert torch.equal(xd.cpu(), xh)
+            assert set(cd) == set(ch) and all(torch.equal(cd[k].cpu(), ch[k]) for k in ch)
+        resumed = BatchStream(ds, 4, device=device, **kwargs)
+        resumed.load_state_dict(host.state_dict())
+        assert torch.equal(next(resumed)[0].cpu(), next(host)[0])
+
+
 # --------------------------------------------------------------------------------------
 # Device transfer and load_data
 # --------------------------------------------------------------------------------------
@@ -338,8 +362,10 @@ def test_to_model_input_scales_to_minus_one_one():
     assert y.dtype == torch.bfloat16
     z = to_model_input(batch.expand(2, 3, 2, 3), "cpu", memory_format=torch.channels_last)
     assert z.is_contiguous(memory_format=torch.channels_last)
+    # Floats are taken as already in [-1, 1] (load_data's batches): moved, not rescaled.
+    assert torch.equal(to_model_input(x.double(), "cpu"), x)
     with pytest.raises(TypeError, match="uint8"):
-        to_model_input(batch.float(), "cpu")
+        to_model_input(batch.long(), "cpu")
 
 
 def test_load_data_yields_scaled_floats_forever(tmp_path):

@@ -145,6 +145,7 @@ def test_clts_importance_weights():
         (dict(target_steps=-5), "clts_target_steps"),
         (dict(lambda_max=1.5), "clts_lambda_max"),
         (dict(lambda_max=-0.1), "clts_lambda_max"),
+        (dict(sigma=1e-6, mu=0.3051), "clts_sigma 1e-06 is too small"),  # underflows on the grid
     ],
 )
 def test_clts_validation(kwargs, flag):

@@ -67,14 +67,16 @@ def read_progress(log_dir):
 
 @pytest.mark.parametrize("launcher_name", ["plain", "mpiexec"])
 def test_exact_resume_with_all_methods(data, tmp_path, launcher_name):
-    """2N steps straight == N steps, stop, --resume auto, N more (bitwise on CPU)."""
+    """2N steps straight == N steps, stop, --resume auto, N more (bitwise on CPU). The resumed
+    run keeps its data on the device (--data_on_device), which must change nothing either."""
     launcher = mpiexec(2) if launcher_name == "mpiexec" else ()
     n = 4
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    on_device = dict(ALL_METHODS, data_on_device=True)
     run_script("image_train.py", train_args(data, straight, total_steps=2 * n, **ALL_METHODS), launcher)
-    run_script("image_train.py", train_args(data, resumed, total_steps=2 * n, stop_at=n, **ALL_METHODS), launcher)
+    run_script("image_train.py", train_args(data, resumed, total_steps=2 * n, stop_at=n, **on_device), launcher)
     assert ckpt.find_latest_checkpoint(str(resumed))[0] == n
-    proc = run_script("image_train.py", train_args(data, resumed, total_steps=2 * n, **ALL_METHODS), launcher)
+    proc = run_script("image_train.py", train_args(data, resumed, total_steps=2 * n, **on_device), launcher)
     assert f"resumed from step {n}" in proc.stdout
     assert_identical(load_checkpoint_files(straight, 2 * n), load_checkpoint_files(resumed, 2 * n))
     rows = read_progress(resumed)

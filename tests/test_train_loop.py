@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from improved_diffusion import checkpoint as ckpt
-from improved_diffusion.image_datasets import BatchStream, ImageDataset
+from improved_diffusion import logger as logger_module
+from improved_diffusion.image_datasets import BatchStream, ImageDataset, load_data
 from improved_diffusion.logger import Logger
+from improved_diffusion.resample import UniformSampler
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteError, TrainConfig, TrainLoop
 from tiny import TINY_MODEL
 
 
-def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1):
+def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1, optimizer_impl="auto", log_interval=1):
     torch.manual_seed(0)
     opts = model_and_diffusion_defaults()
     opts.update({k: v for k, v in TINY_MODEL.items()})
@@ -25,7 +27,8 @@ def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1):
     images = np.random.default_rng(0).integers(0, 256, size=(8, 8, 8, 3), dtype=np.uint8)
     data = BatchStream(ImageDataset(images, None), 4, seed=0)
     config = TrainConfig(
-        batch_size=4, microbatch=microbatch, precision=precision, max_nonfinite_steps=max_nonfinite_steps, log_interval=1, save_interval=1000
+        batch_size=4, microbatch=microbatch, precision=precision, max_nonfinite_steps=max_nonfinite_steps,
+        log_interval=log_interval, save_interval=1000, optimizer_impl=optimizer_impl,
     )
     return TrainLoop(
         model=model, diffusion=diffusion, data=data, config=config, log_dir=str(tmp_path), resume="none",
@@ -50,8 +53,10 @@ def params_of(loop):
     return [p.detach().clone() for p in loop.params]
 
 
-def test_fp32_nan_step_is_skipped_and_training_goes_on(tmp_path):
-    loop = make_loop(tmp_path)
+@pytest.mark.parametrize("optimizer_impl", ["fused", "foreach"])  # skipped on the device / on the host
+def test_fp32_nan_step_is_skipped_and_training_goes_on(tmp_path, optimizer_impl):
+    loop = make_loop(tmp_path, optimizer_impl=optimizer_impl)
+    assert loop._optimizer_skips_on_device == (optimizer_impl == "fused")
     loop.model.register_forward_hook(NaNAt({2}))
     batch, cond = next(loop.data)
     loop.run_step(batch, cond)  # call 1: fine
@@ -81,10 +86,32 @@ def test_a_streak_of_nans_stops_with_a_clear_message_and_no_nan_checkpoint(tmp_p
     loop = make_loop(tmp_path, max_nonfinite_steps=3)
     loop.model.register_forward_hook(NaNAt({"all"}))
     loop.config.total_steps = 10
-    with pytest.raises(NonFiniteError, match="--max_nonfinite_steps"):
+    with pytest.raises(NonFiniteError, match="--max_nonfinite_steps 3"):
         loop.run_loop()
-    assert loop.step == 2  # three failures: steps 0, 1, 2
+    assert loop.step == 3  # three failed updates (steps 0-2), noticed at the log dump after them
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".pt")]
+
+
+def test_a_streak_across_a_log_interval_is_counted_whole(tmp_path):
+    """The streak is tracked on the device and checked at dumps: 2 NaN steps before the dump at
+    step 5 and 1 after it make 3 in a row, which stops the run at the next dump (step 10)."""
+    loop = make_loop(tmp_path, max_nonfinite_steps=3, log_interval=5)
+    loop.model.register_forward_hook(NaNAt({4, 5, 6}))  # calls 4-6 are steps 3-5
+    loop.config.total_steps = 20
+    with pytest.raises(NonFiniteError, match="3 non-finite steps in a row .* by step 10"):
+        loop.run_loop()
+    assert loop.step == 10
+
+
+def test_separate_nan_steps_do_not_stop_the_run(tmp_path):
+    loop = make_loop(tmp_path, max_nonfinite_steps=2, log_interval=5)
+    loop.model.register_forward_hook(NaNAt({2, 4, 6}))
+    loop.config.total_steps = 8
+    loop.run_loop()
+    assert loop.step == 8
+    rows = list(open(os.path.join(tmp_path, "progress.csv")))
+    header = rows[0].strip().split(",")
+    assert [int(float(r.split(",")[header.index("skipped_steps")])) for r in rows[1:]] == [2, 1]
 
 
 def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
@@ -96,8 +123,9 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
     assert ckpt.find_latest_checkpoint(str(tmp_path)) is None
 
 
-def test_fp16_nan_lowers_the_loss_scale_and_skips(tmp_path):
-    loop = make_loop(tmp_path, precision="fp16")
+@pytest.mark.parametrize("optimizer_impl", ["fused", "foreach"])
+def test_fp16_nan_lowers_the_loss_scale_and_skips(tmp_path, optimizer_impl):
+    loop = make_loop(tmp_path, precision="fp16", optimizer_impl=optimizer_impl)
     loop.model.register_forward_hook(NaNAt({1}))
     batch, cond = next(loop.data)
     scale = loop.scaler.get_scale()
@@ -124,3 +152,59 @@ def test_microbatches_give_the_gradient_of_the_batch_mean(tmp_path):
     for other in grads[1:]:
         for a, b in zip(grads[0], other):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_logged_losses_are_weighted_means_per_quartile(tmp_path):
+    """As the original's log_loss_dict: each term times its sampler weight, averaged over the
+    batch and over the examples of each timestep quartile (float64 recomputation)."""
+    loop = make_loop(tmp_path)
+    T = loop.diffusion.num_timesteps
+    rng = np.random.default_rng(1)
+    t = torch.tensor([0, 3, T // 4, T // 2, T // 2 + 1, T - 1, 2, T - 2])
+    losses = {"loss": torch.tensor(rng.normal(size=8)), "mse": torch.tensor(rng.random(8))}
+    weights = torch.tensor(rng.random(8) + 0.5, dtype=torch.float32)
+    loop._log_losses(t, losses, weights)
+    t2 = torch.tensor([T - 1, 1])
+    losses2 = {k: torch.tensor(rng.random(2)) for k in losses}
+    loop._log_losses(t2, losses2, torch.ones(2))
+    got = loop.logger._reduced_means()
+    all_t = np.concatenate([t.numpy(), t2.numpy()])
+    quartile = np.minimum(4 * all_t // T, 3)
+    for key in losses:
+        values = np.concatenate([losses[key].numpy() * weights.double().numpy(), losses2[key].numpy()])
+        assert got[key] == pytest.approx(values.mean(), rel=1e-6)
+        for q in range(4):
+            assert got[f"{key}_q{q}"] == pytest.approx(values[quartile == q].mean(), rel=1e-6)
+
+
+def test_the_original_keyword_form_trains_from_load_data(tmp_path):
+    """improved-diffusion's image_train.py: load_data's float batches into TrainLoop(batch_size=...,
+    resume_checkpoint=...), checkpoints in the module logger's directory."""
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(folder / f"img_{i}.png")
+    torch.manual_seed(0)
+    opts = model_and_diffusion_defaults()
+    opts.update(TINY_MODEL)
+    model, diffusion = create_model_and_diffusion(**opts)
+    previous = logger_module.get_current()
+    logger_module.configure(str(tmp_path / "run"), stdout=False, tensorboard=False)
+    try:
+        loop = TrainLoop(
+            model=model, diffusion=diffusion, data=load_data(data_dir=str(folder), batch_size=2, image_size=8),
+            batch_size=2, microbatch=-1, lr=1e-4, ema_rate="0.9999", log_interval=1, save_interval=2,
+            resume_checkpoint="", use_fp16=False, fp16_scale_growth=1e-3,
+            schedule_sampler=UniformSampler(diffusion), weight_decay=0.0, lr_anneal_steps=3,
+        )
+        loop.run_loop()
+    finally:
+        logger_module._current = previous
+    assert loop.config.precision == "fp32" and loop.config.ema_rate == (0.9999,)
+    assert ckpt.find_latest_checkpoint(str(tmp_path / "run"))[0] == 3
+    assert os.path.isfile(tmp_path / "run" / "ema_0.9999_000002.pt")
+    with pytest.raises(TypeError, match="not both"):
+        TrainLoop(model=model, diffusion=diffusion, data=None, config=TrainConfig(), batch_size=2)
