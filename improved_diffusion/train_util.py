@@ -49,7 +49,7 @@ class TrainConfig:
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
     fp16_scale_growth: float = 1e-3  # fp16: the loss scale doubles every 1/this clean steps
     grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
-    max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row
+    max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row (checked at dumps)
     adam_beta2: float = 0.999
     momentum: MomentumSchedule = field(default_factory=MomentumSchedule)
     channels_last: bool = False  # NHWC activations and weights (faster convs on GPUs)

@@ -63,7 +63,7 @@ TRAIN_OPTIONS = {
     "seed": (0, "seed of weights, data order, timesteps and noise"),
     "grad_clip": (0.0, "clip the global gradient norm to this (0: off)"),
     "keep_checkpoints": (0, "keep only the newest N checkpoints (0: all)"),
-    "max_nonfinite_steps": (20, "stop after this many non-finite steps in a row"),
+    "max_nonfinite_steps": (20, "stop after this many non-finite steps in a row (checked at log intervals)"),
     "random_flip": (True, "random horizontal flips of training images"),
     "data_on_device": (False, "copy the data set to the GPU once; batches are gathered and flipped there"),
     "channels_last": (False, "channels-last memory format (faster convolutions on GPUs)"),
