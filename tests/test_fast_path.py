@@ -41,16 +41,22 @@ from improved_diffusion.train_util import TrainConfig, TrainLoop
 from tiny import PYTHON, ROOT, TINY_MODEL, env
 
 BATCH = 4
+# The comparisons run on the CPU here; on a GPU machine run them there with
+#   IDIFF_TEST_DEVICE=cuda python -m pytest tests/test_fast_path.py
+# (TF32 is switched off, so fp32 is fp32 on both sides of each comparison).
+DEVICE = torch.device(os.environ.get("IDIFF_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
     """One intra-op thread: on a shared 2-core machine, two OpenMP threads that wait on
-    each other are several times slower than one."""
-    before = torch.get_num_threads()
+    each other are several times slower than one. On CUDA: no TF32 in fp32 references."""
+    before = torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.set_num_threads(1)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
-    torch.set_num_threads(before)
+    torch.set_num_threads(before[0])
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before[1:]
 
 
 def tiny_options(**overrides):
@@ -72,12 +78,13 @@ def trained_like_model(opts, seed=0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    return model, diffusion
+    return model.to(DEVICE), diffusion
 
 
-def make_loop(model, diffusion, methods=True, **config):
+def make_loop(model, diffusion, methods=True, data_on_device=False, **config):
     images = np.random.default_rng(0).integers(0, 256, size=(4 * BATCH, 8, 8, 3), dtype=np.uint8)
-    data = BatchStream(ImageDataset(images), BATCH, seed=0)
+    device = next(model.parameters()).device if data_on_device else None
+    data = BatchStream(ImageDataset(images), BATCH, seed=0, device=device)
     momentum = MomentumSchedule(momentum_decay=True, lr_compensation=True, total_steps=10) if methods else MomentumSchedule()
     sampler = CLTSSampler(diffusion, mu=0.3, sigma=0.2, target_steps=5) if methods else None
     defaults = dict(batch_size=BATCH, lr=1e-3, log_interval=10**6, save_interval=10**6, momentum=momentum, progress=False)
@@ -191,12 +198,18 @@ def assert_params_close(loop, ref, masks, rtol, atol):
         torch.testing.assert_close(p.detach()[m], q.detach()[m], rtol=rtol, atol=atol, msg=lambda e: f"{name}: {e}")
 
 
-def channels_last_loss_and_grads(model, diffusion, channels_last):
-    model = copy.deepcopy(model)
+def fixed_inputs():
+    """x, noise and t of a batch, the same on every call, on DEVICE."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, 3, 8, 8, generator=gen)
     noise = torch.randn(BATCH, 3, 8, 8, generator=gen)
     t = torch.tensor([0, 5, 20, 39])
+    return x.to(DEVICE), noise.to(DEVICE), t.to(DEVICE)
+
+
+def channels_last_loss_and_grads(model, diffusion, channels_last):
+    model = copy.deepcopy(model)
+    x, noise, t = fixed_inputs()
     if channels_last:
         model.to(memory_format=torch.channels_last)
         x, noise = (v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
@@ -262,7 +275,7 @@ def test_auto_optimizer_is_fused_where_torch_has_it():
     from improved_diffusion.train_util import _fused_adamw_works
 
     (loop,) = twin_loops([dict(optimizer_impl="auto")], methods=False)
-    if _fused_adamw_works(torch.device("cpu")):
+    if _fused_adamw_works(DEVICE):
         assert loop.opt.defaults.get("fused") is True
     else:
         assert loop.opt.defaults.get("foreach") is True
@@ -284,10 +297,7 @@ def _check_compiled_matches_eager(backend):
     torch._dynamo.reset()
     model, diffusion = trained_like_model(tiny_options())
     compiled = torch.compile(copy.deepcopy(model), backend=backend)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, 3, 8, 8, generator=gen)
-    noise = torch.randn(BATCH, 3, 8, 8, generator=gen)
-    t = torch.tensor([0, 5, 20, 39])
+    x, noise, t = fixed_inputs()
     loss_e, grads_e = _loss_and_grads(model, diffusion, x, t, noise)
     loss_c, grads_c = _loss_and_grads(compiled, diffusion, x, t, noise)
     assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e)
@@ -341,7 +351,7 @@ def test_bf16_sampling_close_to_fp32():
         rescale_learned_sigmas=opts["rescale_learned_sigmas"],
         timestep_respacing="ddim10",
     )
-    common = dict(num_samples=6, batch_size=3, image_size=8, device="cpu", seed=3, use_ddim=True, progress=False)
+    common = dict(num_samples=6, batch_size=3, image_size=8, device=DEVICE, seed=3, use_ddim=True, progress=False)
     ref, _ = sample_images(model, diffusion, **common)
     low, _ = sample_images(model, diffusion, autocast_dtype=torch.bfloat16, **common)
     diff = np.abs(ref.astype(np.int32) - low.astype(np.int32))
@@ -471,7 +481,7 @@ class HostReads(TorchDispatchMode):
     "config",
     [
         dict(),
-        dict(precision="bf16", channels_last=True),
+        dict(precision="bf16", channels_last=True, data_on_device=True),
         dict(precision="fp16"),
         dict(microbatch=2, grad_clip=1.0),
     ],
@@ -500,7 +510,7 @@ def test_the_counter_sees_a_non_fused_optimizer_read_the_host():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: CUDA's sync detector")
 def test_cuda_step_has_no_host_sync():
     model, diffusion = trained_like_model(tiny_options())
-    loop = make_loop(model.cuda(), diffusion, precision="bf16", channels_last=True)
+    loop = make_loop(model.cuda(), diffusion, precision="bf16", channels_last=True, data_on_device=True)
     run_steps(loop, 2)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
