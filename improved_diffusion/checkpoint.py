@@ -58,6 +58,22 @@ def _fsync_dir(path):
         os.close(fd)
 
 
+TEMP_PATTERN = re.compile(r"\.pt\.tmp\d+$")
+
+
+def remove_temp_files(log_dir):
+    """Delete the temporary files of writes that a killed run left behind; returns their names."""
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    stale = sorted(name for name in os.listdir(log_dir) if TEMP_PATTERN.search(name))
+    for name in stale:
+        try:
+            os.remove(os.path.join(log_dir, name))
+        except FileNotFoundError:
+            pass
+    return stale
+
+
 def parse_step(path):
     """The step in a checkpoint file name (`model001000.pt`, `ema_0.9999_001000.pt`, ...)."""
     m = re.search(r"(\d{6,})\.pt$", os.path.basename(path))

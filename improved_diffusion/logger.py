@@ -179,6 +179,35 @@ class Logger:
                 self.jsonl.flush()
         return row
 
+    def drop_rows_after(self, step):
+        """Remove rows logged after `step` from progress.csv / .jsonl (a resumed run redoes
+        them); returns how many rows of progress.csv went."""
+        if self.dir is None or not dist_util.is_main():
+            return 0
+        dropped = 0
+        csv_path = os.path.join(self.dir, "progress.csv")
+        if os.path.isfile(csv_path):
+            with open(csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                keys, rows = reader.fieldnames or [], list(reader)
+            kept = [r for r in rows if (parse_number(r.get("step")) or 0) <= step]
+            dropped = len(rows) - len(kept)
+            if dropped:
+                with open(csv_path, "w", newline="") as f:
+                    writer = csv.DictWriter(f, fieldnames=keys)
+                    writer.writeheader()
+                    writer.writerows(kept)
+        jsonl_path = os.path.join(self.dir, "progress.jsonl")
+        if os.path.isfile(jsonl_path):
+            self.jsonl.flush()
+            with open(jsonl_path) as f:
+                lines = f.readlines()
+            kept_lines = [line for line in lines if _jsonl_step(line) <= step]
+            if len(kept_lines) != len(lines):
+                with open(jsonl_path, "w") as f:
+                    f.writelines(kept_lines)
+        return dropped
+
     def log(self, *args):
         """A line on stdout and in log.txt, from rank 0 only."""
         if not dist_util.is_main():
@@ -224,6 +253,13 @@ def read_progress(log_dir):
 def progress_series(rows, key):
     """[(step, value), ...] of one column of `read_progress`'s rows, in step order."""
     return [(step, rows[step][key]) for step in sorted(rows) if key in rows[step]]
+
+
+def _jsonl_step(line):
+    try:
+        return json.loads(line).get("step") or 0
+    except (ValueError, AttributeError):
+        return 0
 
 
 def parse_number(cell):

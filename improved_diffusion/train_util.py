@@ -181,6 +181,7 @@ class TrainLoop:
 
         self._resume(resume)
         self._interval_start = (time.perf_counter(), self.step)
+        self._eval_seconds = 0.0  # spent in evaluate() since the last dump
 
         model_for_ddp = self.model
         if self.world_size > 1:
@@ -261,6 +262,11 @@ class TrainLoop:
         total = self.total_steps()
         if self.config.stop_at is not None:
             total = min(total, self.config.stop_at) if total is not None else self.config.stop_at
+        if total is not None and self.step >= total:
+            self.logger.log(
+                f"nothing to train: the run is at step {self.step}, and --total_steps / --stop_at "
+                f"end it at step {total}"
+            )
         bar = None
         if self.config.progress and dist_util.is_main() and sys.stdout.isatty():
             from tqdm.auto import tqdm
@@ -412,8 +418,9 @@ class TrainLoop:
         steps = self.step - start_step
         self.logger.logkv("step", self.step)
         self.logger.logkv("samples", self.step * self.config.batch_size * self.world_size)
-        if steps > 0:
-            self.logger.logkv("images_per_sec", steps * self.config.batch_size * self.world_size / (now - start_time))
+        if steps > 0:  # training throughput: evaluation time is not counted
+            seconds = now - start_time - self._eval_seconds
+            self.logger.logkv("images_per_sec", steps * self.config.batch_size * self.world_size / seconds)
         skipped, worst_streak = self.nonfinite_counts(reset=True)
         self.logger.logkv("skipped_steps", skipped)
         if skipped:
@@ -422,6 +429,7 @@ class TrainLoop:
             self.logger.logkv("loss_scale", self.scaler.get_scale())
         self.logger.dumpkvs()
         self._interval_start = (time.perf_counter(), self.step)
+        self._eval_seconds = 0.0
         self._stop_if_diverged(worst_streak)
 
     # ------------------------------------------------------------------ EMA model
@@ -442,7 +450,9 @@ class TrainLoop:
         return self._ema_model
 
     def evaluate(self):
+        start = time.perf_counter()
         metrics = self.evaluator(self.ema_model(0), self.step)
+        self._eval_seconds += time.perf_counter() - start
         for key, value in (metrics or {}).items():
             self.logger.logkv(key, value)
         self.logger.log(f"eval at step {self.step}: {metrics}")
@@ -513,7 +523,17 @@ class TrainLoop:
             ckpt.remove_checkpoint(self.log_dir, step)
 
     def _resume(self, resume):
+        if dist_util.is_main():
+            stale = ckpt.remove_temp_files(self.log_dir)
+            if stale:
+                self.logger.log(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
         if resume in (None, "", "none"):
+            found = ckpt.find_latest_checkpoint(self.log_dir)
+            if found is not None:
+                raise ValueError(
+                    f"--resume none, but {self.log_dir} already holds a checkpoint at step {found[0]}: "
+                    "a new run there would mix with it. Continue it with --resume auto, or choose a new --log_dir"
+                )
             return
         if resume == "auto":
             found = ckpt.find_latest_checkpoint(self.log_dir)
@@ -532,34 +552,59 @@ class TrainLoop:
             return
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {path}: no such file")
-        step = ckpt.parse_step(path)
+        self._load_given_file(path)
+
+    def _load_given_file(self, path):
+        """
+        Start from a checkpoint file named by the user, as the original did: the step from its
+        name (0 when it has none, e.g. released weights), its EMA and optimizer files beside
+        it when they exist, otherwise EMA from these weights and a fresh optimizer (fine-tuning).
+        """
         directory = os.path.dirname(path) or "."
+        try:
+            step = ckpt.parse_step(path)
+        except ValueError:
+            step = 0
+            self.logger.log(f"{os.path.basename(path)} has no step in its name: starting at step 0 from its weights")
         state_path = os.path.join(directory, ckpt.state_name(step))
         state = ckpt.load_state_file(state_path) if os.path.exists(state_path) else None
-        self._load_checkpoint(directory, step, state)
+        if state is not None and ckpt.files_intact(directory, state["files"]):
+            self._load_checkpoint(directory, step, state)
+            return
+        model_file = path if not ckpt.STATE_PATTERN.match(os.path.basename(path)) else ckpt.model_name(step)
+        self._load_checkpoint(directory, step, None, model_file=model_file, partial=True)
 
-    def _load_checkpoint(self, directory, step, state):
-        """Load model, every EMA, optimizer and (when present) the rest, on every rank."""
+    def _load_checkpoint(self, directory, step, state, model_file=None, partial=False):
+        """Load model, every EMA, optimizer and (when present) the rest, on every rank. With
+        `partial`, a missing EMA starts from the model's weights and a missing optimizer fresh."""
 
-        def need(name, what):
+        def load(name, what):
             path = os.path.join(directory, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(
-                    f"cannot resume from step {step} in {directory}: the {what} file {name} is missing "
-                    "(pass --resume none to start from scratch)"
-                )
-            return dist_util.load_state_dict(path)
+            if os.path.isfile(path):
+                return dist_util.load_state_dict(path)
+            if partial and what != "model":
+                self.logger.log(f"WARNING: no {what} file {name} in {directory}: it starts afresh")
+                return None
+            raise FileNotFoundError(
+                f"cannot resume from step {step} in {directory}: the {what} file {name} is missing "
+                "(pass its model file as --resume PATH to start from those weights, or use a new --log_dir)"
+            )
 
-        model_state = need(ckpt.model_name(step), "model")
-        ckpt.check_state_dict_matches(self.model, model_state, what=ckpt.model_name(step))
+        model_file = model_file or ckpt.model_name(step)
+        model_state = load(model_file, "model")
+        ckpt.check_state_dict_matches(self.model, model_state, what=os.path.basename(model_file))
         self.model.load_state_dict(model_state, strict=True)
         for i, rate in enumerate(self.config.ema_rate):
-            ema_state = need(ckpt.ema_name(rate, step), f"EMA (rate {rate})")
+            ema_state = load(ckpt.ema_name(rate, step), f"EMA (rate {rate})")
+            if ema_state is None:
+                ema_state = model_state
             ckpt.check_state_dict_matches(self.model, ema_state, what=ckpt.ema_name(rate, step))
             with torch.no_grad():
                 for p, name in zip(self.ema_params[i], self.param_names):
                     p.copy_(ema_state[name])
-        self.opt.load_state_dict(need(ckpt.opt_name(step), "optimizer"))
+        opt_state = load(ckpt.opt_name(step), "optimizer")
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
         self.step = step
         if state is None:
             self.logger.log(
@@ -590,6 +635,22 @@ class TrainLoop:
             torch.manual_seed(1_000_003 * step + self.rank)
         self.last_saved_step = step
         self.logger.log(f"resumed from step {step} in {directory}")
+        self._warn_changed_options(state.get("config") or {})
+        if os.path.abspath(directory) == os.path.abspath(self.log_dir or "") and dist_util.is_main():
+            dropped = self.logger.drop_rows_after(step)
+            if dropped:
+                self.logger.log(f"dropped {dropped} logged row(s) after step {step}: that part of the run is redone")
+
+    def _warn_changed_options(self, saved):
+        """Resuming with other hyperparameters is allowed, but never silently."""
+        current = _plain(self.run_config)
+        changed = [
+            f"{key} {saved[key]!r} -> {current[key]!r}"
+            for key in sorted(set(saved) & set(current))
+            if saved[key] != current[key]
+        ]
+        if changed:
+            self.logger.log("WARNING: options differ from the checkpoint's run: " + ", ".join(changed))
 
 
 def _fused_adamw_works(device):

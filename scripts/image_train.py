@@ -36,7 +36,7 @@ from improved_diffusion.script_util import (
     create_model_and_diffusion,
     model_and_diffusion_defaults,
 )
-from improved_diffusion.train_util import TrainConfig, TrainLoop, parse_ema_rates
+from improved_diffusion.train_util import NonFiniteError, TrainConfig, TrainLoop, parse_ema_rates
 
 # Options of this script beyond the model and diffusion flags, with their help text.
 TRAIN_OPTIONS = {
@@ -68,7 +68,7 @@ TRAIN_OPTIONS = {
     "data_on_device": (False, "copy the data set to the GPU once; batches are gathered and flipped there"),
     "channels_last": (False, "channels-last memory format (faster convolutions on GPUs)"),
     "compile": (False, "torch.compile the model"),
-    "optimizer_impl": ("auto", "AdamW kernel: auto (fused on CUDA), fused, foreach, single"),
+    "optimizer_impl": ("auto", "AdamW kernel: auto (fused where torch has it, else foreach), fused, foreach, single"),
     "adam_beta2": (0.999, "Adam's beta2"),
     # the paper's methods (docs/methods.md)
     "clts_mu": (0.3, "CLTS: centre of the Gaussian over t/(T-1)"),
@@ -91,7 +91,12 @@ TRAIN_OPTIONS = {
     "dry_run": (False, "print the effective options and exit"),
 }
 
-NOT_SAVED = ("config", "dry_run")
+# Where and how this run starts and stops, not what it trains: left out of LOG_DIR/config.json,
+# so that file reused as --config starts a new run instead of resuming or stopping the old one.
+NOT_SAVED = ("config", "dry_run", "log_dir", "resume", "resume_checkpoint", "stop_at")
+# Facts about the run written to config.json for other tools (image_sample.py reads
+# data_num_classes); skipped when the file is read back as --config.
+RUN_FACTS = ("data_num_classes",)
 
 
 def train_defaults():
@@ -133,6 +138,9 @@ def load_config(path, defaults):
             values = json.load(f)
     except json.JSONDecodeError as e:
         raise SystemExit(f"--config {path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise SystemExit(f"--config {path}: expected a JSON object of option values")
+    values = {k: v for k, v in values.items() if k not in RUN_FACTS}
     unknown = sorted(set(values) - set(defaults))
     if unknown:
         raise SystemExit(f"--config {path}: unknown option(s) {', '.join(unknown)}")
@@ -155,6 +163,18 @@ def resolve_log_dir(args):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         log_dir = dist_util.broadcast_object(os.path.join("runs", stamp))
     return log_dir
+
+
+def check_log_dir(path):
+    """Create --log_dir now, so that a path that cannot hold a run fails before any work."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--log_dir {path} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--log_dir {path}: cannot create it ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--log_dir {path} is not writable")
 
 
 def effective_config(args):
@@ -204,16 +224,25 @@ def main(argv=None):
     if not args.data_dir:
         raise SystemExit("--data_dir is required: an image folder or an .npz of images")
 
+    if not args.dry_run:
+        check_log_dir(args.log_dir)
     logger = Logger(None if args.dry_run else args.log_dir)  # a dry run writes nothing
     resolved = effective_config(args)
     logger.log("options:\n" + json.dumps(resolved, indent=2, sort_keys=True))
     logger.log(f"world size {world}, device {device}, precision {precision}, log dir {args.log_dir}")
-    if args.dry_run:
+
+    # The model first: a bad model flag fails before the data is read. Identical initial
+    # weights on every rank; then a different stream of randomness per rank.
+    torch.manual_seed(args.seed)
+    model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
+    model_kwargs["use_fp16"] = False  # mixed precision comes from autocast (--precision)
+    if args.dry_run:  # check the model flags without building weights
+        with torch.device("meta"):
+            create_model_and_diffusion(**model_kwargs, min_snr_gamma=args.min_snr_gamma)
         return None
-    if rank == 0:
-        os.makedirs(args.log_dir, exist_ok=True)
-        with open(os.path.join(args.log_dir, "config.json"), "w") as f:
-            json.dump(resolved, f, indent=2, sort_keys=True)
+    model, diffusion = create_model_and_diffusion(**model_kwargs, min_snr_gamma=args.min_snr_gamma)
+    model.to(device)
+    logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
     dataset = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
@@ -221,18 +250,14 @@ def main(argv=None):
         dataset, args.batch_size, rank=rank, world_size=world, seed=args.seed, random_flip=args.random_flip,
         device=device if args.data_on_device else None,
     )
-
-    # Identical initial weights on every rank; then a different stream of randomness per rank.
-    torch.manual_seed(args.seed)
-    model_kwargs = args_to_dict(args, model_and_diffusion_defaults().keys())
-    model_kwargs["use_fp16"] = False  # mixed precision comes from autocast (--precision)
-    model, diffusion = create_model_and_diffusion(**model_kwargs, min_snr_gamma=args.min_snr_gamma)
-    model.to(device)
-    logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
+    if rank == 0:
+        facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
+        with open(os.path.join(args.log_dir, "config.json"), "w") as f:
+            json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
     seed_everything(args.seed * world + rank + 1)
 
     sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion, **clts_kwargs(args))
-    evaluator = make_evaluator(args, precision, device) if args.eval_interval else None
+    evaluator = make_evaluator(args, precision, device, dataset.num_classes) if args.eval_interval else None
     loop = TrainLoop(
         model=model,
         diffusion=diffusion,
@@ -270,7 +295,7 @@ def clts_kwargs(args):
     )
 
 
-def make_evaluator(args, precision, device):
+def make_evaluator(args, precision, device, num_classes):
     """FID of the EMA model every --eval_interval steps, spread over all ranks."""
     from improved_diffusion import fid, sampling
     from improved_diffusion.script_util import create_gaussian_diffusion
@@ -299,6 +324,7 @@ def make_evaluator(args, precision, device):
             seed=args.seed,
             use_ddim=args.eval_respacing.startswith("ddim"),
             class_cond=args.class_cond,
+            num_classes=num_classes,  # the data's classes, not the embedding's 1000 rows
             device=device,
             progress=False,
             autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
@@ -315,7 +341,7 @@ def make_evaluator(args, precision, device):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NonFiniteError) as e:
         if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
             raise
         print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)

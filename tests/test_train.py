@@ -131,8 +131,12 @@ def test_killed_runs_resume_from_newest_intact_checkpoint(data, tmp_path):
         if step == total:
             break
     assert kills >= 2
-    if ckpt.find_latest_checkpoint(str(log_dir))[0] != total:
-        run_script("image_train.py", args)
+    run_script("image_train.py", args)  # finishes the run, or finds it finished
+    # Leftovers of the kills are cleaned up: temp files of interrupted saves, and the rows
+    # logged after the checkpoint a kill went back to.
+    assert not [n for n in os.listdir(log_dir) if ".tmp" in n]
+    steps = [int(float(r["step"])) for r in read_progress(log_dir)]
+    assert steps == sorted(set(steps)), steps
     assert_identical(
         load_checkpoint_files(tmp_path / "straight", total), load_checkpoint_files(log_dir, total)
     )
@@ -258,9 +262,9 @@ def test_config_round_trip(data, tmp_path):
     import json
 
     cfg = json.loads((first / "config.json").read_text())
-    cfg["log_dir"] = str(tmp_path / "second")
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    run_script("image_train.py", ["--config", tmp_path / "cfg.json"])
+    # Where and how the run started is not part of it: reusing the file starts a new run.
+    assert not {"log_dir", "resume", "resume_checkpoint", "stop_at", "dry_run"} & set(cfg)
+    run_script("image_train.py", ["--config", first / "config.json", "--log_dir", tmp_path / "second"])
     assert_identical(load_checkpoint_files(first, 3), load_checkpoint_files(tmp_path / "second", 3))
     (tmp_path / "bad.json").write_text(json.dumps({"no_such_option": 1}))
     proc = run_script("image_train.py", ["--config", tmp_path / "bad.json"], check=False)
@@ -306,3 +310,71 @@ def test_fid_during_training_and_curves(data, tmp_path):
     out = tmp_path / "curves.png"
     run_script("plot_curves.py", runs + ["--out", out])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_resume_none_refuses_a_log_dir_with_checkpoints(data, tmp_path):
+    log_dir = tmp_path / "run"
+    run_script("image_train.py", train_args(data, log_dir, total_steps=2))
+    before = sorted(os.listdir(log_dir))
+    proc = run_script("image_train.py", train_args(data, log_dir, total_steps=4, resume="none"), check=False)
+    assert proc.returncode == 2
+    assert "--resume none" in proc.stderr and "step 2" in proc.stderr and "--resume auto" in proc.stderr
+    assert sorted(os.listdir(log_dir)) == before
+
+
+def test_resume_notes_changed_options_and_stop_at_behind(data, tmp_path):
+    log_dir = tmp_path / "run"
+    run_script("image_train.py", train_args(data, log_dir, total_steps=6, stop_at=2))
+    proc = run_script("image_train.py", train_args(data, log_dir, total_steps=6, stop_at=4, lr=5e-4))
+    assert "options differ from the checkpoint's run" in proc.stdout and "lr 0.0001 -> 0.0005" in proc.stdout
+    proc = run_script("image_train.py", train_args(data, log_dir, total_steps=6, stop_at=3, lr=5e-4))
+    assert "nothing to train: the run is at step 4" in proc.stdout
+
+
+def test_weights_without_their_training_state_start_a_fine_tune(data, tmp_path):
+    """As the original: a weights file without a step in its name starts at step 0; missing
+    EMA files start from the weights, a missing optimizer file starts fresh."""
+    source = tmp_path / "source"
+    run_script("image_train.py", train_args(data, source, total_steps=2))
+    released = tmp_path / "released"
+    released.mkdir()
+    (released / "pretrained.pt").write_bytes((source / ckpt.model_name(2)).read_bytes())
+    tune = tmp_path / "tune"
+    proc = run_script("image_train.py", train_args(data, tune, total_steps=1, resume_checkpoint=released / "pretrained.pt"))
+    assert "no step in its name" in proc.stdout and "starts afresh" in proc.stdout
+    weights = torch.load(released / "pretrained.pt", weights_only=True)
+    tuned = load_checkpoint_files(tune, 1)
+    for rate in (0.9, 0.99):  # the EMA started from the given weights: one lerp step away
+        ema = tuned[ckpt.ema_name(rate, 1)]
+        model = tuned[ckpt.model_name(1)]
+        for key, value in weights.items():
+            torch.testing.assert_close(ema[key], rate * value + (1 - rate) * model[key], rtol=1e-5, atol=1e-6)
+    # A model file whose optimizer file is gone continues at its step with a fresh AdamW.
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in (ckpt.model_name(2), ckpt.ema_name(0.9, 2), ckpt.ema_name(0.99, 2)):
+        (partial / name).write_bytes((source / name).read_bytes())
+    proc = run_script("image_train.py", train_args(data, tmp_path / "cont", total_steps=3, resume=partial / ckpt.model_name(2)))
+    assert "optimizer file opt000002.pt" in proc.stdout
+    assert ckpt.find_latest_checkpoint(str(tmp_path / "cont"))[0] == 3
+
+
+def test_log_dir_that_cannot_hold_a_run(data, tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    proc = run_script("image_train.py", train_args(data, afile, total_steps=1), check=False)
+    assert proc.returncode == 2 and "is not a folder" in proc.stderr and str(afile) in proc.stderr
+    proc = run_script("image_train.py", train_args(data, afile / "sub", total_steps=1), check=False)
+    assert proc.returncode == 2 and "cannot create it" in proc.stderr
+
+
+def test_class_conditional_run_records_its_classes(tmp_path):
+    labelled = make_npz(tmp_path / "labelled.npz", n=12, classes=3)
+    log_dir = tmp_path / "run"
+    run_script("image_train.py", train_args(labelled, log_dir, total_steps=1, class_cond=True))
+    import json
+
+    cfg = json.loads((log_dir / "config.json").read_text())
+    assert cfg["data_num_classes"] == 3 and cfg["class_cond"] is True
+    # The record is skipped when the file is read back as --config.
+    run_script("image_train.py", ["--config", log_dir / "config.json", "--log_dir", tmp_path / "again", "--dry_run", "True"])
