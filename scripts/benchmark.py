@@ -94,7 +94,7 @@ def create_argparser():
     add("--channels_last", type=str2bool, default=False, help="channels-last activations and weights")
     add("--compile", type=str2bool, default=False, help="torch.compile the model (warm-up includes compilation)")
     add("--optimizer_impl", default="auto", choices=("auto", "fused", "foreach", "single"),
-        help="AdamW kernel; auto = fused on CUDA, foreach elsewhere")
+        help="AdamW kernel; auto = fused where torch has it for the device, else foreach")
     add("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
         help="SDPA kernel via torch.nn.attention.sdpa_kernel; on CPU only auto, math, flash")
     add("--methods", default="all", choices=("all", "none", "config"),
@@ -425,6 +425,9 @@ class Candidate:
         self.memory_before = self._allocated()
         reset_peak_memory(device)
         self.loop = build(model_opts, train_opts, methods, settings, device, seed)
+        defaults = self.loop.opt.defaults  # the kernel "auto" resolved to, for the table
+        kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "single"
+        self.result["settings"]["optimizer_kernel"] = kernel
         data_seconds, self.batches = [], []
         for _ in range(4):
             start = time.perf_counter()
@@ -654,19 +657,7 @@ def fast_settings(device, compile_model):
     # CPU (measured, docs/benchmarks.md): bf16 autocast is several times slower on CPUs
     # without native bf16 convolutions, channels-last convolutions were slower for these
     # models, and fused AdamW is 5x faster than foreach / single-tensor.
-    impl = "fused" if cpu_fused_adamw_available() else "foreach"
-    return {"precision": "fp32", "channels_last": False, "optimizer_impl": impl, "compile": compile_model}
-
-
-def cpu_fused_adamw_available():
-    p = torch.nn.Parameter(torch.zeros(2))
-    try:
-        opt = torch.optim.AdamW([p], fused=True)
-        p.grad = torch.ones(2)
-        opt.step()
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return True
+    return {"precision": "fp32", "channels_last": False, "optimizer_impl": "auto", "compile": compile_model}
 
 
 def plain_settings():
@@ -815,7 +806,7 @@ def format_table(result, labels):
         run = result[label]
         s, train, sample = run["settings"], run.get("train", {}), run.get("sample", {})
         rows.append((
-            label, s["precision"], str(s["channels_last"]), str(s["compile"]), s["optimizer_impl"],
+            label, s["precision"], str(s["channels_last"]), str(s["compile"]), s.get("optimizer_kernel", s["optimizer_impl"]),
             str(train.get("batch_size", "-")),
             f"{_fmt(train.get('ms_per_step'))} ({_fmt(train.get('ms_per_step_iqr'), 2)})" if train else "-",
             _fmt(train.get("images_per_s")), _fmt(train.get("achieved_tflops")),
