@@ -432,8 +432,10 @@ def test_benchmark_script_compare_on_demo_config(tmp_path):
         for key in ("forward_ms", "ddim_step_ms", "ddim50_images_per_s", "peak_memory_bytes"):
             assert sample[key] > 0, (label, key)
     assert result["plain"]["settings"] == {
-        "precision": "fp32", "channels_last": False, "optimizer_impl": "single", "compile": False
+        "precision": "fp32", "channels_last": False, "optimizer_impl": "single", "compile": False,
+        "optimizer_kernel": "single",
     }
+    assert result["fast"]["settings"]["optimizer_kernel"] == ("fused" if _cpu_fused_adamw_available() is None else "foreach")
     overhead = result["fast"]["overhead"]
     for key in ("clts_us", "mdlrc_us", "uniform_sampler_us", "percent_of_step"):
         assert overhead[key] > 0, key
