@@ -15,6 +15,7 @@ whatever ``--batch_size`` or the number of ranks (on the same kind of device).
 """
 
 import contextlib
+import json
 import os
 
 import numpy as np
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointMismatchError, check_state_dict_matches  # noqa: F401 (re-exported)
+from .script_util import NUM_CLASSES
 
 SEED_STRIDE = 2**31 - 1
 
@@ -315,3 +317,45 @@ def load_model_weights(model, path):
     check_state_dict_matches(model, state, what=f"checkpoint {path}")
     model.load_state_dict(state, strict=True)
     return model
+
+
+def run_config_path(model_path):
+    """The training run's config.json: image_train.py writes it beside its checkpoints."""
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+
+
+def read_run_config(model_path, log=print):
+    """The run's config.json next to the checkpoint as a dict, or None (absent or unreadable)."""
+    path = run_config_path(model_path)
+    if not model_path or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        log(f"warning: ignoring {path}: {e}")
+        return None
+    if not isinstance(config, dict):
+        log(f"warning: ignoring {path}: not a JSON object of options")
+        return None
+    return config
+
+
+def classes_to_sample(num_classes, class_cond, model_path, log=print, config=None):
+    """
+    How many classes to draw labels from: `num_classes` when > 0, else the run's
+    data_num_classes. The label embedding always has NUM_CLASSES rows, so the weights cannot
+    tell how many classes the training data had.
+    """
+    if not class_cond or num_classes > 0:
+        return num_classes or NUM_CLASSES
+    config = config if config is not None else read_run_config(model_path, log)
+    path = run_config_path(model_path)
+    n = (config or {}).get("data_num_classes")
+    if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= NUM_CLASSES:
+        log(f"drawing class labels from {n} classes (data_num_classes in {path})")
+        return n
+    why = f"{path} has no data_num_classes" if config is not None else f"no {path}"
+    log(f"warning: drawing class labels from all {NUM_CLASSES} rows of the label embedding "
+        f"({why}); pass --num_classes N, the number of classes of the training data")
+    return NUM_CLASSES

@@ -29,7 +29,7 @@ import sys
 import numpy as np
 
 from improved_diffusion import analysis, dist_util
-from improved_diffusion.sampling import sample_images
+from improved_diffusion.sampling import classes_to_sample, sample_images
 from improved_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -45,23 +45,32 @@ def main():
 
     paths = [p for p in args.model_paths.split(",") if p]
     if len(paths) < 2:
-        raise SystemExit("--model_paths needs at least two comma-separated checkpoints")
+        raise ValueError("--model_paths needs at least two comma-separated checkpoints")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"--model_paths: no such checkpoint file: {', '.join(missing)}")
     names = [n for n in args.names.split(",") if n] if args.names else _default_names(paths)
     if len(names) != len(paths):
-        raise SystemExit(f"--names has {len(names)} entries for {len(paths)} models")
+        raise ValueError(f"--names has {len(names)} entries for {len(paths)} models")
+    for flag in ("num_samples", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     flags = per_model_flags(args, len(paths))
     sizes = {f["image_size"] for f in flags}
     if len(sizes) != 1:
-        raise SystemExit(f"all models must produce the same image size, got {sorted(sizes)}")
+        raise ValueError(f"all models must produce the same image size, got {sorted(sizes)}")
 
     image_sets, labels = [], None
+    # Every model gets the same labels: drawn from the classes of the first model's run.
+    log = print if rank == 0 else (lambda *a: None)
+    num_classes = classes_to_sample(args.num_classes, any(f["class_cond"] for f in flags), paths[0], log)
     for n, (path, model_flags) in enumerate(zip(paths, flags)):
         if rank == 0:
             print(f"[{names[n]}] {path}", flush=True)
         try:
             model, diffusion, _ = analysis.load_model_and_diffusion(path, model_flags, device)
-        except ValueError as exc:
-            raise SystemExit(f"error: model {n} ({names[n]}): {exc}")
+        except (ValueError, FileNotFoundError) as exc:
+            raise ValueError(f"model {n} ({names[n]}): {exc}") from None
         images, model_labels = sample_images(
             model,
             diffusion,
@@ -74,7 +83,7 @@ def main():
             eta=args.eta,
             clip_denoised=args.clip_denoised,
             class_cond=model_flags["class_cond"],
-            num_classes=args.num_classes,
+            num_classes=num_classes,
             progress=rank == 0,
         )
         image_sets.append(images)
@@ -118,7 +127,7 @@ def per_model_flags(args, num_models):
     shared = args_to_dict(args, keys)
     entries = args.model_flags or []
     if len(entries) not in (0, 1, num_models):
-        raise SystemExit(
+        raise ValueError(
             f"--model_flags has {len(entries)} entries; give none, one (for every model) "
             f"or one per model ({num_models})"
         )
@@ -132,7 +141,7 @@ def per_model_flags(args, num_models):
                 overrides = json.load(f)
             unknown = sorted(set(overrides) - set(keys))
             if unknown:
-                raise SystemExit(f"{entry}: unknown model/diffusion keys {unknown}")
+                raise ValueError(f"--model_flags {entry}: unknown model/diffusion keys {unknown}")
             flags.update(overrides)
         elif entry.strip():
             parser = argparse.ArgumentParser(prog=f"--model_flags {entry!r}")
@@ -188,7 +197,8 @@ HELP = {
     "use_ddim": "sample with DDIM instead of ancestral sampling",
     "eta": "DDIM eta",
     "clip_denoised": "clip the predicted x_0 to [-1, 1]",
-    "num_classes": "number of classes of class-conditional models",
+    "num_classes": "classes to draw labels from for class-conditional models (0: data_num_classes "
+                   "of the first model's run config.json, else 1000)",
     "cap_db": "cap for the PSNR of identical images (infinite otherwise)",
     "grid_images": "images per model shown in consistency.png",
     "out": "output folder",
@@ -205,7 +215,7 @@ def create_argparser():
         use_ddim=False,
         eta=0.0,
         clip_denoised=True,
-        num_classes=1000,
+        num_classes=0,
         cap_db=analysis.PSNR_CAP_DB,
         grid_images=8,
         out="consistency_out",
@@ -226,4 +236,10 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

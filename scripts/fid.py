@@ -34,13 +34,24 @@ def _device(name):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _load_samples(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"samples file not found: {path}")
-    return fid.load_reference_images(path)
+def _check_images_source(flag, path, image_size):
+    """A folder or .npz of images; a folder needs --image_size (checked before any work)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file or folder")
+    if os.path.isdir(path) and image_size is None:
+        raise ValueError(
+            f"{flag} {path} is a folder: pass --image_size so that its images are cropped and "
+            f"resized as the training data are (an .npz with arr_0 is read as it is)"
+        )
+
+
+def _load_samples(path, image_size):
+    """An .npz is used as it is (--image_size does not resize it); a folder at --image_size."""
+    return fid.load_reference_images(path, image_size if os.path.isdir(path) else None)
 
 
 def cmd_ref(args):
+    _check_images_source("--source", args.source, args.image_size)
     device = _device(args.device)
     extractor = fid.load_inception(args.inception, device=device)
     start = time.time()
@@ -63,15 +74,23 @@ def cmd_ref(args):
 
 
 def cmd_fid(args):
-    device = _device(args.device)
-    extractor = fid.load_inception(args.inception, device=device)
-    samples = _load_samples(args.samples)
+    # Every input is checked before the Inception features (minutes at 50k images).
+    _check_images_source("--samples", args.samples, args.image_size)
+    if args.ref_source:
+        _check_images_source("--ref_source", args.ref_source, args.image_size)
+    if not os.path.isfile(args.ref):
+        raise FileNotFoundError(f"--ref {args.ref}: no such statistics file (make it with "
+                                f"`fid.py ref --source DATA --out {args.ref}`)")
+    fid.load_statistics(args.ref)  # readable, with mu and sigma of matching shapes
+    samples = _load_samples(args.samples, args.image_size)
     if args.num_samples:
         if args.num_samples > len(samples):
             raise ValueError(
                 f"--num_samples {args.num_samples} but {args.samples} holds {len(samples)}"
             )
         samples = samples[: args.num_samples]
+    device = _device(args.device)
+    extractor = fid.load_inception(args.inception, device=device)
     features = fid.compute_features(samples, extractor, args.batch_size, device, progress=True)
     mu_ref, sigma_ref, n_ref = fid.load_statistics(args.ref, feature_dim=features.shape[1])
     mu, sigma = fid.compute_statistics(features)
@@ -111,8 +130,9 @@ def create_argparser():
         p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
         p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda if present)")
         p.add_argument("--image_size", type=int, default=None,
-                       help="resize/center-crop reference images to this size (needed for a "
-                            "folder; an .npz is used as is without it)")
+                       help="resize/center-crop images read from a folder to this size (needed "
+                            "for a folder; a reference .npz is used as is without it, a "
+                            "samples .npz always)")
 
     ref = sub.add_parser("ref", help="statistics of a reference data set")
     ref.add_argument("--source", required=True, help="folder of images or .npz (arr_0)")
@@ -123,7 +143,8 @@ def create_argparser():
     ref.set_defaults(func=cmd_ref)
 
     f = sub.add_parser("fid", help="FID of samples against reference statistics")
-    f.add_argument("--samples", required=True, help="samples .npz (arr_0 uint8 NHWC)")
+    f.add_argument("--samples", required=True,
+                   help="samples .npz (arr_0 uint8 NHWC), or a folder of images with --image_size")
     f.add_argument("--ref", required=True, help="statistics .npz from `ref`")
     f.add_argument("--num_samples", type=int, default=0,
                    help="use only the first N samples (0: all)")
@@ -142,8 +163,10 @@ def main(argv=None):
     try:
         args.func(args)
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(1)
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {exc}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch as th
 
 from improved_diffusion import analysis, dist_util
 from improved_diffusion.image_datasets import load_image_dataset
+from improved_diffusion.respace import space_timesteps
 from improved_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -32,18 +33,51 @@ from improved_diffusion.script_util import (
 )
 
 
+def check_args(args):
+    """Reject bad flags before the model is built and the data are read."""
+    if args.method not in ("lanczos", "power", "both"):
+        raise ValueError(f"--method must be lanczos, power or both, not {args.method!r}")
+    for flag, path in (("model_path", args.model_path), ("data_dir", args.data_dir)):
+        if not path:
+            what = "a checkpoint" if flag != "data_dir" else "images (folder or .npz)"
+            raise ValueError(f"--{flag} is required: {what}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
+    for flag in ("batch_size", "top_k", "power_iters"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.iters and args.iters < args.top_k:
+        raise ValueError(
+            f"--iters {args.iters} gives at most {args.iters} eigenvalues but --top_k is "
+            f"{args.top_k}: give --iters >= --top_k (0: max(3 top_k, 20))"
+        )
+    check_timestep(args)
+
+
+def check_timestep(args):
+    """--timestep must index the (respaced) process whose loss is analysed."""
+    try:
+        steps = len(space_timesteps(
+            args.diffusion_steps, args.timestep_respacing or [args.diffusion_steps]
+        ))
+    except ValueError as e:
+        raise ValueError(
+            f"--timestep_respacing {args.timestep_respacing!r} does not fit --diffusion_steps "
+            f"{args.diffusion_steps}: {e}"
+        ) from None
+    if not -1 <= args.timestep < steps:
+        raise ValueError(
+            f"--timestep {args.timestep} is out of range: give 0..{steps - 1} (the process has "
+            f"{steps} steps) or -1 for random timesteps"
+        )
+
+
 def main():
     args = create_argparser().parse_args()
-    if args.method not in ("lanczos", "power", "both"):
-        raise SystemExit(f"--method must be lanczos, power or both, not {args.method!r}")
-    if not args.model_path:
-        raise SystemExit("give --model_path")
+    check_args(args)
     device = dist_util.dev()
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    try:
-        model, diffusion, _ = analysis.load_model_and_diffusion(args.model_path, flags, device)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+    model, diffusion, _ = analysis.load_model_and_diffusion(args.model_path, flags, device)
 
     if args.timestep_respacing:
         print(
@@ -52,6 +86,9 @@ def main():
             file=sys.stderr,
         )
     data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
+    if args.batch_size > len(data.images):
+        print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds "
+              f"{len(data.images)} images; the batch is all {len(data.images)}", file=sys.stderr)
     timestep = None if args.timestep < 0 else args.timestep
     batch, t, noise = analysis.fixed_loss_inputs(
         diffusion, data.images, args.batch_size, seed=args.seed, device=device, timestep=timestep
@@ -100,7 +137,10 @@ def main():
             "ritz_values": [float(x) for x in res.ritz_values],
             "seconds": time.time() - start,
         }
-        print(f"lanczos ({res.num_iters} steps): top {args.top_k} = {_fmt(top)}")
+        print(f"lanczos ({res.num_iters} steps): top {len(top)} = {_fmt(top)}")
+        if len(top) < args.top_k:
+            print(f"note: Lanczos found only {len(top)} of --top_k {args.top_k} eigenvalues "
+                  f"(it stopped at an invariant subspace, or the model has fewer parameters)")
     if args.method in ("power", "both"):
         start = time.time()
         lam, _, used = analysis.power_iteration(
@@ -191,7 +231,7 @@ HELP = {
     "seed": "seed of the fixed timesteps and noise, and of the Lanczos/power start vectors",
     "timestep": "use this timestep for every image (-1: uniform random, fixed by --seed)",
     "top_k": "number of top eigenvalues (lambda_1 .. lambda_k)",
-    "iters": "Lanczos steps (0: max(3 top_k, 20))",
+    "iters": "Lanczos steps, at least top_k (0: max(3 top_k, 20))",
     "method": "lanczos, power or both",
     "power_iters": "maximum power-iteration steps",
     "tol": "power iteration stops when the eigenvalue changes by less than tol (relative)",
@@ -230,4 +270,10 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

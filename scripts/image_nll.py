@@ -8,7 +8,8 @@ Approximate the bits/dimension (negative log-likelihood bound) of a model on a d
 
     mpiexec -n 8 python scripts/image_nll.py --data_dir cifar_test/ --model_path ... $FLAGS
 
-As the original: every batch runs `diffusion.calc_bpd_loop` (all T steps; do not respace),
+As the original: every batch runs `diffusion.calc_bpd_loop` (all T steps; a
+`--timestep_respacing` is refused),
 the per-batch means are averaged over processes, and the running mean of `total_bpd` is
 printed after each batch. Images are taken in data-set order, without flipping; process r
 takes images r, r + W, ... so every image is scored once. At the end, rank 0 writes
@@ -38,8 +39,30 @@ from improved_diffusion.script_util import (
 TERMS = ("vb", "mse", "xstart_mse")
 
 
+def check_args(args):
+    """Reject bad flags before the model is built and the data are read."""
+    if args.timestep_respacing:
+        raise ValueError(
+            f"--timestep_respacing {args.timestep_respacing!r}: the bpd runs calc_bpd_loop over "
+            f"all --diffusion_steps steps; leave --timestep_respacing empty"
+        )
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    if args.num_samples < 0:
+        raise ValueError(f"--num_samples must be 0 (all images) or more, got {args.num_samples}")
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: a folder of images or an .npz")
+    if not os.path.exists(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir}: no such file or folder")
+    if not args.model_path:
+        raise ValueError("--model_path is required")
+    if not os.path.isfile(args.model_path):
+        raise FileNotFoundError(f"--model_path {args.model_path}: no such file")
+
+
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    check_args(args)
     dist_util.setup_dist()
     rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
     device = torch.device(args.device) if args.device else dist_util.dev()
@@ -61,7 +84,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(2)
     model.to(device)
     model.eval()
     # calc_bpd_loop draws its noise from the global generator: seed it per rank.
@@ -177,4 +200,10 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

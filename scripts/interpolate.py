@@ -27,6 +27,7 @@ import torch as th
 
 from improved_diffusion import analysis, dist_util
 from improved_diffusion.image_datasets import load_image_dataset
+from improved_diffusion.respace import space_timesteps
 from improved_diffusion.script_util import (
     add_dict_to_argparser,
     args_to_dict,
@@ -34,20 +35,46 @@ from improved_diffusion.script_util import (
 )
 
 
+def check_args(args):
+    """Reject bad flags before the models are built and the data are read."""
+    for flag in ("model_a", "model_b", "data_dir"):
+        path = getattr(args, flag)
+        if not path:
+            what = "a checkpoint" if flag != "data_dir" else "images (folder or .npz)"
+            raise ValueError(f"--{flag} is required: {what}")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
+    try:
+        steps = len(space_timesteps(
+            args.diffusion_steps, args.timestep_respacing or [args.diffusion_steps]
+        ))
+    except ValueError as e:
+        raise ValueError(
+            f"--timestep_respacing {args.timestep_respacing!r} does not fit --diffusion_steps "
+            f"{args.diffusion_steps}: {e}"
+        ) from None
+    if not -1 <= args.timestep < steps:
+        raise ValueError(
+            f"--timestep {args.timestep} is out of range: give 0..{steps - 1} (the process has "
+            f"{steps} steps) or -1 for random timesteps"
+        )
+
+
 def main():
     args = create_argparser().parse_args()
+    check_args(args)
+    alphas = parse_alphas(args.alphas, args.alpha_min, args.alpha_max, args.num_alphas)
     device = dist_util.dev()
     flags = args_to_dict(args, model_and_diffusion_defaults().keys())
-    if not args.model_a or not args.model_b:
-        raise SystemExit("give both --model_a and --model_b")
-    alphas = parse_alphas(args.alphas, args.alpha_min, args.alpha_max, args.num_alphas)
 
-    sd_b = dist_util.load_state_dict(args.model_b, map_location="cpu")
+    model, diffusion, sd_a = analysis.load_model_and_diffusion(args.model_a, flags, device)
     try:
-        model, diffusion, sd_a = analysis.load_model_and_diffusion(args.model_a, flags, device)
-        analysis.check_same_architecture(sd_a, sd_b)
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}")
+        sd_b = dist_util.load_state_dict(args.model_b, map_location="cpu")
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ValueError(f"--model_b {args.model_b}: could not read the checkpoint: {exc}") from exc
+    analysis.check_same_architecture(sd_a, sd_b)
 
     if args.timestep_respacing:
         print(
@@ -56,6 +83,9 @@ def main():
             file=sys.stderr,
         )
     data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
+    if args.batch_size > len(data.images):
+        print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds "
+              f"{len(data.images)} images; the batch is all {len(data.images)}", file=sys.stderr)
     timestep = None if args.timestep < 0 else args.timestep
     batch, t, noise = analysis.fixed_loss_inputs(
         diffusion, data.images, args.batch_size, seed=args.seed, device=device, timestep=timestep
@@ -105,12 +135,12 @@ def parse_alphas(text, alpha_min=-0.5, alpha_max=1.5, num_alphas=21):
     """
     if not text:
         if num_alphas < 2:
-            raise SystemExit("--num_alphas must be at least 2")
+            raise ValueError(f"--num_alphas must be at least 2, got {num_alphas}")
         return [float(a) for a in np.round(np.linspace(alpha_min, alpha_max, num_alphas), 10)]
     try:
         return [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
-        raise SystemExit(f"--alphas must be comma-separated numbers, got {text!r}")
+        raise ValueError(f"--alphas must be comma-separated numbers, got {text!r}") from None
 
 
 def plot(result, path):
@@ -172,4 +202,10 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

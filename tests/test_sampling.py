@@ -192,7 +192,7 @@ def run_sample_main(args, capsys):
     script = load_script("image_sample.py")
     with pytest.raises(SystemExit) as info:
         script.main(args)
-    assert info.value.code == 1
+    assert info.value.code == 2
     return capsys.readouterr().err
 
 
@@ -222,7 +222,7 @@ def test_image_sample_missing_checkpoint_cli(tmp_path):
     proc = run_script(
         "image_sample.py", flags(MODEL) + ["--model_path", str(tmp_path / "gone.pt")], check=False
     )
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert "gone.pt" in proc.stderr and "Traceback" not in proc.stderr
 
 
