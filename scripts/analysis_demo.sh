@@ -3,21 +3,75 @@
 # analysis tools (consistency PSNR, 1-D loss interpolation, Hessian spectrum).
 #
 #   bash scripts/analysis_demo.sh [DEMO_RUN] [OUT]      # defaults: runs/demo runs/analysis
+#   bash scripts/analysis_demo.sh --help                # arguments, settings and outputs; runs nothing
 #
 # DEMO_RUN is the output of scripts/demo.sh (model "A": demo config, seed 0). Trained here,
 # each for the same number of steps: "B" the same configuration with seed 1, "C" another
 # architecture (two resolution levels instead of three), "D" the same configuration on other
 # data (the digits with inverted colours). About 30 minutes on 2 CPU cores.
 set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: [STEPS=N] [SAMPLES=N] bash scripts/analysis_demo.sh [DEMO_RUN] [OUT]
+       bash scripts/analysis_demo.sh -h|--help
+
+Reproduce docs/analysis.md on the demo: train three contrast models to the demo's model "A"
+(DEMO_RUN, made by scripts/demo.sh), each for STEPS steps: "B" the same configuration with
+seed 1, "C" another architecture (two resolution levels), "D" the demo digits with inverted
+colours; then run the three analysis tools (consistency PSNR, 1-D loss interpolation
+between A and B, Hessian spectrum of A). About 30 minutes on 2 CPU cores. Needs
+scripts/demo.sh to have run first (.venv, data/demo/mnist_demo.npz, DEMO_RUN's checkpoint).
+
+Arguments (relative paths are relative to the repository root, where the script runs):
+  DEMO_RUN   the OUT folder of scripts/demo.sh: model "A" is
+             DEMO_RUN/train/ema_0.995_<STEPS>.pt                     (runs/demo)
+  OUT        where the contrast models and the results go            (runs/analysis)
+
+Environment variables (default):
+  STEPS      training steps of B, C and D; also picks A's checkpoint, so it must equal
+             the STEPS the demo was run with                         (1000)
+  SAMPLES    images generated per model for the consistency PSNR     (32)
+
+Outputs: OUT/B_seed1/, OUT/C_arch/, OUT/D_inverted/ (training runs; their logs in
+OUT/NAME.log), OUT/consistency/, OUT/interpolate/, OUT/hessian/ (JSON and PNG), and
+data/demo/mnist_inverted.npz (the inverted digits).
+EOF
+}
+for arg in "$@"; do
+  case "$arg" in -h|--help) usage; exit 0 ;; esac
+done
+for arg in "$@"; do
+  if [[ "$arg" == -* ]]; then
+    echo "analysis_demo.sh: error: unknown option '$arg' (the arguments are DEMO_RUN and OUT; settings are environment variables)" >&2
+    usage >&2
+    exit 2
+  fi
+done
+if (( $# > 2 )); then
+  echo "analysis_demo.sh: error: too many arguments ($#): expected at most DEMO_RUN OUT" >&2
+  usage >&2
+  exit 2
+fi
+fail() { echo "analysis_demo.sh: error: $*" >&2; exit 2; }
+
 cd "$(dirname "$0")/.."
 DEMO=${1:-runs/demo}
 OUT=${2:-runs/analysis}
 STEPS=${STEPS:-1000}
 SAMPLES=${SAMPLES:-32}
-. .venv/bin/activate
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[[ "$STEPS" =~ ^[1-9][0-9]*$ ]] && (( STEPS >= 5 )) || fail "STEPS must be a whole number >= 5, got '$STEPS'"
+[[ "$SAMPLES" =~ ^[1-9][0-9]*$ ]] || fail "SAMPLES must be a positive whole number, got '$SAMPLES'"
 DATA=data/demo/mnist_demo.npz
 INVERTED=data/demo/mnist_inverted.npz
+A_CKPT=$(printf "%s/train/ema_0.995_%06d.pt" "$DEMO" "$STEPS")
+# Check what the demo must have made before training anything (the training takes minutes).
+[[ -f .venv/bin/activate ]] || fail "no .venv: run scripts/demo.sh (or scripts/install.sh) first"
+[[ -f "$DATA" ]] || fail "$DATA not found: run scripts/demo.sh first"
+[[ -f "$DEMO/train/config.json" ]] || fail "$DEMO/train/config.json not found: is DEMO_RUN ($DEMO) the OUT folder of scripts/demo.sh?"
+[[ -f "$A_CKPT" ]] || fail "$A_CKPT not found: model A must be trained for STEPS=$STEPS steps (set STEPS to the demo's, or run scripts/demo.sh)"
+. .venv/bin/activate
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 
 if [ ! -f "$INVERTED" ]; then

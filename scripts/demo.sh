@@ -4,10 +4,47 @@
 #
 #   bash scripts/demo.sh                 # everything, about 12 minutes on 2 CPU cores (9 once .venv exists)
 #   OUT=runs/my_demo STEPS=500 bash scripts/demo.sh
+#   bash scripts/demo.sh --help          # the settings (environment variables) and outputs; runs nothing
 #
 # A GPU is used automatically when there is one. Run it again and training resumes
 # (or is skipped when finished); the data and reference statistics are cached in data/demo.
 set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+usage: [OUT=DIR] [STEPS=N] [EVAL_SAMPLES=N] [REF_IMAGES=N] bash scripts/demo.sh [-h|--help]
+
+The README's first command: install the environment (.venv), build the demo data (5,000 real
+MNIST digits at 16x16), compute FID reference statistics, train a small model with
+CLTS + MD + LRC (configs/demo.json) with FID of the EMA model during training, sample 64
+images (DDIM, 50 steps) and write a report. About 12 minutes on 2 CPU cores (9 once .venv
+exists); a GPU is used when there is one. Run it again and training resumes (or is skipped
+when finished). It takes no arguments; the settings are environment variables:
+
+  OUT           output folder                                        (runs/demo)
+  STEPS         training steps (at least 5); checkpoints every STEPS/4, FID every STEPS/2,
+                CLTS K_target STEPS/5                                (1000)
+  EVAL_SAMPLES  images sampled for each FID evaluation during training (200)
+  REF_IMAGES    training images in the FID reference statistics      (500)
+  PYTHON        the interpreter that creates .venv (scripts/install.sh) (python3)
+
+Outputs (relative paths are relative to the repository root, where the script runs):
+  .venv/                               the virtual environment (scripts/install.sh)
+  data/demo/mnist_demo.npz             the demo digits (made once, then reused)
+  data/demo/ref_stats_REF_IMAGES.npz   the FID reference statistics (made once, then reused)
+  OUT/train/                           training log, progress.csv, config.json, checkpoints
+  OUT/report/                          report.md, samples.png, samples.npz, curves.png
+EOF
+}
+for arg in "$@"; do
+  case "$arg" in -h|--help) usage; exit 0 ;; esac
+done
+if (( $# )); then
+  echo "demo.sh: error: unknown argument '$1' (the demo takes no arguments; its settings are environment variables)" >&2
+  usage >&2
+  exit 2
+fi
+
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 OUT=${OUT:-runs/demo}
@@ -15,6 +52,16 @@ STEPS=${STEPS:-1000}
 EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 REF_IMAGES=${REF_IMAGES:-500}
 DATA=data/demo
+for var in STEPS EVAL_SAMPLES REF_IMAGES; do
+  if [[ ! "${!var}" =~ ^[1-9][0-9]*$ ]]; then
+    echo "demo.sh: error: $var must be a positive whole number, got '${!var}'" >&2
+    exit 2
+  fi
+done
+if (( STEPS < 5 )); then
+  echo "demo.sh: error: STEPS must be at least 5 (CLTS ramps over STEPS/5 steps), got $STEPS" >&2
+  exit 2
+fi
 
 echo "== 1/6 install (.venv)"
 bash scripts/install.sh

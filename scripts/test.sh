@@ -1,6 +1,28 @@
 #!/usr/bin/env bash
 # Install the pinned environment into .venv and run the whole test suite on CPU.
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: bash scripts/test.sh [PYTEST ARGUMENTS...]
+       bash scripts/test.sh -h|--help
+
+Install the pinned environment into .venv (scripts/install.sh) and run the test suite in
+tests/ with pytest on the CPU (what CI runs; 4-7 minutes on 2 cores after the install).
+Arguments are passed on to pytest after `tests`, e.g.
+  bash scripts/test.sh -x -k fid     # stop at the first failure; only tests matching "fid"
+(`.venv/bin/python -m pytest --help` lists pytest's own options; for one file, run
+`.venv/bin/python -m pytest tests/test_launch.py` after the install.)
+
+Environment variables (default):
+  OMP_NUM_THREADS      CPU threads per test process                          (2)
+  PYTHON               the interpreter that creates .venv (scripts/install.sh) (python3)
+  IDIFF_TEST_DEVICE    device of tests/test_fast_path.py, e.g. cuda          (cpu)
+  IDIFF_TEST_INDUCTOR  1 also runs the torch.compile (inductor) test there   (off)
+USAGE
+}
+case "${1:-}" in -h|--help) usage; exit 0 ;; esac
+
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate

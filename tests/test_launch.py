@@ -19,7 +19,7 @@ import torch.nn as nn
 from tiny import PYTHON, ROOT, TINY_MODEL, env, make_npz
 
 LAUNCH = os.path.join(ROOT, "scripts", "launch")
-SHELL_SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")))
+SHELL_SCRIPTS = sorted(glob.glob(os.path.join(LAUNCH, "*.sh")) + glob.glob(os.path.join(ROOT, "scripts", "*.sh")))
 
 
 def load_module(name):
@@ -31,6 +31,7 @@ def load_module(name):
 
 config_flags = load_module("config_flags.py")
 summarize = load_module("summarize.py")
+train_flags = load_module("train_flags.py")
 
 
 def bash(script, args, extra_env=None, cwd=None, timeout=300):
@@ -88,7 +89,7 @@ def fid_stand_in(tmp_path):
 # ---------------------------------------------------------------------------- shell basics
 
 
-@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=os.path.basename)
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: os.path.relpath(p, ROOT))
 def test_shell_syntax(script):
     proc = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -383,7 +384,7 @@ def test_ablation_plans_sweeps_and_variants(tmp_path):
                                   "--total_steps", "7"], {"DATA_DIR": data}))
     lines = [line for line in out.splitlines() if not line.startswith("[")]
     assert [line.split(":")[0] for line in lines] == ["baseline", "clts_mu_0.1", "clts_mu_0.5"]
-    assert "--schedule_sampler clts --momentum_decay True --lr_compensation True --clts_mu 0.5 --seed 0 " \
+    assert "--seed 0 --schedule_sampler clts --momentum_decay True --lr_compensation True --clts_mu 0.5 " \
            "--total_steps 7" in lines[2]
     assert "--schedule_sampler uniform --momentum_decay False" in lines[0]
     assert not out_dir.exists()
@@ -403,6 +404,12 @@ def test_ablation_plans_sweeps_and_variants(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--variants", "baseline,foo"], "unknown variant 'foo'"),
+    # typos and bad values are caught before anything runs, with --plan too
+    (["--sweep", "clts_muu=0.1", "--plan"], "--sweep clts_muu: no such image_train.py option (did you mean clts_mu"),
+    (["--sweep", "clts_mu=0.1,abc", "--plan"], "--sweep clts_mu=abc: argument --clts_mu: invalid float value: 'abc'"),
+    (["--sweep", "clts_mu=0.1", "--clts_mu", "0.5", "--plan"], "--clts_mu is also among the extra flags"),
+    (["--plan", "--total_stepz", "3"], "--total_stepz: no such image_train.py option (did you mean total_steps"),
+    (["--plan", "--data_dir", "elsewhere"], "--data_dir: set by the launch scripts"),
     (["--sweep", "clts_mu"], "--sweep must be KEY=V1,V2"),
     (["--sweep", "clts_mu=0.1", "--base", "nope"], "unknown variant 'nope'"),
     (["--variants", "md", "--sweep", "clts_mu=0.1"], "not both"),
@@ -418,3 +425,160 @@ def test_ablation_errors(tmp_path, args, message):
 def test_ablation_unknown_experiment(tmp_path):
     proc = bash("ablation.sh", ["nosuchexp", tmp_path / "out"])
     assert proc.returncode == 2 and "unknown experiment 'nosuchexp'" in proc.stderr and "cifar10" in proc.stderr
+
+
+def test_ablation_plan_needs_no_data_or_reference_statistics(tmp_path):
+    """The README's --plan example works before the data and FID statistics exist."""
+    out_dir = tmp_path / "x"
+    # as the README writes it: the experiment's default data and REF_STATS, present or not
+    out = ok(bash("ablation.sh", ["cifar10", out_dir, "--sweep", "clts_mu=0.1,0.3", "--base", "clts", "--plan"],
+                  cwd=tmp_path, timeout=120))
+    lines = [line for line in out.splitlines() if not line.startswith("[")]
+    assert [line.split(":")[0] for line in lines] == ["clts_mu_0.1", "clts_mu_0.3"]
+    assert "configs/cifar10_clts.json" in lines[0] and lines[1].endswith("--clts_mu 0.3")
+    # both missing: noted, not fatal
+    missing = {"DATA_DIR": str(tmp_path / "no_data"), "REF_STATS": str(tmp_path / "no_ref.npz")}
+    proc = bash("ablation.sh", ["cifar10", out_dir, "--sweep", "clts_mu=0.1,0.3", "--base", "clts", "--plan"],
+                missing, cwd=tmp_path, timeout=120)
+    out = ok(proc)
+    assert f"note: data not found: {tmp_path / 'no_data'}" in out and "datasets/cifar10.py" in out
+    assert f"note: reference statistics not found: {tmp_path / 'no_ref.npz'}" in out
+    assert "--image_size 32" in out  # the hint to make them works for a folder
+    assert "clts_mu_0.3: " in out
+    assert not out_dir.exists() and sorted(os.listdir(tmp_path)) == []
+    # without --plan the same inputs are still an error, before anything is written
+    proc = bash("ablation.sh", ["cifar10", out_dir, "--sweep", "clts_mu=0.1"], missing, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "data not found" in proc.stderr
+    assert not out_dir.exists()
+
+
+def test_ablation_seed_sweep_sets_each_runs_seed(tmp_path):
+    """--sweep seed=...: the swept value wins over SEED (a dry run: the options, no training)."""
+    data = make_npz(tmp_path / "data.npz", n=4)
+    out_dir = tmp_path / "seeds"
+    out = ok(bash("ablation.sh", [tiny_config(tmp_path / "t.json"), out_dir, "--sweep", "seed=3", "--base", "baseline",
+                                  "--dry_run", "True"], {"NGPUS": "1", "DATA_DIR": data}))
+    assert "== run 1/1: seed_3" in out and '"seed": 3' in out and '"seed": 0' not in out
+
+
+def test_train_flags_checker():
+    assert train_flags.check(["--total_steps", "3", "--learn_sigma", "True"]) is None
+    assert train_flags.check(["--total_step", "3"]) is None  # a unique prefix, as argparse takes it
+    assert train_flags.check([], ("clts_sigma", ["0.1", "2"])) == "clts_sigma"
+    with pytest.raises(train_flags.FlagError, match=r"--sweep clts_muu: .*did you mean clts_mu\b"):
+        train_flags.check([], ("clts_muu", ["0.1"]))
+    with pytest.raises(train_flags.FlagError, match="--sweep clts_m: no such"):  # the sweep key must be exact
+        train_flags.check([], ("clts_m", ["0.1"]))
+    with pytest.raises(train_flags.FlagError, match="--learn_sigma: expected a boolean"):
+        train_flags.check(["--learn_sigma", "maybe"])
+    with pytest.raises(train_flags.FlagError, match="--log_dir: set by the launch scripts"):
+        train_flags.check(["--log_dir=x"])
+    assert "clts_mu" in train_flags.suggestions("mu", train_flags.option_names())
+    proc = subprocess.run([PYTHON, os.path.join(LAUNCH, "train_flags.py"), "--sweep", "momentum_decy=True"],
+                          env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "did you mean momentum_decay" in proc.stderr
+
+
+# ---------------------------------------------------------------------------- --help everywhere
+
+
+@pytest.mark.parametrize("script", ["train.sh", "cifar10.sh", "imagenet128.sh", "ablation.sh"])
+def test_launch_help_exits_zero(script):
+    """--help prints the usage on stdout and succeeds; the scripts run as executables, as documented."""
+    path = os.path.join(LAUNCH, script)
+    assert os.access(path, os.X_OK), f"{script} is not executable (configs/README.md runs it directly)"
+    for flag in ("--help", "-h"):
+        proc = subprocess.run([path, flag], env=env(), capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert f"scripts/launch/{script}" in proc.stdout and "NGPUS" in proc.stdout
+        assert proc.stderr == ""
+
+
+def copy_script(tmp_path, name):
+    """scripts/NAME in an empty stand-in checkout: whatever it would do happens there, not here."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True, exist_ok=True)
+    with open(os.path.join(ROOT, "scripts", name)) as f:
+        (repo / "scripts" / name).write_text(f.read())
+    return repo
+
+
+def all_files(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, files in os.walk(root) for f in files) + \
+        sorted(os.path.relpath(os.path.join(d, x), root) for d, dirs, _ in os.walk(root) for x in dirs)
+
+
+def run_top(tmp_path, name, args, extra_env=None):
+    """bash scripts/NAME ARGS from a stand-in checkout, with PYTHON=false and OUT in tmp_path."""
+    repo = copy_script(tmp_path, name)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    e = env()
+    for key in ("OUT", "STEPS", "EVAL_SAMPLES", "REF_IMAGES", "SAMPLES", "VIRTUAL_ENV"):
+        e.pop(key, None)
+    # were --help ignored, the install would stop at once (no interpreter named "false" makes a venv)
+    e.update({"PYTHON": "false", "OUT": str(tmp_path / "out")}, **(extra_env or {}))
+    before = all_files(tmp_path)
+    proc = subprocess.run(["bash", str(repo / "scripts" / name)] + list(args), cwd=cwd, env=e,
+                          capture_output=True, text=True, timeout=20)
+    return proc, before, all_files(tmp_path)
+
+
+@pytest.mark.parametrize("script,names", [
+    ("demo.sh", ["OUT", "STEPS", "EVAL_SAMPLES", "REF_IMAGES", "PYTHON", "runs/demo", "1000", "OUT/report/"]),
+    ("analysis_demo.sh", ["DEMO_RUN", "OUT", "STEPS", "SAMPLES", "runs/demo", "runs/analysis", "OUT/consistency/"]),
+    ("install.sh", ["PYTHON", ".venv", "python3"]),
+    ("test.sh", ["OMP_NUM_THREADS", "PYTHON", "pytest"]),
+])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_top_level_help_runs_nothing(tmp_path, script, names, flag):
+    proc, before, after = run_top(tmp_path, script, [flag])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and f"scripts/{script}" in proc.stdout
+    for name in names:
+        assert name in proc.stdout, name
+    assert proc.stderr == ""
+    assert after == before  # no .venv, no data, no OUT
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("demo.sh", ["--steps", "10"], "unknown argument '--steps'"),
+    ("demo.sh", ["runs/mine"], "unknown argument 'runs/mine'"),
+    ("install.sh", ["--upgrade"], "unknown argument '--upgrade'"),
+    ("analysis_demo.sh", ["--steps=10"], "unknown option '--steps=10'"),
+    ("analysis_demo.sh", ["a", "b", "c"], "too many arguments"),
+])
+def test_top_level_unknown_arguments(tmp_path, script, args, message):
+    proc, before, after = run_top(tmp_path, script, args)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "usage:" in proc.stderr
+    assert after == before
+
+
+@pytest.mark.parametrize("value,message", [
+    ("abc", "STEPS must be a positive whole number, got 'abc'"),
+    ("3", "STEPS must be at least 5"),
+])
+def test_demo_rejects_bad_steps(tmp_path, value, message):
+    proc, before, after = run_top(tmp_path, "demo.sh", [], {"STEPS": value})
+    assert proc.returncode == 2 and message in proc.stderr
+    assert after == before
+
+
+def test_analysis_demo_checks_the_demo_run_before_training(tmp_path):
+    """A missing or shorter demo run is an error at once, not after 20 minutes of training."""
+    proc, before, after = run_top(tmp_path, "analysis_demo.sh", [])
+    assert proc.returncode == 2 and "no .venv" in proc.stderr and after == before
+    repo = tmp_path / "repo"
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    (repo / ".venv" / "bin" / "activate").write_text("")
+    (repo / "data" / "demo").mkdir(parents=True)
+    (repo / "data" / "demo" / "mnist_demo.npz").write_text("")
+    proc, before, after = run_top(tmp_path, "analysis_demo.sh", ["runs/demo", "runs/analysis"])
+    assert proc.returncode == 2 and "runs/demo/train/config.json not found" in proc.stderr
+    (repo / "runs" / "demo" / "train").mkdir(parents=True)
+    (repo / "runs" / "demo" / "train" / "config.json").write_text("{}")
+    proc, before, after = run_top(tmp_path, "analysis_demo.sh", [], {"STEPS": "500"})
+    assert proc.returncode == 2 and "runs/demo/train/ema_0.995_000500.pt not found" in proc.stderr
+    assert "STEPS=500" in proc.stderr
+    assert after == before and not (repo / "runs" / "analysis").exists()

@@ -14,10 +14,14 @@
 #     clts      --schedule_sampler clts    --momentum_decay False --lr_compensation False
 #     all       --schedule_sampler clts    --momentum_decay True  --lr_compensation True
 # --variants LIST   comma-separated variants to run (default: baseline,md,md_lrc,clts,all)
-# --sweep KEY=VALS  one run per value of --KEY (clts_mu, clts_sigma, clts_target_steps, ...) on
-#                   top of --base VARIANT (default all); --with_baseline adds a baseline run
-# --plan            print the runs' commands and stop (nothing is run or written)
+# --sweep KEY=VALS  one run per value of --KEY (clts_mu, clts_sigma, clts_target_steps, seed, any
+#                   image_train.py option) on top of --base VARIANT (default all);
+#                   --with_baseline adds a baseline run
+# --plan            print the runs' commands and stop (nothing is run or written; the data and
+#                   REF_STATS need not exist yet: what is missing is noted)
+# -h, --help        print this help
 # extra flags       passed to every run (after the variant's), e.g. --total_steps 300
+# The sweep key and the extra flags are checked against image_train.py's options first.
 #
 # Each run goes to OUT_DIR/NAME (NAME = the variant, or KEY_VALUE) through train.sh, with FID
 # during training when REF_STATS is set; then OUT_DIR/curves.png (scripts/plot_curves.py) and
@@ -45,7 +49,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { print_usage "${BASH_SOURCE[0]}"; exit 2; }
-[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && show_help "${BASH_SOURCE[0]}"
 if (( $# < 2 )); then
     echo "[ablation.sh] error: missing arguments (need EXPERIMENT OUT_DIR)" >&2
     usage
@@ -82,7 +86,6 @@ else
             "(known: $(cd "$REPO/configs" && ls ./*.json | sed 's#^\./##; s/\.json$//; s/_\(baseline\|md\|md_lrc\|clts\|all\)$//' | sort -u | tr '\n' ' '))"
 fi
 experiment_defaults "$EXP_NAME"
-check_inputs
 export NUM_SAMPLES="${NUM_SAMPLES:-0}"
 SEED="${SEED:-0}"
 if [[ -n "$REF_STATS" && -z "${EVAL_SAMPLES:-}" && "$EXP_NAME" == demo ]]; then
@@ -138,13 +141,25 @@ else
 fi
 (( ${#NAMES[@]} )) || die "nothing to run"
 
+# Typos in the sweep key or the extra flags fail here, before anything runs (also with --plan).
+if [[ -n "$SWEEP" ]]; then
+    check_train_flags --sweep "$SWEEP" -- ${EXTRA[@]+"${EXTRA[@]}"}
+elif (( ${#EXTRA[@]} )); then
+    check_train_flags -- "${EXTRA[@]}"
+fi
+if (( PLAN )); then
+    check_inputs --note || log "note: --plan runs nothing, so it goes on; the runs will need them"
+else
+    check_inputs
+fi
+
 # ------------------------------------------------------------ the runs
 if (( PLAN )); then
     log "plan: ${#NAMES[@]} run(s) into $OUT_DIR (seed $SEED, data $DATA_DIR, global batch ${GLOBAL_BATCH:-from the config} on ${NGPUS:-8} process(es), FID reference ${REF_STATS:-none})"
     for i in "${!NAMES[@]}"; do
         read -r -a run_flags <<< "${FLAGS[i]}"
         cmd="$(printf '%q ' bash "$LAUNCH_DIR/train.sh" "${CONFIGS[i]}" "$DATA_DIR" "$OUT_DIR/${NAMES[i]}" \
-            ${run_flags[@]+"${run_flags[@]}"} --seed "$SEED" ${EXTRA[@]+"${EXTRA[@]}"})"
+            --seed "$SEED" ${run_flags[@]+"${run_flags[@]}"} ${EXTRA[@]+"${EXTRA[@]}"})"
         echo "${NAMES[i]}: ${cmd% }"
     done
     exit 0
@@ -164,7 +179,7 @@ for i in "${!NAMES[@]}"; do
     read -r -a run_flags <<< "${FLAGS[i]}"
     log "== run $((i + 1))/${#NAMES[@]}: $name"
     if ! run bash "$LAUNCH_DIR/train.sh" "${CONFIGS[i]}" "$DATA_DIR" "$OUT_DIR/$name" \
-            ${run_flags[@]+"${run_flags[@]}"} --seed "$SEED" ${EXTRA[@]+"${EXTRA[@]}"}; then
+            --seed "$SEED" ${run_flags[@]+"${run_flags[@]}"} ${EXTRA[@]+"${EXTRA[@]}"}; then
         [[ "${KEEP_GOING:-0}" == 1 ]] || die "run $name failed (KEEP_GOING=1 goes on with the others)"
         log "run $name failed; going on (KEEP_GOING=1)"
         failed+=("$name")

@@ -21,8 +21,9 @@
 set -euo pipefail
 # shellcheck source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
-if (( $# < 1 )) || [[ "$1" == "-h" || "$1" == "--help" ]]; then
-    (( $# < 1 )) && echo "[imagenet128.sh] error: missing VARIANT" >&2
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && show_help "${BASH_SOURCE[0]}"
+if (( $# < 1 )); then
+    echo "[imagenet128.sh] error: missing VARIANT" >&2
     print_usage "${BASH_SOURCE[0]}"
     exit 2
 fi

@@ -91,7 +91,9 @@ experiment_defaults() {
             : "${REF_STATS=$REPO/data/imagenet128_ref.npz}"
             : "${GLOBAL_BATCH=256}"
             DATA_HINT="python datasets/imagenet.py --root PATH/train --out $REPO/data/imagenet128/train.npz --npz --workers 16"
-            REF_HINT="python scripts/fid.py ref --source $DATA_DIR --out $REPO/data/imagenet128_ref.npz (or guided-diffusion's VIRTUAL_imagenet128_labeled.npz)" ;;
+            local size_flag=""
+            [[ -d "$DATA_DIR" ]] && size_flag=" --image_size 128"  # a folder needs it; an .npz is used as is
+            REF_HINT="python scripts/fid.py ref --source $DATA_DIR$size_flag --out $REPO/data/imagenet128_ref.npz (or guided-diffusion's VIRTUAL_imagenet128_labeled.npz)" ;;
         demo)
             : "${DATA_DIR=$REPO/data/demo/mnist_demo.npz}"
             if [[ -z "${REF_STATS+set}" ]]; then
@@ -103,7 +105,7 @@ experiment_defaults() {
             REF_HINT="python scripts/fid.py ref --source $DATA_DIR --max_images 500 --out $REPO/data/demo/ref_stats_500.npz" ;;
         *)
             DATA_HINT="set DATA_DIR to an image folder or .npz"
-            REF_HINT="python scripts/fid.py ref --source \$DATA_DIR --out ref.npz" ;;
+            REF_HINT="python scripts/fid.py ref --source \$DATA_DIR --out ref.npz (and --image_size N when DATA_DIR is a folder)" ;;
     esac
     : "${DATA_DIR:=}"
     : "${REF_STATS:=}"
@@ -113,22 +115,42 @@ experiment_defaults() {
     return 0
 }
 
-# check_inputs: clear errors before any training starts.
+# check_inputs [--note]: clear errors before any training starts. With --note (plan modes,
+# which run nothing) a missing input is only reported, and the function returns 1.
 check_inputs() {
+    local report=die missing=0
+    [[ "${1:-}" == --note ]] && report=note
     if [[ -z "$DATA_DIR" ]]; then
-        die "DATA_DIR is not set ($DATA_HINT)"
-    fi
-    if [[ "$DATA_DIR" != *://* && ! -e "$DATA_DIR" ]]; then
-        die "data not found: $DATA_DIR (prepare it: $DATA_HINT; or set DATA_DIR)"
+        "$report" "DATA_DIR is not set ($DATA_HINT)"; missing=1
+    elif [[ "$DATA_DIR" != *://* && ! -e "$DATA_DIR" ]]; then
+        "$report" "data not found: $DATA_DIR (prepare it: $DATA_HINT; or set DATA_DIR)"; missing=1
     fi
     if [[ -n "$REF_STATS" && ! -f "$REF_STATS" ]]; then
-        die "reference statistics not found: $REF_STATS (make them: $REF_HINT; or set REF_STATS= to train without FID)"
+        "$report" "reference statistics not found: $REF_STATS (make them: $REF_HINT; or set REF_STATS= to train without FID)"
+        missing=1
     fi
+    return "$missing"
 }
+note() { log "note: $*"; }
 
 # print_usage FILE: the comment block at the top of FILE (after the #! line), to stderr.
 print_usage() {
     awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$1" >&2
+}
+
+# show_help FILE: the usage of FILE on stdout, and exit 0 (for -h / --help).
+show_help() {
+    print_usage "$1" 2>&1
+    exit 0
+}
+
+# check_train_flags [--sweep KEY=V1,...] [--] FLAGS...: every flag (and every swept value) is an
+# image_train.py option with a valid value (scripts/launch/train_flags.py), else exit 2.
+check_train_flags() {
+    local message
+    if ! message="$("$PYTHON" "$LAUNCH_DIR/train_flags.py" "$@" 2>&1)"; then
+        die "${message#error: }"
+    fi
 }
 
 # paper_experiment EXPERIMENT VARIANT [extra flags...]: one run of the paper's experiment.

@@ -40,7 +40,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 usage() { print_usage "${BASH_SOURCE[0]}"; exit 2; }
-[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && usage
+[[ "${1:-}" == "-h" || "${1:-}" == "--help" ]] && show_help "${BASH_SOURCE[0]}"
 if (( $# < 3 )); then
     echo "[train.sh] error: missing arguments (need VARIANT_CONFIG DATA_DIR LOG_DIR)" >&2
     usage
