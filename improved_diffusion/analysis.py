@@ -24,8 +24,11 @@ from typing import Optional
 import numpy as np
 import torch as th
 
+from .respace import space_timesteps
+
 __all__ = [
     "PSNR_CAP_DB",
+    "check_timestep",
     "psnr",
     "consistency",
     "interpolate_state_dicts",
@@ -647,3 +650,19 @@ def load_model_and_diffusion(path, flags, device="cpu"):
     model.to(device)
     model.eval()
     return model, diffusion, state
+
+
+def check_timestep(diffusion_steps, timestep_respacing, timestep):
+    """--timestep must index the (respaced) process whose loss is analysed, or be -1 (random)."""
+    try:
+        steps = len(space_timesteps(diffusion_steps, timestep_respacing or [diffusion_steps]))
+    except ValueError as e:
+        raise ValueError(
+            f"--timestep_respacing {timestep_respacing!r} does not fit --diffusion_steps "
+            f"{diffusion_steps}: {e}"
+        ) from None
+    if not -1 <= timestep < steps:
+        raise ValueError(
+            f"--timestep {timestep} is out of range: give 0..{steps - 1} (the process has "
+            f"{steps} steps) or -1 for random timesteps"
+        )

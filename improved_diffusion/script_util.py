@@ -10,6 +10,8 @@ then call `create_model_and_diffusion(**options)`. String flags
 """
 
 import argparse
+import os
+import sys
 
 from . import gaussian_diffusion as gd
 from .respace import SpacedDiffusion, space_timesteps
@@ -493,3 +495,17 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(
         f"expected a boolean (true/false, yes/no, 1/0), got {v!r}"
     )
+
+
+def run_main(main, errors=(ValueError, FileNotFoundError)):
+    """
+    Run a script's `main()`: a user error (bad flag, missing file, ...) prints one `error:`
+    line and exits 2, with the traceback only when IMPROVED_DIFFUSION_DEBUG is set.
+    """
+    try:
+        return main()
+    except errors as e:
+        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
+        sys.exit(2)

@@ -24,13 +24,13 @@ import argparse
 import json
 import os
 import shlex
-import sys
 
 import numpy as np
 
 from improved_diffusion import analysis, dist_util
 from improved_diffusion.sampling import classes_to_sample, sample_images
 from improved_diffusion.script_util import (
+    run_main,
     add_dict_to_argparser,
     args_to_dict,
     model_and_diffusion_defaults,
@@ -60,7 +60,7 @@ def main():
     if len(sizes) != 1:
         raise ValueError(f"all models must produce the same image size, got {sorted(sizes)}")
 
-    image_sets, labels = [], None
+    image_sets = []
     # Every model gets the same labels: drawn from the classes of the first model's run.
     log = print if rank == 0 else (lambda *a: None)
     num_classes = classes_to_sample(args.num_classes, any(f["class_cond"] for f in flags), paths[0], log)
@@ -87,8 +87,6 @@ def main():
             progress=rank == 0,
         )
         image_sets.append(images)
-        if model_labels is not None:
-            labels = model_labels
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             arrays = {"arr_0": images}
@@ -236,10 +234,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

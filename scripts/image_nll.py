@@ -30,6 +30,7 @@ from improved_diffusion import dist_util
 from improved_diffusion.image_datasets import load_image_dataset, to_model_input
 from improved_diffusion.sampling import load_model_weights
 from improved_diffusion.script_util import (
+    run_main,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
@@ -200,10 +201,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

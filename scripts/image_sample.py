@@ -49,6 +49,7 @@ from improved_diffusion.sampling import (
 )
 from improved_diffusion.respace import space_timesteps
 from improved_diffusion.script_util import (
+    run_main,
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
@@ -273,10 +274,4 @@ def create_argparser():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

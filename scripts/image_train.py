@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import random
-import sys
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from improved_diffusion.logger import Logger
 from improved_diffusion.momentum_decay import MomentumSchedule
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
+    run_main,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
@@ -339,10 +339,4 @@ def make_evaluator(args, precision, device, num_classes):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, NonFiniteError) as e:
-        if os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
-            raise
-        print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
-        sys.exit(2)
+    run_main(main, errors=(ValueError, FileNotFoundError, NonFiniteError))
