@@ -15,7 +15,6 @@ whatever ``--batch_size`` or the number of ranks (on the same kind of device).
 """
 
 import contextlib
-import json
 import os
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointMismatchError, check_state_dict_matches  # noqa: F401 (re-exported)
-from .script_util import NUM_CLASSES
+from .script_util import NUM_CLASSES, read_json_options
 
 SEED_STRIDE = 2**31 - 1
 
@@ -330,15 +329,10 @@ def read_run_config(model_path, log=print):
     if not model_path or not os.path.isfile(path):
         return None
     try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        log(f"warning: ignoring {path}: {e}")
+        return read_json_options(path)
+    except ValueError as e:
+        log(f"warning: ignoring {e}")
         return None
-    if not isinstance(config, dict):
-        log(f"warning: ignoring {path}: not a JSON object of options")
-        return None
-    return config
 
 
 def classes_to_sample(num_classes, class_cond, model_path, log=print, config=None):

@@ -10,6 +10,7 @@ then call `create_model_and_diffusion(**options)`. String flags
 """
 
 import argparse
+import json
 import os
 import sys
 
@@ -509,3 +510,18 @@ def run_main(main, errors=(ValueError, FileNotFoundError)):
             raise
         print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+
+
+def read_json_options(path):
+    """A JSON object of option values from `path` (a --config file or a run's config.json);
+    ValueError naming the file when it is missing, not JSON, or not an object."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of option values")
+    return values

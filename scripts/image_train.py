@@ -30,6 +30,7 @@ from improved_diffusion.logger import Logger
 from improved_diffusion.momentum_decay import MomentumSchedule
 from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import (
+    read_json_options,
     run_main,
     add_dict_to_argparser,
     args_to_dict,
@@ -131,15 +132,10 @@ def parse_args(argv=None):
 
 
 def load_config(path, defaults):
-    if not os.path.isfile(path):
-        raise SystemExit(f"--config {path}: no such file")
     try:
-        with open(path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"--config {path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise SystemExit(f"--config {path}: expected a JSON object of option values")
+        values = read_json_options(path)
+    except ValueError as e:
+        raise SystemExit(f"--config {e}") from None
     values = {k: v for k, v in values.items() if k not in RUN_FACTS}
     unknown = sorted(set(values) - set(defaults))
     if unknown:

@@ -23,7 +23,6 @@ a config file (any `--config` JSON). Other modes:
 """
 
 import argparse
-import json
 import os
 import shlex
 import sys
@@ -38,17 +37,15 @@ def config_path(path):
 
 
 def load_config(path):
+    from improved_diffusion.script_util import read_json_options
+
     path = config_path(path)
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file (is this a training log dir?)")
     try:
-        with open(path) as f:
-            values = json.load(f)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: {path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise SystemExit(f"error: {path}: expected a JSON object of options")
-    return values
+        return read_json_options(path)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def format_value(value):
