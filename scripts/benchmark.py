@@ -113,6 +113,14 @@ def create_argparser():
              "(their settings replace --precision, --channels_last and --optimizer_impl)")
     add("--seed", type=int, default=0, help="seed of weights and data")
     add("--json", default="", help="also write the JSON result to this file")
+    add("--cudnn_benchmark", type=str2bool, default=True, help="let cuDNN time its convolution algorithms (CUDA)")
+    add("--sample_images", type=int, default=0,
+        help="also time improved_diffusion.sampling.sample_images (what image_sample.py runs) for this many DDIM-50 "
+             "images at --sample_batch_size, end to end (0: off)")
+    add("--profile_steps", type=int, default=0,
+        help="profile this many training steps of the last run with torch.profiler: kernels per step, "
+             "device-busy share of the step, top kernels (0: off)")
+    add("--profile_out", default="", help="write the profiler's kernel table to this text file")
     model_group = parser.add_argument_group("model flags (override the config)")
     for key, value in model_and_diffusion_defaults().items():
         if key in ("timestep_respacing", "use_fp16"):  # sampling steps are DDIM-50; fp16 is --precision
@@ -516,7 +524,7 @@ class Candidate:
             with torch.no_grad(), autocast(precision, device):
                 ddim.ddim_sample(model, x, t_spaced, clip_denoised=True, model_kwargs=kwargs)
 
-        self.forward, self.ddim_step = forward, ddim_step
+        self.forward, self.ddim_step, self.ddim = forward, ddim_step, ddim
 
     def warm_up_sampling(self, steps):
         self.loop.model.eval()
@@ -555,6 +563,62 @@ class Candidate:
         }
 
 
+def time_sample_images(candidate, num_samples, seed):
+    """Wall time of sample_images (per-sample seeds, uint8 out) for num_samples DDIM-50 images."""
+    from improved_diffusion.sampling import sample_images
+
+    opts, device, precision = candidate.model_opts, candidate.device, candidate.settings["precision"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    kwargs = dict(batch_size=candidate.sample_batch, image_size=opts["image_size"], device=device, seed=seed,
+                  use_ddim=True, class_cond=opts["class_cond"], num_classes=NUM_CLASSES, progress=False,
+                  rank=0, world_size=1, autocast_dtype=dtype)
+    model = candidate.loop.model
+    sample_images(model, candidate.ddim, num_samples=min(num_samples, candidate.sample_batch), **kwargs)  # warm-up
+    synchronize(device)
+    start = time.perf_counter()
+    images, _ = sample_images(model, candidate.ddim, num_samples=num_samples, **kwargs)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return {"num_samples": int(images.shape[0]), "batch_size": candidate.sample_batch, "steps": DDIM_STEPS,
+            "seconds": seconds, "images_per_s": images.shape[0] / seconds}
+
+
+def profile_training(candidate, steps, out_path):
+    """Where a training step's time goes: kernel count, device-busy time and the top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = candidate.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            candidate.train_step()
+        synchronize(device)
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_ms = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / steps if kernels else None  # us -> ms
+    table = ""
+    for sort in (("self_device_time_total", "self_cuda_time_total") if device.type == "cuda" else ("self_cpu_time_total",)):
+        try:  # the key's name differs between torch versions
+            table = prof.key_averages().table(sort_by=sort, row_limit=30)
+            break
+        except (KeyError, AttributeError, ValueError):
+            continue
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            f.write(f"{steps} training steps of {candidate.label}; wall {wall_ms:.2f} ms/step (profiled)\n\n{table}\n")
+    return {
+        "steps": steps,
+        "wall_ms_per_step_profiled": wall_ms,
+        "kernels_per_step": len(kernels) / steps if kernels else None,
+        "device_busy_ms_per_step": busy_ms,
+        "device_busy_share": busy_ms / wall_ms if busy_ms else None,
+        "table": out_path or None,
+    }
+
+
 def time_interleaved(candidates, method, n, device):
     """n timed calls of `method` per candidate, taking turns (A B, B A, ...); {label: [seconds]}."""
     timers = {c.label: StepTimer(device) for c in candidates}
@@ -589,6 +653,14 @@ def measure(runs, args, model_opts, train_opts, methods, device, parts):
             ddim = time_interleaved(candidates, "ddim_step", max(1, args.steps // 2), device)
             for c in candidates:
                 c.result["sample"] = c.sample_result(forward[c.label], ddim[c.label])
+        if args.sample_images and "sample" in parts:  # the last (fast) configuration only
+            c = candidates[-1]
+            c.result["sample_images"] = time_sample_images(c, args.sample_images, args.seed)
+        if args.profile_steps and "train" in parts:
+            try:  # a profiler problem must not cost the timings above
+                candidates[-1].result["profile"] = profile_training(candidates[-1], args.profile_steps, args.profile_out)
+            except Exception as err:  # noqa: BLE001
+                candidates[-1].result["profile"] = {"error": f"{type(err).__name__}: {err}"}
         if "overhead" in parts:
             last = candidates[-1]
             last.result["overhead"] = bench_method_overhead(last.loop, methods, train_opts, device, args.overhead_iters)
@@ -691,10 +763,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
+        if device.index is None:  # set_device needs an index in torch 2.11
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 stays at torch's defaults (convolutions yes, matmuls no), as in training.
+        torch.backends.cudnn.benchmark = args.cudnn_benchmark
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"train", "sample", "overhead", "flops"}
     if unknown:
@@ -728,6 +801,8 @@ def main(argv=None):
         "torch": torch.__version__,
         "python": platform.python_version(),
         "attention_backend": args.attention_backend,
+        "cudnn_benchmark": bool(args.cudnn_benchmark) if device.type == "cuda" else None,
+        "tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32},
         "group_norm_keeps_channels_last": group_norm_keeps_channels_last(device),
         "peak_tflops": peak or None,
         "flops": {
@@ -826,6 +901,19 @@ def format_table(result, labels):
             + " (fastest calls)"
         )
     for label in labels:
+        timed = result[label].get("sample_images")
+        if timed:
+            lines.append(
+                f"sample_images ({label}): {timed['num_samples']:,} DDIM-{timed['steps']} images in "
+                f"{timed['seconds']:.1f} s ({timed['images_per_s']:,.0f} img/s, batch {timed['batch_size']})"
+            )
+        prof = result[label].get("profile")
+        if prof and prof.get("kernels_per_step"):
+            lines.append(
+                f"profile ({label}): {prof['kernels_per_step']:,.0f} kernels per step, device busy "
+                f"{prof['device_busy_ms_per_step']:.1f} of {prof['wall_ms_per_step_profiled']:.1f} ms "
+                f"({100 * prof['device_busy_share']:.0f}%)"
+            )
         overhead = result[label].get("overhead")
         if overhead and "percent_of_step" in overhead:
             lines.append(

@@ -45,6 +45,7 @@ BATCH = 4
 #   IDIFF_TEST_DEVICE=cuda python -m pytest tests/test_fast_path.py
 # (TF32 is switched off, so fp32 is fp32 on both sides of each comparison).
 DEVICE = torch.device(os.environ.get("IDIFF_TEST_DEVICE", "cpu"))
+ADAM_ATOL = 1e-6 if DEVICE.type == "cpu" else 1e-5  # AdamW kernels against each other, lr 1e-3
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -259,14 +260,20 @@ def test_adamw_implementations_agree_with_moving_beta1_and_lr():
     for loop in loops:
         assert loop.opt.param_groups[0]["betas"][0] < 0.9  # MD moved beta1 at every step
     single, foreach = loops[0], loops[1]
-    # Same arithmetic, one kernel per tensor or per list: identical, every entry.
-    assert_lists_close([p.detach() for p in foreach.params], [p.detach() for p in single.params], rtol=0, atol=1e-6)
+    if DEVICE.type == "cpu":
+        # Same arithmetic, one kernel per tensor or per list: identical, every entry.
+        assert_lists_close([p.detach() for p in foreach.params], [p.detach() for p in single.params], rtol=0, atol=1e-6)
+    else:
+        # CUDA's multi-tensor kernels contract to fused multiply-adds: rounding-level
+        # differences that Adam's m / sqrt(v) amplifies where a gradient is tiny (up to 5e-6,
+        # 0.5% of one lr=1e-3 step, in 1 of 37k entries after 3 steps on an H200).
+        assert_params_close(foreach, single, masks, rtol=1e-5, atol=ADAM_ATOL)
     if reason is not None:
         pytest.skip(f"single == foreach checked; fused AdamW unavailable on CPU in torch {torch.__version__}: {reason}")
     fused = loops[2]
-    assert_params_close(fused, single, masks, rtol=1e-5, atol=1e-6)
+    assert_params_close(fused, single, masks, rtol=1e-5, atol=ADAM_ATOL)
     for e, f, m in zip(fused.ema_params[0], single.ema_params[0], masks):
-        torch.testing.assert_close(e[m], f[m], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(e[m], f[m], rtol=1e-5, atol=ADAM_ATOL)
 
 
 def test_auto_optimizer_is_fused_where_torch_has_it():
@@ -410,7 +417,7 @@ def test_benchmark_script_compare_on_demo_config(tmp_path):
     cmd = [
         PYTHON, os.path.join(ROOT, "scripts", "benchmark.py"), "--config", "demo", "--batch_size", "4",
         "--steps", "2", "--warmup", "1", "--overhead_iters", "20", "--threads", "1", "--compare", "True",
-        "--json", str(out),
+        "--device", str(DEVICE), "--json", str(out),
     ]
     proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -419,7 +426,9 @@ def test_benchmark_script_compare_on_demo_config(tmp_path):
     result = json.loads(out.read_text())
     assert result == json.loads(json.dumps(printed))
     assert result["config_path"] == os.path.join("configs", "demo.json")
-    assert result["device"] == "cpu" and result["threads"] == 1 and result["peak_tflops"] is None
+    on_cpu = DEVICE.type == "cpu"
+    assert result["device"].split(":")[0] == DEVICE.type and result["threads"] == 1
+    assert (result["peak_tflops"] is None) == on_cpu  # MFU needs a peak; CUDA has a default one
     flops = result["flops"]
     assert flops["forward_per_image"] > 0 and flops["train_step_per_image_counted"] > 2 * flops["forward_per_image"]
     for label in ("plain", "fast"):
@@ -427,7 +436,7 @@ def test_benchmark_script_compare_on_demo_config(tmp_path):
         train, sample = run["train"], run["sample"]
         for key in ("images_per_s", "ms_per_step", "ms_per_step_iqr", "peak_memory_bytes", "achieved_tflops"):
             assert train[key] > 0, (label, key)
-        assert train["mfu"] is None and train["batch_size"] == 4 and train["timed_steps"] == 2
+        assert (train["mfu"] is None) == on_cpu and train["batch_size"] == 4 and train["timed_steps"] == 2
         assert train["skipped_steps"] == 0
         for key in ("forward_ms", "ddim_step_ms", "ddim50_images_per_s", "peak_memory_bytes"):
             assert sample[key] > 0, (label, key)
