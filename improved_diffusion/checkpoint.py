@@ -12,6 +12,7 @@ every file it lists is there.
 import os
 import re
 
+import numpy as np
 import torch
 
 STATE_PATTERN = re.compile(r"^state(\d{6,})\.pt$")
@@ -160,3 +161,94 @@ def check_state_dict_matches(model, state, what="checkpoint"):
             more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""
             lines.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + more)
     raise CheckpointMismatchError("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------
+# Writing and reading a whole training checkpoint
+# ---------------------------------------------------------------------------------------
+
+
+def write_checkpoint(log_dir, step, model_state, ema_states, opt_state, state):
+    """
+    Write the checkpoint of `step`: model, one EMA file per {rate: state dict}, optimizer, and
+    last the state file (with `state`'s entries plus the sizes of the files it completes).
+    """
+    os.makedirs(log_dir, exist_ok=True)
+    files = {}
+
+    def write(name, obj):
+        path = os.path.join(log_dir, name)
+        atomic_save(obj, path)
+        files[name] = os.path.getsize(path)
+
+    write(model_name(step), model_state)
+    for rate, ema_state in ema_states.items():
+        write(ema_name(rate, step), ema_state)
+    write(opt_name(step), opt_state)
+    atomic_save({"format": 1, "step": step, "files": files, **state}, os.path.join(log_dir, state_name(step)))
+
+
+def prune_checkpoints(log_dir, keep):
+    """Keep only the newest `keep` checkpoints (0: keep all)."""
+    if keep <= 0:
+        return
+    steps = sorted(int(m.group(1)) for m in map(STATE_PATTERN.match, os.listdir(log_dir)) if m)
+    for step in steps[:-keep]:
+        remove_checkpoint(log_dir, step)
+
+
+def read_training_files(directory, step, rates, load, model_file=None, partial=False, log=print):
+    """
+    The state dicts of a training checkpoint: {"model", "ema": [per rate, None if absent],
+    "opt" (None if absent)}. `load(path)` reads one file (every rank reads its own copy).
+    With `partial` (weights named by the user, as the original allowed), a missing EMA or
+    optimizer file is None with a warning; otherwise a missing file is an error naming it.
+    """
+
+    def read(name, what):
+        path = os.path.join(directory, name)
+        if os.path.isfile(path):
+            return load(path)
+        if partial and what != "model":
+            log(f"WARNING: no {what} file {name} in {directory}: it starts afresh")
+            return None
+        raise FileNotFoundError(
+            f"cannot resume from step {step} in {directory}: the {what} file {name} is missing "
+            "(pass its model file as --resume PATH to start from those weights, or use a new --log_dir)"
+        )
+
+    return {
+        "model": read(model_file or model_name(step), "model"),
+        "ema": [read(ema_name(rate, step), f"EMA (rate {rate})") for rate in rates],
+        "opt": read(opt_name(step), "optimizer"),
+    }
+
+
+def rank_state(data):
+    """What one rank needs to continue exactly: its RNG states and its data stream's position."""
+    state = {"rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng_state()}
+    if torch.cuda.is_available():
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    if hasattr(data, "state_dict"):
+        state["data"] = data.state_dict()
+    return state
+
+
+def set_rank_state(state, data):
+    torch.set_rng_state(state["rng_torch"])
+    _set_numpy_rng_state(state["rng_numpy"])
+    if "rng_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    if "data" in state and hasattr(data, "load_state_dict"):
+        data.load_state_dict(state["data"])
+
+
+def _numpy_rng_state():
+    # weights_only loading takes tensors and plain values, not numpy arrays
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _set_numpy_rng_state(s):
+    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))

@@ -84,6 +84,10 @@ class ScheduleSampler(ABC):
     def set_step(self, step):
         """Tell the sampler the global optimizer step (used by curricula)."""
 
+    def schedule_values(self, step):
+        """The curriculum's values at global step `step`, for the logs ({} without one)."""
+        return {}
+
     def state_dict(self):
         return {}
 
@@ -285,7 +289,13 @@ class CLTSSampler(ScheduleSampler):
     @property
     def lam(self):
         """The current mixing weight lam_k of the Gaussian."""
-        return self.lambda_max * min(self.step / self.target_steps, 1.0)
+        return self.lam_at(self.step)
+
+    def lam_at(self, step):
+        return self.lambda_max * min(step / self.target_steps, 1.0)
+
+    def schedule_values(self, step):
+        return {"clts_lambda": float(self.lam_at(step))}
 
     def lambda_(self):
         """The current mixing weight lam_k (same as the `lam` property)."""

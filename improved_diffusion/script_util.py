@@ -1,20 +1,20 @@
 """
 Defaults and factories for models and diffusions, with the original API.
 
-`model_and_diffusion_defaults()` is the single source of the model/diffusion flags:
-improved-diffusion's keys and default values, plus guided-diffusion's extra model
-keys at values that reproduce the improved-diffusion architecture. Scripts turn it
-into command-line flags with `add_dict_to_argparser` and back with `args_to_dict`,
-then call `create_model_and_diffusion(**options)`. String flags
-(`attention_resolutions`, `channel_mult`) are parsed here, once.
+`model_and_diffusion_defaults()` gives the model/diffusion flags of the options table
+(`improved_diffusion/config.py`): improved-diffusion's keys and default values, plus
+guided-diffusion's extra model keys at values that reproduce the improved-diffusion
+architecture. The original API is unchanged: `add_dict_to_argparser`, `args_to_dict`,
+`create_model_and_diffusion(**options)`. String flags (`attention_resolutions`,
+`channel_mult`) are parsed here, once.
 """
 
-import argparse
-import json
 import os
 import sys
 
+from . import config
 from . import gaussian_diffusion as gd
+from .config import str2bool  # noqa: F401  (the original API's home of str2bool)
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import SuperResModel, UNetModel
 
@@ -38,39 +38,8 @@ SR_CHANNEL_MULT = {
     64: (1, 2, 3, 4),
 }
 
-# Help text for `add_dict_to_argparser`; keys without an entry get a generic text.
-FLAG_HELP = {
-    "image_size": "image side length in pixels",
-    "num_channels": "base channel count of the UNet",
-    "num_res_blocks": "residual blocks per resolution",
-    "num_heads": "attention heads (used when num_head_channels is -1)",
-    "num_heads_upsample": "attention heads in the decoder; -1 = num_heads",
-    "num_head_channels": "fixed channels per attention head; -1 = use num_heads",
-    "attention_resolutions": "comma-separated resolutions (in pixels) with attention",
-    "channel_mult": "comma-separated channel multipliers per level; empty = by image_size",
-    "dropout": "dropout probability in residual blocks",
-    "learn_sigma": "also predict the variance (doubles the output channels)",
-    "sigma_small": "fixed variance: posterior (small) instead of beta (large)",
-    "class_cond": "class-conditional model",
-    "diffusion_steps": "number of diffusion steps T",
-    "noise_schedule": "beta schedule: linear or cosine",
-    "timestep_respacing": 'sampling steps, e.g. "250", "ddim50" or "10,15,20"; empty = all',
-    "use_kl": "train with the variational bound (rescaled KL) loss",
-    "predict_xstart": "predict x_0 instead of the noise",
-    "rescale_timesteps": "feed timesteps to the model scaled to [0, 1000)",
-    "rescale_learned_sigmas": "use the rescaled MSE (hybrid) loss with learned sigmas",
-    "use_checkpoint": "gradient checkpointing (less memory, more compute)",
-    "use_scale_shift_norm": "FiLM-like scale/shift timestep conditioning",
-    "resblock_updown": "use residual blocks for up/downsampling",
-    "use_fp16": "half precision (fp16 autocast with loss scaling in training)",
-    "use_new_attention_order": "split q/k/v before heads in attention",
-    "large_size": "output size of the super-resolution model",
-    "small_size": "input size of the super-resolution model",
-    "min_snr_gamma": "Min-SNR-gamma loss weighting; 0 = off",
-}
-
-# Options accepted beside the defaults' keys (documented in docs/design.md).
-_EXTRA_OPTIONS = {"min_snr_gamma": 0.0}
+# Options accepted by the factories beside the defaults' keys (docs/design.md).
+_EXTRA_OPTIONS = ("min_snr_gamma",)
 
 
 def model_and_diffusion_defaults():
@@ -80,33 +49,7 @@ def model_and_diffusion_defaults():
     improved-diffusion's keys with its values, plus guided-diffusion's model keys
     set so that the architecture is improved-diffusion's.
     """
-    return dict(
-        image_size=64,
-        num_channels=128,
-        num_res_blocks=2,
-        num_heads=4,
-        num_heads_upsample=-1,
-        attention_resolutions="16,8",
-        dropout=0.0,
-        learn_sigma=False,
-        sigma_small=False,
-        class_cond=False,
-        diffusion_steps=1000,
-        noise_schedule="linear",
-        timestep_respacing="",
-        use_kl=False,
-        predict_xstart=False,
-        rescale_timesteps=True,
-        rescale_learned_sigmas=True,
-        use_checkpoint=False,
-        use_scale_shift_norm=True,
-        # guided-diffusion's additions
-        num_head_channels=-1,
-        channel_mult="",
-        resblock_updown=False,
-        use_fp16=False,
-        use_new_attention_order=False,
-    )
+    return config.defaults(*config.MODEL_GROUPS)
 
 
 def sr_model_and_diffusion_defaults():
@@ -123,7 +66,7 @@ def _merge_options(kwargs, defaults, caller):
     """
     Defaults overridden by `kwargs`; unknown keys are an error, not ignored.
     """
-    allowed = {**defaults, **_EXTRA_OPTIONS}
+    allowed = {**defaults, **{k: config.BY_NAME[k].default for k in _EXTRA_OPTIONS}}
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(f"{caller}() got unknown option(s): {', '.join(unknown)}")
@@ -457,9 +400,10 @@ def add_dict_to_argparser(parser, default_dict, help_text=None):
 
     :param parser: an argparse.ArgumentParser.
     :param default_dict: flag names and default values.
-    :param help_text: optional {key: help} overriding FLAG_HELP.
+    :param help_text: optional {key: help} overriding the options table's.
     """
-    helps = {**FLAG_HELP, **(help_text or {})}
+    helps = {o.name: o.help for o in config.OPTIONS}
+    helps.update(help_text or {})
     for key, value in default_dict.items():
         if value is None:
             value_type = str
@@ -479,25 +423,6 @@ def args_to_dict(args, keys):
     return {k: getattr(args, k) for k in keys}
 
 
-def str2bool(v):
-    """
-    Parse a command-line boolean ("true"/"false", "yes"/"no", "1"/"0", ...).
-
-    Raises argparse.ArgumentTypeError so argparse reports a usage error naming the
-    flag instead of a traceback.
-    """
-    if isinstance(v, bool):
-        return v
-    text = str(v).strip().lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(
-        f"expected a boolean (true/false, yes/no, 1/0), got {v!r}"
-    )
-
-
 def run_main(main, errors=(ValueError, FileNotFoundError)):
     """
     Run a script's `main()`: a user error (bad flag, missing file, ...) prints one `error:`
@@ -511,17 +436,4 @@ def run_main(main, errors=(ValueError, FileNotFoundError)):
         print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
 
-
-def read_json_options(path):
-    """A JSON object of option values from `path` (a --config file or a run's config.json);
-    ValueError naming the file when it is missing, not JSON, or not an object."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    try:
-        with open(path) as f:
-            values = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a JSON object of option values")
-    return values
+read_json_options = config.read_options_file  # TEMP until callers move

@@ -9,7 +9,6 @@ averaged exactly, so `--microbatch` never changes the update; mixed precision is
 loss or gradient skips the step, and too many in a row stop the run with a clear message.
 """
 
-import copy
 import os
 import sys
 import time
@@ -17,45 +16,53 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import checkpoint as ckpt
+from . import config as options
 from . import dist_util
 from . import logger as logger_module
+from .ema import EMA
 from .image_datasets import to_model_input
 from .logger import Logger
 from .momentum_decay import MomentumSchedule
+from .precision import MixedPrecision
 from .resample import LossAwareSampler, UniformSampler
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
+PRECISIONS = ("fp32", "bf16", "fp16")  # resolved: precision.resolve turns "auto" into one of these
+
+
+def _default(name):
+    """An option's default from the options table (config.py), the one place it is written."""
+    return field(default=options.BY_NAME[name].default)
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 1  # images per rank per optimizer step
-    microbatch: int = -1  # split each batch into pieces of this size (-1: no split)
-    lr: float = 1e-4  # base learning rate
-    weight_decay: float = 0.0  # AdamW's decoupled weight decay
-    lr_anneal_steps: int = 0  # linear decay of lr to 0 over this many steps (0: constant)
+    """What TrainLoop needs of the options (image_train.py's table, docs/train-help.txt)."""
+
+    batch_size: int = _default("batch_size")
+    microbatch: int = _default("microbatch")
+    lr: float = _default("lr")
+    weight_decay: float = _default("weight_decay")
+    lr_anneal_steps: int = _default("lr_anneal_steps")
     total_steps: Optional[int] = None  # stop after this many optimizer steps (None: never)
     stop_at: Optional[int] = None  # leave this run at this step, schedules unchanged (job time limits)
-    ema_rate: tuple = (0.9999,)  # one EMA of the weights per rate
-    log_interval: int = 10  # steps between metric dumps
-    save_interval: int = 10000  # steps between checkpoints
-    keep_checkpoints: int = 0  # keep only the newest N checkpoints (0: keep all)
+    ema_rate: tuple = field(default_factory=lambda: parse_ema_rates(options.BY_NAME["ema_rate"].default))
+    log_interval: int = _default("log_interval")
+    save_interval: int = _default("save_interval")
+    keep_checkpoints: int = _default("keep_checkpoints")
     precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
-    fp16_scale_growth: float = 1e-3  # fp16: the loss scale doubles every 1/this clean steps
-    grad_clip: float = 0.0  # clip the global gradient norm to this (0: off)
-    max_nonfinite_steps: int = 20  # stop after this many non-finite steps in a row (checked at dumps)
-    adam_beta2: float = 0.999
+    fp16_scale_growth: float = _default("fp16_scale_growth")
+    grad_clip: float = _default("grad_clip")
+    max_nonfinite_steps: int = _default("max_nonfinite_steps")
+    adam_beta2: float = _default("adam_beta2")
     momentum: MomentumSchedule = field(default_factory=MomentumSchedule)
-    channels_last: bool = False  # NHWC activations and weights (faster convs on GPUs)
-    compile: bool = False  # torch.compile the model
-    optimizer_impl: str = "auto"  # AdamW kernel: auto (fused on CUDA), fused, foreach, single
-    eval_interval: int = 0  # steps between evaluations of the EMA model (0: off)
+    channels_last: bool = _default("channels_last")
+    compile: bool = _default("compile")
+    optimizer_impl: str = _default("optimizer_impl")
+    eval_interval: int = _default("eval_interval")
     progress: bool = True  # a progress bar on interactive terminals
 
     def __post_init__(self):
@@ -67,8 +74,8 @@ class TrainConfig:
             raise ValueError(f"--microbatch must be positive or -1 (no split), got {self.microbatch}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.optimizer_impl not in OPTIMIZER_IMPLS:
-            raise ValueError(f"--optimizer_impl must be one of {OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}")
+        if self.optimizer_impl not in options.OPTIMIZER_IMPLS:
+            raise ValueError(f"--optimizer_impl must be one of {options.OPTIMIZER_IMPLS}, got {self.optimizer_impl!r}")
         for rate in self.ema_rate:
             if not 0.0 <= rate < 1.0:
                 raise ValueError(f"--ema_rate values must be in [0, 1), got {rate}")
@@ -162,72 +169,54 @@ class TrainLoop:
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
         self.microbatch = config.microbatch if config.microbatch > 0 else config.batch_size
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.step = 0
         self.last_saved_step = None
 
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self._param_data = [p.detach() for p in self.params]  # views the optimizer updates in place
+        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
         # Non-finite steps (identical on all ranks): counted on the device, read at log intervals.
         self._skipped = torch.zeros((), dtype=torch.long, device=self.device)
         self._streak = torch.zeros((), dtype=torch.long, device=self.device)
         self._worst_streak = torch.zeros((), dtype=torch.long, device=self.device)
-        self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.opt = self._make_optimizer()
-        self._optimizer_skips_on_device = bool(self.opt.param_groups[0].get("fused"))
-        self.scaler = self._make_scaler()
-        self.ema_params = [[p.detach().clone() for p in self.params] for _ in config.ema_rate]
+        self.opt = make_adamw(self.params, config, self.device)
+        self.mixed = MixedPrecision(config.precision, self.device, self.opt, config.fp16_scale_growth)
+        self.ema = EMA(self.model, config.ema_rate)
 
         self._resume(resume)
         self._interval_start = (time.perf_counter(), self.step)
         self._eval_seconds = 0.0  # spent in evaluate() since the last dump
 
-        model_for_ddp = self.model
         if self.world_size > 1:
             # Parameters are identical on every rank here (same seed or same checkpoint);
             # DDP broadcasts rank 0's anyway.
             self.ddp_model = DDP(
-                model_for_ddp,
+                self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
             )
         else:
-            self.ddp_model = model_for_ddp
+            self.ddp_model = self.model
         self.train_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
 
-    # ------------------------------------------------------------------ construction
+    # Names kept from the first layout of this class (tests and user code read them).
+    @property
+    def ema_params(self):
+        return self.ema.params
 
-    def _make_optimizer(self):
-        impl = self.config.optimizer_impl
-        kwargs = dict(
-            lr=self.config.lr,
-            betas=(self.config.momentum.beta_init, self.config.adam_beta2),
-            weight_decay=self.config.weight_decay,
-        )
-        if impl == "auto":
-            impl = "fused" if _fused_adamw_works(self.device) else "foreach"
-        if impl == "fused":
-            kwargs["fused"] = True
-        elif impl == "foreach":
-            kwargs["foreach"] = True
-        else:
-            kwargs["foreach"] = False
-        return torch.optim.AdamW(self.params, **kwargs)
+    @property
+    def scaler(self):
+        return self.mixed.scaler
 
-    def _make_scaler(self):
-        if self.config.precision != "fp16":
-            return None
-        growth_interval = max(1, round(1.0 / self.config.fp16_scale_growth))
-        return torch.amp.GradScaler(self.device.type, init_scale=2.0**16, growth_interval=growth_interval)
+    def ema_state_dict(self, index=0):
+        return self.ema.state_dict(index)
 
-    def _autocast(self):
-        if self.config.precision == "fp32":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.config.precision == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+    def ema_model(self, index=0):
+        return self.ema.eval_model(index)
 
     # ------------------------------------------------------------------ schedules
 
@@ -244,16 +233,13 @@ class TrainLoop:
         return self.config.lr * (1.0 - frac_done)
 
     def schedules(self, step):
-        """lr, beta1 and CLTS lambda used for the update at global step `step`."""
+        """lr (anneal x LRC), beta1 (MD) and the sampler's curriculum values at global step `step`."""
         momentum = self.config.momentum
-        out = {
+        return {
             "lr": self.base_lr(step) * momentum.lr_factor(step),
             "beta1": momentum.beta1(step),
+            **self.schedule_sampler.schedule_values(step),
         }
-        self.schedule_sampler.set_step(step)
-        if hasattr(self.schedule_sampler, "lam"):
-            out["clts_lambda"] = float(self.schedule_sampler.lam)
-        return out
 
     # ------------------------------------------------------------------ the loop
 
@@ -295,65 +281,50 @@ class TrainLoop:
 
     def run_step(self, batch, cond):
         """One optimizer update at global step `self.step`."""
-        # Schedules for this update (MD, LRC, CLTS): set before anything is sampled.
-        sched = self.schedules(self.step)
+        sched = self.schedules(self.step)  # MD, LRC and CLTS, set before anything is drawn
         for group in self.opt.param_groups:
-            group["lr"] = sched["lr"]
-            group["betas"] = (sched["beta1"], group["betas"][1])
+            group["lr"], group["betas"] = sched["lr"], (sched["beta1"], group["betas"][1])
+        self.schedule_sampler.set_step(self.step)
         for key, value in sched.items():
             self.logger.logkv(key, value)
 
-        # Accumulate gradients: microbatch losses are weighted by their share of the batch,
-        # so the gradient is that of the batch mean whatever --microbatch is.
-        self.opt.zero_grad(set_to_none=True)
-        memory_format = torch.channels_last if self.config.channels_last else torch.contiguous_format
-        x = to_model_input(batch, self.device).contiguous(memory_format=memory_format)
+        x = to_model_input(batch, self.device).contiguous(memory_format=self.memory_format)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
-        n_total = x.shape[0]
-        # Timesteps and noise are drawn for the whole batch, so microbatching changes nothing.
-        t_all, weights_all = self.schedule_sampler.sample(n_total, self.device)
-        # Drawn in NCHW order, so the memory format never changes the noise.
-        noise_all = torch.randn(x.shape, device=x.device, dtype=x.dtype).contiguous(memory_format=memory_format)
-        for start in range(0, n_total, self.microbatch):
-            piece = slice(start, start + self.microbatch)
-            micro, t, weights = x[piece], t_all[piece], weights_all[piece]
-            micro_cond = {k: v[piece] for k, v in cond.items()}
-            last = start + self.microbatch >= n_total
-            sync = nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
-            with sync:
-                with self._autocast():
-                    losses = self.diffusion.training_losses(
-                        self.train_model, micro, t, model_kwargs=micro_cond, noise=noise_all[piece]
-                    )
-                if isinstance(self.schedule_sampler, LossAwareSampler):
-                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
-                loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n_total)
-                self._log_losses(t, losses, weights)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+        # Timesteps and noise for the whole batch (so --microbatch changes nothing); the noise
+        # is drawn in NCHW order, so the memory format never changes it either.
+        t, weights = self.schedule_sampler.sample(x.shape[0], self.device)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype).contiguous(memory_format=self.memory_format)
+        self.opt.zero_grad(set_to_none=True)
+        for start in range(0, x.shape[0], self.microbatch):
+            self._accumulate(slice(start, start + self.microbatch), x, cond, t, weights, noise)
 
-        # Update weights, unless the loss or a gradient is not finite. The decision stays on
-        # the device (fused AdamW's found_inf input), so the step never waits for the host.
-        if self.scaler is not None:
-            self.scaler.unscale_(self.opt)
+        # The update is skipped when the loss or a gradient is not finite, decided on the device.
+        self.mixed.unscale_()
         grad_norm = self._grad_norm_and_clip()
         finite = torch.isfinite(grad_norm)
-        if self.scaler is not None:
-            self.scaler.step(self.opt)  # skips by itself when a gradient is not finite
-            self.scaler.update()
-        elif self._optimizer_skips_on_device:
-            self.opt.found_inf = (~finite).float()
-            try:
-                self.opt.step()
-            finally:
-                del self.opt.found_inf
-        elif finite:  # a host sync, only for optimizers without found_inf (foreach, single)
-            self.opt.step()
+        self.mixed.step(finite)
+        self.ema.update(finite)
         self.logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
-        self._update_ema(finite)
         self._count_nonfinite(finite)
+
+    def _accumulate(self, piece, x, cond, t, weights, noise):
+        """Backward of one microbatch, its loss weighted by its share of the batch, so the
+        gradient is that of the batch mean whatever --microbatch is."""
+        n_total = x.shape[0]
+        micro, t, weights = x[piece], t[piece], weights[piece]
+        last = piece.stop >= n_total
+        sync = nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
+        with sync:
+            with self.mixed.autocast():
+                losses = self.diffusion.training_losses(
+                    self.train_model, micro, t, model_kwargs={k: v[piece] for k, v in cond.items()},
+                    noise=noise[piece],
+                )
+            if isinstance(self.schedule_sampler, LossAwareSampler):
+                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+            loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n_total)
+            self._log_losses(t, losses, weights)
+            self.mixed.backward(loss)
 
     def _count_nonfinite(self, finite):
         """Skipped steps and the longest non-finite streak, as device counters."""
@@ -404,14 +375,6 @@ class TrainLoop:
         counts = totals[-1].repeat(len(keys))
         self.logger.logkv_sums(names, totals[:-1].flatten(), counts)
 
-    @torch.no_grad()
-    def _update_ema(self, finite):
-        """ema += (1 - rate) * (param - ema), with weight 0 after a skipped step (no host sync)."""
-        for rate, ema in zip(self.config.ema_rate, self.ema_params):
-            delta = torch._foreach_sub(self._param_data, ema)
-            torch._foreach_mul_(delta, finite.float() * (1.0 - rate))
-            torch._foreach_add_(ema, delta)
-
     def dump_logs(self):
         now = time.perf_counter()
         start_time, start_step = self._interval_start
@@ -432,23 +395,6 @@ class TrainLoop:
         self._eval_seconds = 0.0
         self._stop_if_diverged(worst_streak)
 
-    # ------------------------------------------------------------------ EMA model
-
-    def ema_state_dict(self, index=0):
-        """A plain state dict of the model with EMA `index`'s weights (original format)."""
-        state = self.model.state_dict()
-        for name, value in zip(self.param_names, self.ema_params[index]):
-            state[name] = value.detach().clone()
-        return state
-
-    def ema_model(self, index=0):
-        """A copy of the model carrying EMA weights, for evaluation."""
-        if not hasattr(self, "_ema_model"):
-            self._ema_model = copy.deepcopy(self.model)
-        self._ema_model.load_state_dict(self.ema_state_dict(index))
-        self._ema_model.eval()
-        return self._ema_model
-
     def evaluate(self):
         start = time.perf_counter()
         metrics = self.evaluator(self.ema_model(0), self.step)
@@ -459,68 +405,36 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _rank_state(self):
-        state = {"rng_torch": torch.get_rng_state(), "rng_numpy": _numpy_rng_state()}
-        if torch.cuda.is_available():
-            state["rng_cuda"] = torch.cuda.get_rng_state()
-        if hasattr(self.data, "state_dict"):
-            state["data"] = self.data.state_dict()
-        return state
-
     def save(self):
         """Write the checkpoint at this step (rank 0), atomically; every rank must call this."""
         if self.log_dir is None:
             return
         self._stop_if_diverged(self.nonfinite_counts(reset=False)[1])
-        rank_states = dist_util.all_gather_objects(self._rank_state())
+        rank_states = dist_util.all_gather_objects(ckpt.rank_state(self.data))
         if dist_util.is_main():
             self._check_finite()
-            os.makedirs(self.log_dir, exist_ok=True)
-            files = {}
-
-            def write(name, obj):
-                path = os.path.join(self.log_dir, name)
-                ckpt.atomic_save(obj, path)
-                files[name] = os.path.getsize(path)
-
-            write(ckpt.model_name(self.step), self.model.state_dict())
-            for i, rate in enumerate(self.config.ema_rate):
-                write(ckpt.ema_name(rate, self.step), self.ema_state_dict(i))
-            write(ckpt.opt_name(self.step), self.opt.state_dict())
             state = {
-                "format": 1,
-                "step": self.step,
-                "files": files,
                 "world_size": self.world_size,
                 "ranks": rank_states,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "sampler": self.schedule_sampler.state_dict() if hasattr(self.schedule_sampler, "state_dict") else None,
+                "sampler": self.schedule_sampler.state_dict(),
                 "schedules": self.schedules(self.step),
                 "nonfinite_streak": self.nonfinite_streak,
                 "ema_rate": list(self.config.ema_rate),
                 "config": _plain(self.run_config),
             }
-            ckpt.atomic_save(state, os.path.join(self.log_dir, ckpt.state_name(self.step)))
+            emas = {rate: self.ema.state_dict(i) for i, rate in enumerate(self.config.ema_rate)}
+            ckpt.write_checkpoint(self.log_dir, self.step, self.model.state_dict(), emas, self.opt.state_dict(), state)
             self.logger.log(f"saved checkpoint at step {self.step} in {self.log_dir}")
-            self._prune_checkpoints()
+            ckpt.prune_checkpoints(self.log_dir, self.config.keep_checkpoints)
         self.last_saved_step = self.step
         dist_util.barrier()
 
     def _check_finite(self):
-        tensors = self.params + [p for ema in self.ema_params for p in ema]
+        tensors = self.params + self.ema.all_tensors()
         norms = torch.stack([t.detach().float().norm() for t in tensors])
         if not torch.isfinite(norms).all():
             raise NonFiniteError(f"refusing to write a checkpoint with non-finite weights at step {self.step}")
-
-    def _prune_checkpoints(self):
-        keep = self.config.keep_checkpoints
-        if keep <= 0:
-            return
-        steps = sorted(
-            int(m.group(1)) for m in map(ckpt.STATE_PATTERN.match, os.listdir(self.log_dir)) if m
-        )
-        for step in steps[:-keep]:
-            ckpt.remove_checkpoint(self.log_dir, step)
 
     def _resume(self, resume):
         if dist_util.is_main():
@@ -577,34 +491,19 @@ class TrainLoop:
     def _load_checkpoint(self, directory, step, state, model_file=None, partial=False):
         """Load model, every EMA, optimizer and (when present) the rest, on every rank. With
         `partial`, a missing EMA starts from the model's weights and a missing optimizer fresh."""
-
-        def load(name, what):
-            path = os.path.join(directory, name)
-            if os.path.isfile(path):
-                return dist_util.load_state_dict(path)
-            if partial and what != "model":
-                self.logger.log(f"WARNING: no {what} file {name} in {directory}: it starts afresh")
-                return None
-            raise FileNotFoundError(
-                f"cannot resume from step {step} in {directory}: the {what} file {name} is missing "
-                "(pass its model file as --resume PATH to start from those weights, or use a new --log_dir)"
-            )
-
+        files = ckpt.read_training_files(
+            directory, step, self.config.ema_rate, dist_util.load_state_dict, model_file=model_file,
+            partial=partial, log=self.logger.log,
+        )
         model_file = model_file or ckpt.model_name(step)
-        model_state = load(model_file, "model")
-        ckpt.check_state_dict_matches(self.model, model_state, what=os.path.basename(model_file))
-        self.model.load_state_dict(model_state, strict=True)
-        for i, rate in enumerate(self.config.ema_rate):
-            ema_state = load(ckpt.ema_name(rate, step), f"EMA (rate {rate})")
-            if ema_state is None:
-                ema_state = model_state
+        ckpt.check_state_dict_matches(self.model, files["model"], what=os.path.basename(model_file))
+        self.model.load_state_dict(files["model"], strict=True)
+        for i, (rate, ema_state) in enumerate(zip(self.config.ema_rate, files["ema"])):
+            ema_state = files["model"] if ema_state is None else ema_state
             ckpt.check_state_dict_matches(self.model, ema_state, what=ckpt.ema_name(rate, step))
-            with torch.no_grad():
-                for p, name in zip(self.ema_params[i], self.param_names):
-                    p.copy_(ema_state[name])
-        opt_state = load(ckpt.opt_name(step), "optimizer")
-        if opt_state is not None:
-            self.opt.load_state_dict(opt_state)
+            self.ema.load_state_dict(i, ema_state)
+        if files["opt"] is not None:
+            self.opt.load_state_dict(files["opt"])
         self.step = step
         if state is None:
             self.logger.log(
@@ -614,19 +513,13 @@ class TrainLoop:
             return
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
-        if state.get("sampler") is not None and hasattr(self.schedule_sampler, "load_state_dict"):
+        if state.get("sampler") is not None:
             self.schedule_sampler.load_state_dict(state["sampler"])
         self._streak.fill_(int(state.get("nonfinite_streak", 0)))
         self._worst_streak.copy_(self._streak)
         ranks = state.get("ranks") or []
         if len(ranks) == self.world_size:
-            mine = ranks[self.rank]
-            torch.set_rng_state(mine["rng_torch"])
-            _set_numpy_rng_state(mine["rng_numpy"])
-            if "rng_cuda" in mine and torch.cuda.is_available():
-                torch.cuda.set_rng_state(mine["rng_cuda"])
-            if "data" in mine and hasattr(self.data, "load_state_dict"):
-                self.data.load_state_dict(mine["data"])
+            ckpt.set_rank_state(ranks[self.rank], self.data)
         else:
             self.logger.log(
                 f"WARNING: checkpoint written by {len(ranks)} ranks, resuming on {self.world_size}: "
@@ -653,6 +546,16 @@ class TrainLoop:
             self.logger.log("WARNING: options differ from the checkpoint's run: " + ", ".join(changed))
 
 
+def make_adamw(params, config, device):
+    """AdamW with the kernel of --optimizer_impl (auto: fused where torch has it, else foreach)."""
+    impl = config.optimizer_impl
+    if impl == "auto":
+        impl = "fused" if _fused_adamw_works(device) else "foreach"
+    kernel = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}[impl]
+    betas = (config.momentum.beta_init, config.adam_beta2)
+    return torch.optim.AdamW(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay, **kernel)
+
+
 def _fused_adamw_works(device):
     """Whether this torch has a fused AdamW kernel for `device` (CUDA; CPU from torch 2.4)."""
     try:
@@ -661,16 +564,6 @@ def _fused_adamw_works(device):
     except (RuntimeError, ValueError, TypeError):
         return False
     return True
-
-
-def _numpy_rng_state():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
-
-
-def _set_numpy_rng_state(s):
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"], s["cached"]))
 
 
 def _plain(obj):

@@ -32,6 +32,8 @@ def load_module(name):
 config_flags = load_module("config_flags.py")
 summarize = load_module("summarize.py")
 train_flags = load_module("train_flags.py")
+train_help = load_module("train_help.py")
+variants = load_module("variants.py")
 
 
 def bash(script, args, extra_env=None, cwd=None, timeout=300):
@@ -108,16 +110,99 @@ def test_usage_when_arguments_are_missing(script, missing):
     assert f"scripts/launch/{script}" in proc.stderr  # the usage text
 
 
+VARIANTS = ("baseline", "md", "md_lrc", "clts", "all")
+# What each paper variant adds to its experiment's baseline config (the full files before they
+# became overlays held exactly this): the overlays must resolve to it, key for key.
+CLTS = {"schedule_sampler": "clts", "clts_mu": 0.3, "clts_sigma": 1.0, "clts_target_steps": 100000}
+MD = {"momentum_decay": True, "md_beta_init": 0.9, "md_beta_min": 0.5}
+LRC = {"lr_compensation": True}
+PAPER_OVERLAYS = {"baseline": {}, "md": MD, "md_lrc": {**MD, **LRC}, "clts": CLTS, "all": {**CLTS, **MD, **LRC}}
+# The demo's variants set every method switch (demo.json has all three on).
+SWITCHES = {"baseline": ("uniform", False, False), "md": ("uniform", True, False), "md_lrc": ("uniform", True, True),
+            "clts": ("clts", False, False), "all": ("clts", True, True)}
+
+
+def config_file(name):
+    return os.path.join(ROOT, "configs", name)
+
+
 def test_paper_configs_match_global_batch():
     """configs/*: per-rank batch_size x 8 GPUs is the paper's global batch (SPEC section 3)."""
+    from improved_diffusion import config
+
     for exp, global_batch in (("cifar10", 128), ("imagenet128", 256)):
-        for variant in ("baseline", "md", "md_lrc", "clts", "all"):
-            with open(os.path.join(ROOT, "configs", f"{exp}_{variant}.json")) as f:
-                cfg = json.load(f)
+        for variant in VARIANTS:
+            cfg = config.read_options_file(config_file(f"{exp}_{variant}.json"))
             assert cfg["batch_size"] * 8 == global_batch, (exp, variant)
             assert cfg.get("momentum_decay", False) == (variant in ("md", "md_lrc", "all"))
             assert cfg.get("lr_compensation", False) == (variant in ("md_lrc", "all"))
             assert (cfg.get("schedule_sampler", "uniform") == "clts") == (variant in ("clts", "all"))
+
+
+@pytest.mark.parametrize("exp", ["cifar10", "imagenet128"])
+def test_paper_variants_are_overlays_of_the_baseline(exp):
+    """Each variant file is the baseline plus its methods' keys, and nothing else."""
+    from improved_diffusion import config
+
+    base = config.read_options_file(config_file(f"{exp}_baseline.json"))
+    assert "base" not in base and not set(base) & set({**CLTS, **MD, **LRC})
+    for variant, overlay in PAPER_OVERLAYS.items():
+        path = config_file(f"{exp}_{variant}.json")
+        assert config.read_options_file(path) == {**base, **overlay}, variant
+        if variant != "baseline":
+            with open(path) as f:
+                own = json.load(f)
+            assert own == {"base": f"{exp}_baseline.json", **overlay}, variant  # only what differs
+
+
+def test_demo_variants_set_every_switch():
+    from improved_diffusion import config
+
+    demo = config.read_options_file(config_file("demo.json"))
+    for variant, (sampler, md, lrc) in SWITCHES.items():
+        cfg = config.read_options_file(config_file(f"demo_{variant}.json"))
+        switches = {"schedule_sampler": sampler, "momentum_decay": md, "lr_compensation": lrc}
+        assert cfg == {**demo, **switches}, variant
+
+
+def test_every_config_is_valid():
+    """Every file in configs/ reads as --config does: known options, right types and ranges."""
+    from improved_diffusion import config
+
+    for path in sorted(glob.glob(config_file("*.json"))):
+        values = config.load_config(path, config.names())
+        config.validate(values)
+
+
+def test_variants_come_from_the_config_files(tmp_path):
+    assert [v for v, _, _ in variants.select("cifar10")] == list(VARIANTS)  # the paper's order
+    (name, path, flags), = variants.select("imagenet128", "md_lrc")
+    assert path == config_file("imagenet128_md_lrc.json") and flags == []
+    assert [(v, os.path.basename(p)) for v, p, _ in variants.select("demo", "all,md")] == \
+        [("all", "demo_all.json"), ("md", "demo_md.json")]
+    # a config file of one's own: the demo's switches as flags on top of it
+    own = tiny_config(tmp_path / "mine.json")
+    for variant, path, flags in variants.select(own):
+        sampler, md, lrc = SWITCHES[variant]
+        assert path == own and flags == ["--schedule_sampler", sampler, "--momentum_decay", str(md),
+                                         "--lr_compensation", str(lrc)]
+    with pytest.raises(variants.VariantError, match=r"unknown variant 'foo' \(choose from: baseline, md, md_lrc"):
+        variants.select("cifar10", "md,foo")
+    with pytest.raises(variants.VariantError, match=r"unknown experiment 'nope'.*known: cifar10, demo, imagenet128"):
+        variants.select("nope")
+    with pytest.raises(variants.VariantError, match="base config not found"):
+        variants.select(str(tmp_path / "missing.json"))
+
+
+def test_train_help_is_up_to_date():
+    """docs/train-help.txt is the option table's help; `scripts/launch/train_help.py --write` renews it."""
+    from improved_diffusion import config
+
+    with open(train_help.PATH) as f:
+        text = f.read()
+    assert text == train_help.text(), "docs/train-help.txt is out of date: python scripts/launch/train_help.py --write"
+    for name in config.names():
+        assert f"  --{name} (" in text
 
 
 # ---------------------------------------------------------------------------- config_flags.py
@@ -395,10 +480,11 @@ def test_ablation_plans_sweeps_and_variants(tmp_path):
         assert f"configs/cifar10_{variant}.json" in out
     assert "global batch 128 on 8 process(es)" in out
 
-    # demo: flag sets on top of configs/demo.json (all methods on)
+    # demo: its overlay files on top of configs/demo.json (all methods on)
     out = ok(bash("ablation.sh", ["demo", out_dir, "--variants", "md", "--plan"], {"DATA_DIR": data}))
-    assert "configs/demo.json" in out and "--schedule_sampler uniform --momentum_decay True " \
-                                          "--lr_compensation False" in out
+    lines = [line for line in out.splitlines() if not line.startswith("[")]
+    assert len(lines) == 1 and lines[0].startswith("md: ") and "configs/demo_md.json" in lines[0]
+    assert lines[0].endswith(f"{out_dir / 'md'} --seed 0")  # no flags: the file is the variant
     assert "on 1 process(es)" in out
 
 

@@ -56,7 +56,7 @@ def params_of(loop):
 @pytest.mark.parametrize("optimizer_impl", ["fused", "foreach"])  # skipped on the device / on the host
 def test_fp32_nan_step_is_skipped_and_training_goes_on(tmp_path, optimizer_impl):
     loop = make_loop(tmp_path, optimizer_impl=optimizer_impl)
-    assert loop._optimizer_skips_on_device == (optimizer_impl == "fused")
+    assert loop.mixed.skips_on_device == (optimizer_impl == "fused")
     loop.model.register_forward_hook(NaNAt({2}))
     batch, cond = next(loop.data)
     loop.run_step(batch, cond)  # call 1: fine

@@ -5,15 +5,12 @@
 #   scripts/launch/ablation.sh EXPERIMENT OUT_DIR [--variants LIST | --sweep KEY=V1,V2,...]
 #                              [--base VARIANT] [--with_baseline] [--plan] [extra image_train.py flags...]
 #
-# EXPERIMENT: cifar10, imagenet128 (configs/EXP_VARIANT.json), demo (configs/demo.json), another
-#   config prefix, or a base config .json. Where configs/EXP_VARIANT.json exists it is the
-#   variant; otherwise the variant is a flag set on top of configs/EXP.json (or the given file):
-#     baseline  --schedule_sampler uniform --momentum_decay False --lr_compensation False
-#     md        --schedule_sampler uniform --momentum_decay True  --lr_compensation False
-#     md_lrc    --schedule_sampler uniform --momentum_decay True  --lr_compensation True
-#     clts      --schedule_sampler clts    --momentum_decay False --lr_compensation False
-#     all       --schedule_sampler clts    --momentum_decay True  --lr_compensation True
-# --variants LIST   comma-separated variants to run (default: baseline,md,md_lrc,clts,all)
+# EXPERIMENT: cifar10, imagenet128, demo or another NAME: its variants are the files
+#   configs/NAME_VARIANT.json, each an overlay of the experiment's base config, trained with
+#   --config that file. A config .json of your own (or a NAME with only configs/NAME.json) gets
+#   the demo's variants as flags on top of it: the method switches of configs/demo_VARIANT.json.
+# --variants LIST   comma-separated variants to run (default: all of the experiment's:
+#                   baseline,md,md_lrc,clts,all)
 # --sweep KEY=VALS  one run per value of --KEY (clts_mu, clts_sigma, clts_target_steps, seed, any
 #                   image_train.py option) on top of --base VARIANT (default all);
 #                   --with_baseline adds a baseline run
@@ -77,34 +74,10 @@ done
 
 # ------------------------------------------------------------ the experiment and its defaults
 if [[ "$EXPERIMENT" == *.json || -f "$EXPERIMENT" ]]; then
-    [[ -f "$EXPERIMENT" ]] || die "base config not found: $EXPERIMENT"
-    BASE_CONFIG="$EXPERIMENT" FROM_FILE=1 EXP_NAME="$(basename "$EXPERIMENT" .json)"
+    EXP_NAME="$(basename "$EXPERIMENT" .json)"
 else
-    BASE_CONFIG="$REPO/configs/$EXPERIMENT.json" FROM_FILE="" EXP_NAME="$EXPERIMENT"
-    [[ -f "$BASE_CONFIG" ]] || compgen -G "$REPO/configs/${EXPERIMENT}_*.json" >/dev/null || \
-        die "unknown experiment '$EXPERIMENT': no configs/${EXPERIMENT}.json or configs/${EXPERIMENT}_VARIANT.json" \
-            "(known: $(cd "$REPO/configs" && ls ./*.json | sed 's#^\./##; s/\.json$//; s/_\(baseline\|md\|md_lrc\|clts\|all\)$//' | sort -u | tr '\n' ' '))"
+    EXP_NAME="$EXPERIMENT"
 fi
-experiment_defaults "$EXP_NAME"
-export NUM_SAMPLES="${NUM_SAMPLES:-0}"
-SEED="${SEED:-0}"
-if [[ -n "$REF_STATS" && -z "${EVAL_SAMPLES:-}" && "$EXP_NAME" == demo ]]; then
-    # the demo runs on a CPU: keep each evaluation small unless the config or EVAL_SAMPLES says otherwise
-    [[ -n "$(config_get "$BASE_CONFIG" eval_num_samples 2>/dev/null || true)" ]] || export EVAL_SAMPLES=200
-fi
-
-# variant_run VARIANT: set RUN_CONFIG and RUN_FLAGS of a variant of this experiment.
-variant_run() {
-    check_variant "$1"
-    local own="$REPO/configs/${EXPERIMENT}_$1.json"
-    if [[ -z "$FROM_FILE" && -f "$own" ]]; then
-        RUN_CONFIG="$own" RUN_FLAGS=""
-    elif [[ -f "$BASE_CONFIG" ]]; then
-        RUN_CONFIG="$BASE_CONFIG" RUN_FLAGS="$(variant_flags "$1")"
-    else
-        die "no config for variant '$1': neither $own nor $BASE_CONFIG exists"
-    fi
-}
 
 NAMES=() CONFIGS=() FLAGS=()
 add_run() {  # NAME CONFIG FLAGS
@@ -114,16 +87,17 @@ if [[ -n "$SWEEP" ]]; then
     [[ "$SWEEP" =~ ^([A-Za-z0-9_]+)=([^=]+)$ ]] || die "--sweep must be KEY=V1,V2,... (e.g. clts_mu=0.1,0.3,0.5), got '$SWEEP'"
     KEY="${BASH_REMATCH[1]}" VALUES="${BASH_REMATCH[2]}"
     BASE="${BASE:-all}"
-    check_variant "$BASE"
+    [[ "$BASE" != *,* ]] || die "--base takes one variant, got '$BASE'"
+    if (( WITH_BASELINE )); then
+        load_variants "$EXPERIMENT" "baseline,$BASE"
+        add_run baseline "${VARIANT_CONFIGS[0]}" "${VARIANT_FLAGS[0]}"
+    else
+        load_variants "$EXPERIMENT" "$BASE"
+    fi
+    base_config="${VARIANT_CONFIGS[-1]}" base_flags="${VARIANT_FLAGS[-1]}"
     if [[ "$KEY" == clts_* && "$BASE" != clts && "$BASE" != all ]]; then
         log "warning: sweeping $KEY on top of '$BASE', which does not use CLTS: the values change nothing"
     fi
-    if (( WITH_BASELINE )); then
-        variant_run baseline
-        add_run baseline "$RUN_CONFIG" "$RUN_FLAGS"
-    fi
-    variant_run "$BASE"
-    base_config="$RUN_CONFIG" base_flags="$RUN_FLAGS"
     IFS=',' read -r -a values <<< "$VALUES"
     for v in "${values[@]}"; do
         [[ -n "$v" ]] || continue
@@ -131,15 +105,20 @@ if [[ -n "$SWEEP" ]]; then
         add_run "${KEY}_$v" "$base_config" "${base_flags:+$base_flags }--$KEY $v"
     done
 else
-    IFS=',' read -r -a variants <<< "${VARIANT_LIST:-baseline,md,md_lrc,clts,all}"
-    for v in "${variants[@]}"; do
-        [[ -n "$v" ]] || continue
-        check_variant "$v"
-        variant_run "$v"
-        add_run "$v" "$RUN_CONFIG" "$RUN_FLAGS"
+    load_variants "$EXPERIMENT" "$VARIANT_LIST"
+    for i in "${!VARIANT_NAMES[@]}"; do
+        add_run "${VARIANT_NAMES[i]}" "${VARIANT_CONFIGS[i]}" "${VARIANT_FLAGS[i]}"
     done
 fi
 (( ${#NAMES[@]} )) || die "nothing to run"
+
+experiment_defaults "$EXP_NAME"
+export NUM_SAMPLES="${NUM_SAMPLES:-0}"
+SEED="${SEED:-0}"
+if [[ -n "$REF_STATS" && -z "${EVAL_SAMPLES:-}" && "$EXP_NAME" == demo ]]; then
+    # the demo runs on a CPU: keep each evaluation small unless the config or EVAL_SAMPLES says otherwise
+    [[ -n "$(config_get "${CONFIGS[0]}" eval_num_samples 2>/dev/null || true)" ]] || export EVAL_SAMPLES=200
+fi
 
 # Typos in the sweep key or the extra flags fail here, before anything runs (also with --plan).
 if [[ -n "$SWEEP" ]]; then

@@ -4,9 +4,9 @@ Read a training run's options back, for the launch scripts.
     python scripts/launch/config_flags.py LOG_DIR
     # --attention_resolutions 16,8 --class_cond False --diffusion_steps 1000 ... (one line)
 
-prints the model and diffusion flags (the keys of
-`improved_diffusion.script_util.model_and_diffusion_defaults()`) of the run's
-`LOG_DIR/config.json` as `--key value` pairs, shell-quoted, so that
+prints the model and diffusion flags (the model and diffusion groups of the option table,
+`improved_diffusion/config.py`) of the run's `LOG_DIR/config.json` as `--key value` pairs,
+shell-quoted, so that
 
     eval "MODEL_FLAGS=($(python scripts/launch/config_flags.py runs/x))"
     python scripts/image_sample.py --model_path ... "${MODEL_FLAGS[@]}"
@@ -14,7 +14,7 @@ prints the model and diffusion flags (the keys of
 builds the same model. A key missing from the file gets its default; an empty value is
 printed as '' (keys that are empty by default, like channel_mult, are left out when empty,
 so the usual output also works unquoted: `$(config_flags.py LOG_DIR)`). LOG_DIR may also be
-a config file (any `--config` JSON). Other modes:
+a config file (any `--config` JSON, read through its "base" as --config reads it). Other modes:
 
     config_flags.py LOG_DIR --exclude timestep_respacing   # leave keys out
     config_flags.py LOG_DIR --ema_checkpoint               # newest intact EMA checkpoint (first rate)
@@ -37,13 +37,13 @@ def config_path(path):
 
 
 def load_config(path):
-    from improved_diffusion.script_util import read_json_options
+    from improved_diffusion import config
 
     path = config_path(path)
     if not os.path.isfile(path):
         raise SystemExit(f"error: {path}: no such file (is this a training log dir?)")
     try:
-        return read_json_options(path)
+        return config.read_options_file(path)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -65,9 +65,9 @@ def model_flags(values, exclude=()):
     `timestep_respacing`) is left out: it changes nothing, and without empty words the output
     also works word-split, unquoted (`$(config_flags.py LOG_DIR)`), in the usual cases.
     """
-    from improved_diffusion.script_util import model_and_diffusion_defaults
+    from improved_diffusion import config
 
-    defaults = model_and_diffusion_defaults()
+    defaults = config.defaults(*config.MODEL_GROUPS)
     out = []
     for key in sorted(defaults):
         value = format_value(values.get(key, defaults[key]))

@@ -17,7 +17,6 @@ if [ -z "${PYTHON:-}" ] && [ -x "$REPO/.venv/bin/python" ] && [ -z "${VIRTUAL_EN
     export PATH="$REPO/.venv/bin:$PATH"  # its mpiexec and torchrun too
 fi
 PYTHON="${PYTHON:-python}"
-VARIANTS="baseline md md_lrc clts all"
 
 log() { echo "[$(basename "$0")] $*"; }
 die() { echo "[$(basename "$0")] error: $*" >&2; exit 2; }
@@ -52,26 +51,19 @@ launch() {
     esac
 }
 
-check_variant() {
-    local v
-    for v in $VARIANTS; do [[ "$1" == "$v" ]] && return 0; done
-    die "unknown variant '$1' (choose from: ${VARIANTS// /, })"
+# load_variants EXPERIMENT [LIST]: VARIANT_NAMES, VARIANT_CONFIGS and VARIANT_FLAGS (a word list)
+# of the experiment's variants, all or those of the comma-separated LIST, read from the config
+# files by scripts/launch/variants.py (configs/EXPERIMENT_VARIANT.json); else exit 2.
+load_variants() {
+    local out name config flags
+    out="$("$PYTHON" "$LAUNCH_DIR/variants.py" "$@" 2>&1)" || die "${out#error: }"
+    VARIANT_NAMES=() VARIANT_CONFIGS=() VARIANT_FLAGS=()
+    while IFS=$'\t' read -r name config flags; do
+        VARIANT_NAMES+=("$name") VARIANT_CONFIGS+=("$config") VARIANT_FLAGS+=("$flags")
+    done <<< "$out"
 }
 
-# variant_flags NAME: the image_train flags that make variant NAME on top of any base config.
-# Every method is set explicitly, so a base config with all methods on (demo.json) works too.
-variant_flags() {
-    check_variant "$1"
-    case "$1" in
-        baseline) echo "--schedule_sampler uniform --momentum_decay False --lr_compensation False" ;;
-        md)       echo "--schedule_sampler uniform --momentum_decay True --lr_compensation False" ;;
-        md_lrc)   echo "--schedule_sampler uniform --momentum_decay True --lr_compensation True" ;;
-        clts)     echo "--schedule_sampler clts --momentum_decay False --lr_compensation False" ;;
-        all)      echo "--schedule_sampler clts --momentum_decay True --lr_compensation True" ;;
-    esac
-}
-
-# config_get CONFIG KEY: a value of a JSON config ('' when absent).
+# config_get CONFIG KEY: a value of a JSON config, its "base" included ('' when absent).
 config_get() {
     "$PYTHON" "$LAUNCH_DIR/config_flags.py" "$1" --get "$2"
 }
@@ -153,13 +145,14 @@ check_train_flags() {
     fi
 }
 
-# paper_experiment EXPERIMENT VARIANT [extra flags...]: one run of the paper's experiment.
+# paper_experiment EXPERIMENT VARIANT [extra flags...]: one run of the paper's experiment, with
+# --config configs/EXPERIMENT_VARIANT.json.
 paper_experiment() {
     local exp="$1" variant="$2"
     shift 2
-    check_variant "$variant"
-    local config="$REPO/configs/${exp}_${variant}.json"
-    [[ -f "$config" ]] || die "config not found: $config"
+    [[ "$variant" != *,* ]] || die "one variant at a time, got '$variant'"
+    load_variants "$exp" "$variant"
+    local config="${VARIANT_CONFIGS[0]}"
     experiment_defaults "$exp"
     check_inputs
     local log_dir="${LOG_DIR:-$REPO/runs/${exp}_${variant}}"

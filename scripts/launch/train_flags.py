@@ -3,10 +3,10 @@ Check image_train.py flags without training, for the launch scripts.
 
     python scripts/launch/train_flags.py [--sweep KEY=V1,V2,...] [--] [FLAG VALUE ...]
 
-Exits 0 when every FLAG is an option of `scripts/image_train.py` (its TRAIN_OPTIONS and the
-model/diffusion keys of `model_and_diffusion_defaults()`) with a value of the right type,
-and when KEY names such an option exactly and each of its values parses. Otherwise it prints
-what is wrong, with the closest option names, and exits 2:
+Exits 0 when every FLAG is an option of `scripts/image_train.py` (the table of
+`improved_diffusion/config.py`) with a value of the right type and range, and when KEY names
+such an option exactly and each of its values passes. Otherwise it prints what is wrong, with
+the closest option names, and exits 2:
 
     $ python scripts/launch/train_flags.py --sweep clts_muu=0.1,0.3
     error: --sweep clts_muu: no such image_train.py option (did you mean clts_mu?)
@@ -14,9 +14,8 @@ what is wrong, with the closest option names, and exits 2:
 `--config`, `--data_dir` and `--log_dir` are refused: the launch scripts set them per run.
 """
 
+import argparse
 import difflib
-import functools
-import importlib.util
 import os
 import sys
 
@@ -32,19 +31,25 @@ class FlagError(Exception):
     pass
 
 
-@functools.lru_cache(maxsize=None)
-def _image_train():
-    spec = importlib.util.spec_from_file_location(
-        "image_train_for_flags", os.path.join(ROOT, "scripts", "image_train.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def option_names():
     """Every option name of image_train.py (without the leading --), sorted."""
-    return sorted(_image_train().all_defaults())
+    from improved_diffusion import config
+
+    return sorted(config.names())
+
+
+def _parser():
+    """image_train.py's flags as argparse reads them (types, choices, unique prefixes), from the table."""
+    from improved_diffusion import config
+
+    parser = argparse.ArgumentParser(prog="image_train.py")
+    config.add_options(parser, config.names())
+
+    def error(message):
+        raise FlagError(message)
+
+    parser.error = error
+    return parser
 
 
 def suggestions(name, names, n=4):
@@ -85,31 +90,27 @@ def check(flags, sweep=None):
     :return: the sweep key's option name, or None.
     :raises FlagError: naming the bad flag or value.
     """
-    module = _image_train()
-    names = sorted(module.all_defaults())
-    for name in flag_names(flags):
-        check_name(name, names, f"--{name}")
+    from improved_diffusion import config
+
+    names = option_names()
+    given = [check_name(n, names, f"--{n}") for n in flag_names(flags)]
     key = None
     runs = [[]]
     if sweep is not None:
         key, values = sweep
         key = check_name(key, names, f"--sweep {key}", exact=True)
-        used = {check_name(n, names, f"--{n}") for n in flag_names(flags)}
-        if key in used:
+        if key in given:
             raise FlagError(f"--sweep {key}: --{key} is also among the extra flags, which would override "
                             "the swept value in every run")
+        given.append(key)
         runs = [[f"--{key}", v] for v in values]
 
-    parser = module.create_argparser()
-
-    def error(message):
-        raise FlagError(message)
-
-    parser.error = error
+    parser = _parser()
     for run in runs:
         try:
-            parser.parse_args(list(flags) + run)
-        except FlagError as e:
+            args = vars(parser.parse_args(list(flags) + run))
+            config.validate({n: args[n] for n in given})  # each option's own range check
+        except (FlagError, ValueError) as e:
             where = f"--sweep {key}={run[1]}: " if run else ""
             raise FlagError(where + str(e)) from None
     return key

@@ -1,0 +1,320 @@
+"""
+The one table of options: every flag of training (and the model flags every script shares)
+is defined here once, with its default, type, help text, group and check.
+
+Everything else is derived from `OPTIONS`: the command line and `--help` (`add_options`),
+`--config` files and a run's `config.json` (`read_options_file`, `load_config`), the checks
+made before any work (`validate`), the original API (`model_and_diffusion_defaults()` in
+`script_util`), the launch helpers and `docs/train-help.txt`. Adding an option is adding one
+`Option(...)` line below (docs/design.md shows an example).
+
+Groups: model and diffusion (what a checkpoint needs to be rebuilt; every script that loads
+a checkpoint reads them from the run), train, methods (the paper's and its rivals'), eval
+(FID during training), gpu (speed settings that do not change what is computed), run (where
+and how a run starts and stops: not saved in config.json).
+"""
+
+import argparse
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+GROUPS = ("model", "diffusion", "train", "methods", "eval", "gpu", "run")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
+# Values that a constructor checks (TrainConfig, MomentumSchedule, CLTSSampler) have no check
+# here: image_train.py builds those before reading data, so they still fail early, once.
+# Facts about a run written to config.json for other tools (image_sample.py reads
+# data_num_classes); not options, so skipped when the file is read back as --config.
+RUN_FACTS = ("data_num_classes",)
+# A --config file may name another one to start from: {"base": "cifar10_baseline.json", ...}.
+BASE_KEY = "base"
+
+
+def str2bool(v):
+    """A command-line boolean ("true"/"false", "yes"/"no", "1"/"0"); argparse names the flag."""
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("yes", "true", "t", "y", "1"):
+        return True
+    if text in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {v!r}")
+
+
+def positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def open_unit_interval(v):
+    return None if 0.0 < v < 1.0 else "must be in (0, 1)"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    default: Any
+    help: str
+    group: str
+    choices: tuple = ()
+    check: Optional[Callable[[Any], Optional[str]]] = None  # value -> what is wrong, or None
+
+    @property
+    def parse(self):
+        """The argparse type: from the default (str2bool for booleans)."""
+        if isinstance(self.default, bool):
+            return str2bool
+        return type(self.default)
+
+    def validate(self, value):
+        """ValueError naming the flag when `value` is not acceptable."""
+        if self.choices and value not in self.choices:
+            raise ValueError(f"--{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        problem = self.check(value) if self.check else None
+        if problem:
+            raise ValueError(f"--{self.name} {problem}, got {value!r}")
+
+
+def _o(name, default, help, group, **kw):
+    return Option(name, default, help, group, **kw)
+
+
+OPTIONS = [
+    # ---- model and diffusion: improved-diffusion's keys and defaults (their order is the
+    # original dict's), plus guided-diffusion's model keys at values that keep the
+    # improved-diffusion architecture
+    _o("image_size", 64, "image side length in pixels", "model", check=positive),
+    _o("num_channels", 128, "base channel count of the UNet", "model", check=positive),
+    _o("num_res_blocks", 2, "residual blocks per resolution", "model", check=positive),
+    _o("num_heads", 4, "attention heads (used when num_head_channels is -1)", "model", check=positive),
+    _o("num_heads_upsample", -1, "attention heads in the decoder; -1 = num_heads", "model"),
+    _o("attention_resolutions", "16,8", "comma-separated resolutions (in pixels) with attention", "model"),
+    _o("dropout", 0.0, "dropout probability in residual blocks", "model", check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)"),
+    _o("learn_sigma", False, "also predict the variance (doubles the output channels)", "diffusion"),
+    _o("sigma_small", False, "fixed variance: posterior (small) instead of beta (large)", "diffusion"),
+    _o("class_cond", False, "class-conditional model", "model"),
+    _o("diffusion_steps", 1000, "number of diffusion steps T", "diffusion", check=positive),
+    _o("noise_schedule", "linear", "beta schedule: linear or cosine", "diffusion", choices=("linear", "cosine")),
+    _o("timestep_respacing", "", 'sampling steps, e.g. "250", "ddim50" or "10,15,20"; empty = all', "diffusion"),
+    _o("use_kl", False, "train with the variational bound (rescaled KL) loss", "diffusion"),
+    _o("predict_xstart", False, "predict x_0 instead of the noise", "diffusion"),
+    _o("rescale_timesteps", True, "feed timesteps to the model scaled to [0, 1000)", "diffusion"),
+    _o("rescale_learned_sigmas", True, "use the rescaled MSE (hybrid) loss with learned sigmas", "diffusion"),
+    _o("use_checkpoint", False, "gradient checkpointing (less memory, more compute)", "model"),
+    _o("use_scale_shift_norm", True, "FiLM-like scale/shift timestep conditioning", "model"),
+    _o("num_head_channels", -1, "fixed channels per attention head; -1 = use num_heads", "model"),
+    _o("channel_mult", "", "comma-separated channel multipliers per level; empty = by image_size", "model"),
+    _o("resblock_updown", False, "use residual blocks for up/downsampling", "model"),
+    _o("use_fp16", False, "the original's fp16 flag: fp16 autocast with loss scaling (= --precision fp16)", "model"),
+    _o("use_new_attention_order", False, "split q/k/v before heads in attention", "model"),
+    # ---- training: the original's flags first
+    _o("data_dir", "", "image folder (recursive) or .npz of uint8 images to train on", "train"),
+    _o("schedule_sampler", "uniform", "timestep sampler: uniform, loss-second-moment or clts", "methods",
+       choices=("uniform", "loss-second-moment", "clts")),
+    _o("lr", 1e-4, "base learning rate", "train", check=positive),
+    _o("weight_decay", 0.0, "AdamW weight decay", "train", check=non_negative),
+    _o("lr_anneal_steps", 0, "linear decay of the lr to 0 over this many steps (0: constant)", "train", check=non_negative),
+    _o("batch_size", 1, "images per rank per step (global batch = this x ranks)", "train"),
+    _o("microbatch", -1, "split each batch into pieces of this size to save memory (-1: off)", "train"),
+    _o("ema_rate", "0.9999", "comma-separated EMA rates, one EMA checkpoint per rate", "train"),
+    _o("log_interval", 10, "steps between metric dumps", "train"),
+    _o("save_interval", 10000, "steps between checkpoints", "train"),
+    _o("fp16_scale_growth", 1e-3, "fp16: the loss scale doubles after 1/this clean steps", "train"),
+    _o("total_steps", 0, "stop after this many optimizer steps (0: --lr_anneal_steps, or never)", "train"),
+    _o("precision", "auto", "fp32, bf16, fp16 or auto (training: bf16 on GPUs that have it, else fp32; "
+       "sampling: fp32)", "train", choices=PRECISIONS),
+    _o("seed", 0, "seed of weights, data order, timesteps and noise", "train"),
+    _o("grad_clip", 0.0, "clip the global gradient norm to this (0: off)", "train", check=non_negative),
+    _o("keep_checkpoints", 0, "keep only the newest N checkpoints (0: all)", "train", check=non_negative),
+    _o("max_nonfinite_steps", 20, "stop after this many non-finite steps in a row (checked at log intervals)",
+       "train", check=positive),
+    _o("random_flip", True, "random horizontal flips of training images", "train"),
+    _o("adam_beta2", 0.999, "Adam's beta2", "train", check=open_unit_interval),
+    # ---- the paper's methods (docs/methods.md) and their rivals
+    _o("clts_mu", 0.3, "CLTS: centre of the Gaussian over t/(T-1)", "methods"),
+    _o("clts_sigma", 1.0, "CLTS: width of the Gaussian over t/(T-1)", "methods"),
+    _o("clts_target_steps", 100000, "CLTS: steps until the Gaussian fully replaces the uniform", "methods"),
+    _o("clts_lambda_max", 1.0, "CLTS: final weight of the Gaussian in the mixture", "methods"),
+    _o("clts_importance_weighting", False, "CLTS: weight losses back to the uniform objective", "methods"),
+    _o("momentum_decay", False, "MD: decay Adam's beta1 over --total_steps (Demon)", "methods"),
+    _o("md_beta_init", 0.9, "MD: beta1 at step 0", "methods"),
+    _o("md_beta_min", 0.5, "MD: floor of beta1", "methods"),
+    _o("lr_compensation", False, "LRC: scale lr by (1 - beta_init) / (1 - beta1)", "methods"),
+    _o("min_snr_gamma", 0.0, "Min-SNR-gamma loss weighting (0: off), for comparison", "methods"),
+    # ---- FID during training
+    _o("eval_interval", 0, "steps between FID evaluations of the first EMA (0: off)", "eval", check=non_negative),
+    _o("eval_num_samples", 1000, "images sampled for each evaluation", "eval", check=positive),
+    _o("eval_batch_size", 250, "sampling batch size per rank during evaluation", "eval", check=positive),
+    _o("eval_ref_stats", "", "reference statistics .npz (scripts/fid.py ref) for --eval_interval", "eval"),
+    _o("eval_respacing", "ddim50", "sampling steps during evaluation (e.g. ddim50, 100)", "eval"),
+    _o("inception", "", "path of the Inception-v3 FID network (default: the bundled one)", "eval"),
+    # ---- speed settings: what is computed stays the same
+    _o("data_on_device", False, "copy the data set to the GPU once; batches are gathered and flipped there", "gpu"),
+    _o("channels_last", False, "channels-last memory format (faster convolutions on GPUs)", "gpu"),
+    _o("compile", False, "torch.compile the model", "gpu"),
+    _o("optimizer_impl", "auto", "AdamW kernel: auto (fused where torch has it, else foreach), fused, foreach, single",
+       "gpu", choices=OPTIMIZER_IMPLS),
+    _o("cudnn_benchmark", False, "let cuDNN time its convolution algorithms for each shape (CUDA; "
+       "faster, not bitwise reproducible)", "gpu"),
+    # ---- where and how this run starts and stops, not what it trains: left out of
+    # LOG_DIR/config.json, so that file reused as --config starts a new run
+    _o("config", "", "JSON file of option values; command-line flags override it", "run"),
+    _o("log_dir", "", "where logs and checkpoints go (default $OPENAI_LOGDIR, else runs/<time>)", "run"),
+    _o("resume", "auto", "auto (newest intact checkpoint in --log_dir), none, or a checkpoint path", "run"),
+    _o("resume_checkpoint", "", "a modelNNNNNN.pt to resume from (same as --resume PATH)", "run"),
+    _o("stop_at", 0, "leave this run at this step with a checkpoint; schedules keep --total_steps (0: off)", "run",
+       check=non_negative),
+    _o("dry_run", False, "print the effective options and exit", "run"),
+]
+
+BY_NAME = {o.name: o for o in OPTIONS}
+assert len(BY_NAME) == len(OPTIONS), "an option is defined twice"
+assert all(o.group in GROUPS for o in OPTIONS)
+
+
+def names(*groups):
+    """Option names of `groups` (all when none given), in table order."""
+    return [o.name for o in OPTIONS if not groups or o.group in groups]
+
+
+def defaults(*groups):
+    """{name: default} of `groups` (all when none given), in table order."""
+    return {o.name: o.default for o in OPTIONS if not groups or o.group in groups}
+
+
+MODEL_GROUPS = ("model", "diffusion")
+
+
+def add_options(parser, option_names, title=None):
+    """One `--name` flag per option, typed, with the table's help text and choices."""
+    target = parser.add_argument_group(title) if title else parser
+    for name in option_names:
+        o = BY_NAME[name]
+        kwargs = dict(default=o.default, type=o.parse, help=f"{o.help} (default: %(default)r)")
+        if o.choices:
+            kwargs["choices"] = o.choices
+        target.add_argument(f"--{name}", **kwargs)
+
+
+def validate(values):
+    """Each option's own check, for every known key of `values`; ValueError naming the flag."""
+    for name, value in values.items():
+        if name in BY_NAME:
+            BY_NAME[name].validate(value)
+
+
+def coerce(name, value, where):
+    """A JSON value as the option's type (ints for floats are fine), else ValueError naming `where`."""
+    o = BY_NAME[name]
+    try:
+        if isinstance(o.default, bool):
+            if not isinstance(value, bool):
+                value = str2bool(value)
+        elif isinstance(o.default, float):
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif isinstance(o.default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        else:
+            value = "" if value is None else str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise ValueError(f"{where}: {name} must be a {type(o.default).__name__}, got {value!r}") from None
+    return value
+
+
+def read_options_file(path, _seen=()):
+    """
+    A JSON object of option values from `path` (a --config file or a run's config.json).
+    A `"base": "other.json"` entry (relative to this file) is read first and overlaid by
+    this file's values, so an experiment variant lists only what differs from its base.
+    ValueError naming the file when it is missing, not JSON, not an object, or loops.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with open(path) as f:
+            values = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a JSON object of option values")
+    base = values.pop(BASE_KEY, None)
+    if base is None:
+        return values
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), str(base))
+    if os.path.abspath(base_path) in _seen:
+        raise ValueError(f"{path}: its \"base\" chain comes back to {base_path}")
+    merged = read_options_file(base_path, _seen + (os.path.abspath(path),))
+    merged.update(values)
+    return merged
+
+
+def load_config(path, allowed):
+    """The options of a --config file (or config.json), checked against `allowed` names and types."""
+    values = {k: v for k, v in read_options_file(path).items() if k not in RUN_FACTS}
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    return {k: coerce(k, v, path) for k, v in values.items()}
+
+
+def run_config_path(checkpoint_path):
+    """The training run's config.json: image_train.py writes it beside its checkpoints."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "config.json")
+
+
+def parse(parser, argv=None, checkpoint_flag=None, inherit=MODEL_GROUPS):
+    """
+    Parse `argv` with layered defaults: the table's < the `--config` file's < the run's
+    config.json beside the checkpoint named by `checkpoint_flag` (its `inherit` groups only,
+    when there is no --config) < the command line. Every known option is validated.
+
+    :return: (args, run_config): run_config is the checkpoint's config.json as read, or None.
+    """
+    pre, _ = parser.parse_known_args(argv)
+    known = {a.dest for a in parser._actions}
+    run_config = None
+    layered = {}
+    checkpoint = getattr(pre, checkpoint_flag, "") if checkpoint_flag else ""
+    if checkpoint and os.path.isfile(run_config_path(checkpoint)):
+        run_config = read_options_file(run_config_path(checkpoint))
+        inherited = set(names(*inherit)) & known
+        layered.update({k: coerce(k, v, run_config_path(checkpoint)) for k, v in run_config.items() if k in inherited})
+    if getattr(pre, "config", ""):
+        allowed = known & set(BY_NAME)
+        layered.update(load_config(pre.config, allowed))
+    if layered:
+        parser.set_defaults(**layered)
+    args = parser.parse_args(argv)
+    validate(vars(args))
+    return args, run_config
+
+
+def explicit_flags(argv):
+    """Option names given on a command line (`--name value` or `--name=value`)."""
+    return {w[2:].split("=", 1)[0] for w in (argv or []) if w.startswith("--") and len(w) > 2}
+
+
+def saved_options(values):
+    """What config.json keeps of a run's options: everything but the run group."""
+    return {k: v for k, v in values.items() if not (k in BY_NAME and BY_NAME[k].group == "run")}
+
+
+def help_text(names_):
+    """`--name (default): help` lines by group, for docs/train-help.txt and the launch helpers."""
+    lines = []
+    for group in GROUPS:
+        rows = [BY_NAME[n] for n in names_ if BY_NAME[n].group == group]
+        if rows:
+            lines.append(f"{group}:")
+            lines += [f"  --{o.name} ({o.default!r}): {o.help}" for o in rows]
+    return "\n".join(lines)
