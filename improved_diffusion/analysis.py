@@ -18,6 +18,7 @@ these to checkpoints; `docs/analysis.md` gives the formulas and caveats.
 
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -666,3 +667,26 @@ def check_timestep(diffusion_steps, timestep_respacing, timestep):
             f"--timestep {timestep} is out of range: give 0..{steps - 1} (the process has "
             f"{steps} steps) or -1 for random timesteps"
         )
+
+
+def fixed_batch_from_args(args, diffusion, device):
+    """
+    The fixed (batch, t, noise, model_kwargs) of the analysis scripts' flags (--data_dir,
+    --batch_size, --seed, --timestep, --class_cond), with notes for surprising values.
+    """
+    from .image_datasets import load_image_dataset
+
+    if args.timestep_respacing:
+        print(f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
+              "the respaced process (leave it empty to analyse the training objective)", file=sys.stderr)
+    data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
+    if args.batch_size > len(data.images):
+        print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds "
+              f"{len(data.images)} images; the batch is all {len(data.images)}", file=sys.stderr)
+    timestep = None if args.timestep < 0 else args.timestep
+    batch, t, noise = fixed_loss_inputs(diffusion, data.images, args.batch_size, seed=args.seed, device=device,
+                                        timestep=timestep)
+    model_kwargs = {}
+    if args.class_cond:
+        model_kwargs["y"] = th.from_numpy(data.labels[: batch.shape[0]]).to(device)
+    return batch, t, noise, model_kwargs

@@ -120,6 +120,8 @@ OPTIONS = [
     _o("lr", 1e-4, "base learning rate", "train", check=positive),
     _o("weight_decay", 0.0, "AdamW weight decay", "train", check=non_negative),
     _o("lr_anneal_steps", 0, "linear decay of the lr to 0 over this many steps (0: constant)", "train", check=non_negative),
+    _o("lr_warmup_steps", 0, "linear lr warm-up: step k has lr x min(1, (k+1)/this) (0: off)", "train", check=non_negative),
+    _o("ema_warmup", False, "ramp each EMA decay up as min(rate, (1+k)/(10+k)) at step k", "train"),
     _o("batch_size", 1, "images per rank per step (global batch = this x ranks)", "train"),
     _o("microbatch", -1, "split each batch into pieces of this size to save memory (-1: off)", "train"),
     _o("ema_rate", "0.9999", "comma-separated EMA rates, one EMA checkpoint per rate", "train"),
@@ -274,9 +276,11 @@ def run_config_path(checkpoint_path):
 
 def parse(parser, argv=None, checkpoint_flag=None, inherit=MODEL_GROUPS):
     """
-    Parse `argv` with layered defaults: the table's < the `--config` file's < the run's
-    config.json beside the checkpoint named by `checkpoint_flag` (its `inherit` groups only,
-    when there is no --config) < the command line. Every known option is validated.
+    Parse `argv` with layered defaults: the table's < the run's config.json beside the
+    checkpoint named by `checkpoint_flag` (its `inherit` groups only) < the `--config` file <
+    the command line. A --config file may hold any option of the table (a run's config.json
+    works); those this parser lacks are ignored, names the table does not know are an error.
+    Every known option is validated.
 
     :return: (args, run_config): run_config is the checkpoint's config.json as read, or None.
     """
@@ -290,8 +294,8 @@ def parse(parser, argv=None, checkpoint_flag=None, inherit=MODEL_GROUPS):
         inherited = set(names(*inherit)) & known
         layered.update({k: coerce(k, v, run_config_path(checkpoint)) for k, v in run_config.items() if k in inherited})
     if getattr(pre, "config", ""):
-        allowed = known & set(BY_NAME)
-        layered.update(load_config(pre.config, allowed))
+        values = load_config(pre.config, BY_NAME)
+        layered.update({k: v for k, v in values.items() if k in known})
     if layered:
         parser.set_defaults(**layered)
     args = parser.parse_args(argv)

@@ -1,25 +1,51 @@
 """
-One process group, whoever launched us: `mpiexec`, `torchrun`, or a plain `python`.
+One process group, whoever launched us: `mpiexec`, `torchrun`, `srun`, or a plain `python`.
 
 Everything here works without initialisation (world size 1), and every function that runs
 a collective must be called by every rank: no rank-0-only branches around collectives.
+
+Which launcher started us is read from the environment, first match wins:
+
+1. torchrun (RANK and WORLD_SIZE set): `env://`, also across nodes (`--nnodes`, a rendezvous
+   endpoint), and under `srun` when srun starts one torchrun per node.
+2. mpiexec (an MPI size variable above 1): rank and size from MPI.COMM_WORLD. MPI wins over
+   SLURM's variables because `mpiexec` inside a batch script (or Open MPI's `mpirun`, which
+   starts its daemons with srun) leaves the batch shell's or the daemon's SLURM_PROCID in
+   every rank's environment, where it is wrong.
+3. srun (SLURM_PROCID and a step id set): rank SLURM_PROCID, world SLURM_NTASKS, local rank
+   SLURM_LOCALID; rank 0's host is the first node of the step's node list and the port
+   comes from the job id, MASTER_ADDR / MASTER_PORT override both. A batch script's own
+   shell has SLURM_PROCID=0 but no step id: a plain `python` there (or in `salloc`, or in a
+   one-task step) runs as one process.
+4. anything else: one process, no process group (all helpers below still work).
 """
 
 import io
+import itertools
 import os
+import re
 import socket
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 # Environment variables that MPI launchers set for their children.
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
+# srun sets a step id for every task it starts; sbatch's batch shell has none.
+_SLURM_STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEPID")
+# Where rank 0 runs: the first node of the step's node list (srun sets all three).
+_SLURM_NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+# The rendezvous port of a SLURM job: 15000 + job id mod 15000, below Linux's ephemeral ports.
+_SLURM_PORT_BASE, _SLURM_PORT_SPAN = 15000, 15000
 
 
-def _mpi_world_size():
+def _mpi_world_size(environ=None):
+    environ = os.environ if environ is None else environ
     for var in _MPI_SIZE_VARS:
-        if var in os.environ:
-            return int(os.environ[var])
+        if var in environ:
+            return int(environ[var])
     return 1
 
 
@@ -29,24 +55,184 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def detect_launcher(environ=None):
+    """
+    'torchrun', 'mpiexec', 'srun' or None (a plain python), by the precedence above.
+    SLURM_PROCID other than 0 without a step id is neither srun nor a batch shell: ValueError.
+    """
+    environ = os.environ if environ is None else environ
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        return "torchrun"
+    if _mpi_world_size(environ) > 1:
+        return "mpiexec"
+    if "SLURM_PROCID" in environ:
+        if any(var in environ for var in _SLURM_STEP_VARS):
+            return "srun"
+        if environ["SLURM_PROCID"].strip() != "0":  # a batch shell is always task 0
+            raise ValueError(
+                f"SLURM_PROCID={environ['SLURM_PROCID']!r} but SLURM_STEP_ID is not set: srun sets both for "
+                "every task (set SLURM_STEP_ID too when simulating srun)"
+            )
+    return None
+
+
+# ---------------------------------------------------------------------------- SLURM
+
+
+def expand_hostlist(text):
+    """
+    The host names of a SLURM host list, in SLURM's order:
+    `expand_hostlist("gpu[01-03,07],cpu5")` is `['gpu01', 'gpu02', 'gpu03', 'gpu07', 'cpu5']`.
+
+    Commas separate names outside brackets; a bracket holds numbers and ranges `lo-hi`
+    (zero padding kept: `[08-10]` gives 08, 09, 10); several brackets in one name expand to
+    every combination, the first varying slowest (`a[1-2]-b[3-4]`: a1-b3, a1-b4, a2-b3, a2-b4).
+    ValueError says what does not parse.
+    """
+    if not text or not text.strip():
+        raise ValueError("empty host list")
+    hosts = []
+    for name in _split_outside_brackets(text.strip()):
+        parts = re.split(r"\[([^\[\]]*)\]", name)  # literal, group, literal, ..., literal
+        choices = [_expand_group(part) if i % 2 else [part] for i, part in enumerate(parts)]
+        hosts.extend("".join(combo) for combo in itertools.product(*choices))
+    return hosts
+
+
+def _split_outside_brackets(text):
+    names, depth, start = [], 0, 0
+    for i, ch in enumerate(text + ","):
+        if ch == "[":
+            if depth:
+                raise ValueError(f"nested '[' at position {i}")
+            depth = 1
+        elif ch == "]":
+            if not depth:
+                raise ValueError(f"']' without '[' at position {i}")
+            depth = 0
+        elif ch == "," and not depth:
+            name = text[start:i].strip()
+            if not name or any(c.isspace() for c in name):
+                raise ValueError(f"bad host name {name!r}")
+            names.append(name)
+            start = i + 1
+    if depth:
+        raise ValueError("'[' is never closed")
+    return names
+
+
+def _expand_group(group):
+    out = []
+    for piece in group.split(","):
+        match = re.fullmatch(r"\s*([0-9]+)(?:-([0-9]+))?\s*", piece)
+        if not match:
+            raise ValueError(f"[{group}]: {piece!r} is not a number or a range lo-hi")
+        lo, hi = match.group(1), match.group(2)
+        if hi is None:
+            out.append(lo)
+            continue
+        if int(hi) < int(lo):
+            raise ValueError(f"[{group}]: range {piece.strip()} runs backwards")
+        out.extend(f"{n:0{len(lo)}d}" for n in range(int(lo), int(hi) + 1))
+    return out
+
+
+@dataclass(frozen=True)
+class SlurmTask:
+    """Where an srun task stands in its job step (read by `slurm_task`)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    job_id: Optional[str]
+    host: Optional[str]  # rank 0's host and port; None for a one-task step
+    port: Optional[int]
+
+
+def _int_var(environ, name, low, why):
+    text = environ.get(name)
+    if text is None or not text.strip():
+        raise ValueError(f"{name} is not set, but {why}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{name}={text!r} is not an integer ({why})") from None
+    if value < low:
+        raise ValueError(f"{name}={text!r} must be >= {low} ({why})")
+    return value
+
+
+def slurm_task(environ=None):
+    """
+    This srun task's rank, world and rendezvous, from the variables srun sets: SLURM_PROCID,
+    SLURM_NTASKS, SLURM_LOCALID; rank 0's host is MASTER_ADDR, else the first node of
+    SLURM_STEP_NODELIST / SLURM_JOB_NODELIST / SLURM_NODELIST; the port is MASTER_PORT, else
+    15000 + SLURM_JOB_ID mod 15000. A missing or malformed variable is a ValueError naming it.
+    """
+    environ = os.environ if environ is None else environ
+    why = "SLURM_PROCID and a step id are set, so this looks like an srun task"
+    rank = _int_var(environ, "SLURM_PROCID", 0, why)
+    world = _int_var(environ, "SLURM_NTASKS", 1, why)
+    if rank >= world:
+        raise ValueError(f"SLURM_PROCID={rank} is not below SLURM_NTASKS={world}")
+    job_id = environ.get("SLURM_JOB_ID") or environ.get("SLURM_JOBID")
+    if world == 1:
+        local_rank = _int_var(environ, "SLURM_LOCALID", 0, why) if "SLURM_LOCALID" in environ else 0
+        return SlurmTask(rank, 1, local_rank, job_id, None, None)
+    why = f"srun started {world} tasks (SLURM_NTASKS)"
+    local_rank = _int_var(environ, "SLURM_LOCALID", 0, why)
+    return SlurmTask(rank, world, local_rank, job_id, _slurm_master_addr(environ, why), _slurm_master_port(environ, why))
+
+
+def _slurm_master_addr(environ, why):
+    if environ.get("MASTER_ADDR"):
+        return environ["MASTER_ADDR"]
+    for var in _SLURM_NODELIST_VARS:
+        if environ.get(var):
+            try:
+                return expand_hostlist(environ[var])[0]
+            except ValueError as e:
+                raise ValueError(
+                    f"{var}={environ[var]!r} is not a SLURM host list ({e}); set MASTER_ADDR to rank 0's host"
+                ) from None
+    raise ValueError(f"SLURM_JOB_NODELIST is not set, but {why}: set it or MASTER_ADDR (rank 0's host)")
+
+
+def _slurm_master_port(environ, why):
+    if environ.get("MASTER_PORT"):
+        port = _int_var(environ, "MASTER_PORT", 1, "the rendezvous port")
+        if port > 65535:
+            raise ValueError(f"MASTER_PORT={port} is not a TCP port (1-65535)")
+        return port
+    var = "SLURM_JOBID" if "SLURM_JOBID" in environ and "SLURM_JOB_ID" not in environ else "SLURM_JOB_ID"
+    job_id = _int_var(environ, var, 0, f"{why} and MASTER_PORT is not set (the port comes from the job id)")
+    return _SLURM_PORT_BASE + job_id % _SLURM_PORT_SPAN
+
+
+# ---------------------------------------------------------------------------- setup
+
+
 def setup_dist(backend=None):
     """
-    Join the process group the launcher set up, and bind this rank to its GPU.
+    Join the process group the launcher set up, and bind this rank to its GPU; rank 0 says
+    which launcher it found and the world it sees (one line; nothing for a plain python).
 
     torchrun: read RANK / WORLD_SIZE / MASTER_ADDR from the environment.
     mpiexec: take rank and size from MPI.COMM_WORLD, the address and a free port from rank 0.
-    Anything else: one process, no process group (all helpers below still work).
+    srun: see `slurm_task`. Anything else: one process, no process group.
     """
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    launcher = detect_launcher()
+    if launcher == "torchrun":
         if int(os.environ["WORLD_SIZE"]) > 1:
             _bind_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group(backend=backend, init_method="env://")
-        return
-    if _mpi_world_size() > 1:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        _announce("torchrun (RANK, WORLD_SIZE)", backend, where)
+    elif launcher == "mpiexec":
         from mpi4py import MPI
 
         comm = MPI.COMM_WORLD
@@ -66,6 +252,43 @@ def setup_dist(backend=None):
             rank=comm.Get_rank(),
             world_size=comm.Get_size(),
         )
+        _announce("mpiexec (MPI.COMM_WORLD)", backend, f"{host}:{port}")
+    elif launcher == "srun":
+        task = slurm_task()
+        step = next(os.environ[var] for var in _SLURM_STEP_VARS if var in os.environ)
+        name = f"srun (SLURM job {task.job_id or '?'}, step {step})"
+        if task.world_size > 1:
+            _bind_device(task.local_rank)
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{_url_host(task.host)}:{task.port}",
+                rank=task.rank,
+                world_size=task.world_size,
+            )
+            _announce(name, backend, f"{task.host}:{task.port}")
+        else:
+            _announce(name, backend, None)
+    elif os.environ.get("SLURM_JOB_ID"):
+        tasks = os.environ.get("SLURM_NTASKS", "")
+        hint = f"; start the job's {tasks} tasks with srun to train on all of them" if tasks not in ("", "1") else ""
+        print(f"distributed: plain python in SLURM job {os.environ['SLURM_JOB_ID']} (no srun step): "
+              f"world size 1{hint}", flush=True)
+
+
+def _url_host(host):
+    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL
+
+
+def _announce(launcher, backend, rendezvous):
+    """Rank 0's one line on who launched the world; a collective when there is a group."""
+    hosts = all_gather_objects(socket.gethostname())
+    if not is_main():
+        return
+    nodes = sorted(set(hosts))
+    shown = ", ".join(nodes[:4]) + (f", ... ({len(nodes)} in all)" if len(nodes) > 4 else "")
+    where = f", backend {backend}, rendezvous {rendezvous}" if dist.is_initialized() else ""
+    print(f"distributed: launcher {launcher}, world size {len(hosts)} on {len(nodes)} node(s) ({shown}){where}",
+          flush=True)
 
 
 def _bind_device(local_rank):
@@ -90,6 +313,12 @@ def get_world_size():
 
 def is_main():
     return get_rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (flushed), so that N processes say a thing once."""
+    if is_main():
+        print(*args, flush=True, **kwargs)
 
 
 def barrier():

@@ -3,11 +3,20 @@ Exponential moving averages of the weights, one per rate (the original's `ema_ra
 
 The averages are plain fp32 tensors beside the model's parameters; a checkpoint stores each
 as a full model state dict (`ema_RATE_STEP.pt`, the original format).
+
+With `--ema_warmup` the decay of the update made at global step k is
+min(rate, (1 + k) / (10 + k)) (`warmup_rate`): a function of the step alone, so a resumed
+run averages exactly as an uninterrupted one (docs/methods.md).
 """
 
 import copy
 
 import torch
+
+
+def warmup_rate(rate, step):
+    """The decay of the update at global step `step` under --ema_warmup: min(rate, (1 + step) / (10 + step))."""
+    return min(rate, (1.0 + step) / (10.0 + step))
 
 
 class EMA:
@@ -25,10 +34,22 @@ class EMA:
         self._live = [p.detach() for _, p in named]  # views of the weights, updated in place
         self._eval_model = None
 
+    def rates_at(self, step, warmup=False):
+        """The decay of each average for the update at global step `step` (`warmup_rate` with `warmup`)."""
+        return tuple(warmup_rate(rate, step) for rate in self.rates) if warmup else self.rates
+
     @torch.no_grad()
-    def update(self, finite):
-        """ema += (1 - rate) * (param - ema); weight 0 after a skipped step (no host sync)."""
-        for rate, ema in zip(self.rates, self.params):
+    def update(self, finite, rates=None):
+        """
+        ema += (1 - rate) * (param - ema); weight 0 after a skipped step (no host sync).
+
+        :param rates: this update's decay of each average (`rates_at(step, warmup)`);
+                      None: the constant rates.
+        """
+        rates = self.rates if rates is None else tuple(rates)
+        if len(rates) != len(self.params):
+            raise ValueError(f"EMA.update got {len(rates)} rates for {len(self.params)} averages")
+        for rate, ema in zip(rates, self.params):
             delta = torch._foreach_sub(self._live, ema)
             torch._foreach_mul_(delta, finite.float() * (1.0 - rate))
             torch._foreach_add_(ema, delta)

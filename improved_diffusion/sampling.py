@@ -16,13 +16,15 @@ whatever ``--batch_size`` or the number of ranks (on the same kind of device).
 
 import contextlib
 import os
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import config
 from .checkpoint import CheckpointMismatchError, check_state_dict_matches  # noqa: F401 (re-exported)
-from .script_util import NUM_CLASSES, read_json_options
+from .script_util import NUM_CLASSES
 
 SEED_STRIDE = 2**31 - 1
 
@@ -318,21 +320,69 @@ def load_model_weights(model, path):
     return model
 
 
-def run_config_path(model_path):
-    """The training run's config.json: image_train.py writes it beside its checkpoints."""
-    return os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+run_config_path = config.run_config_path
+
+# Model/diffusion flags that say how to run the model, not what it is: sampling with
+# another respacing than training is the usual case, and checkpointing and dropout do
+# nothing in eval mode, so a command-line value that differs from the run is not noted.
+RUN_TIME_FLAGS = ("timestep_respacing", "use_checkpoint", "dropout")
 
 
 def read_run_config(model_path, log=print):
     """The run's config.json next to the checkpoint as a dict, or None (absent or unreadable)."""
-    path = run_config_path(model_path)
-    if not model_path or not os.path.isfile(path):
+    path = run_config_path(model_path) if model_path else ""
+    if not path or not os.path.isfile(path):
         return None
     try:
-        return read_json_options(path)
+        return config.read_options_file(path)
     except ValueError as e:
         log(f"warning: ignoring {e}")
         return None
+
+
+def _spell(value):
+    return "''" if value == "" else str(value)
+
+
+def run_overrides(args, run_config, model_path, argv=None):
+    """
+    One `note:` line per model/diffusion flag given on the command line (`argv`, default
+    sys.argv[1:]) whose value differs from the training run's config.json: the flags come
+    from the run, so an explicit different value is deliberate, but worth a line in the log.
+    """
+    if not run_config:
+        return []
+    path = run_config_path(model_path)
+    explicit = config.explicit_flags(sys.argv[1:] if argv is None else argv)
+    notes = []
+    for name in config.names(*config.MODEL_GROUPS):
+        if name in explicit and name in run_config and name not in RUN_TIME_FLAGS:
+            mine, theirs = getattr(args, name), config.coerce(name, run_config[name], path)
+            if mine != theirs:
+                notes.append(f"note: --{name} {_spell(mine)} overrides the training run's "
+                             f"{_spell(theirs)} ({path})")
+    return notes
+
+
+def run_differences(flags, model_path, first_path, log=print):
+    """
+    Warnings for a checkpoint built from `flags` read from another checkpoint's run (the
+    first of interpolate.py's or consistency.py's models, `first_path`): one per
+    model/diffusion flag whose value differs from the checkpoint's own config.json; none
+    when it has no config.json, or shares the first one's.
+    """
+    path = run_config_path(model_path)
+    other = read_run_config(model_path, log)
+    if other is None or path == run_config_path(first_path):
+        return []
+    warnings = []
+    for name in config.names(*config.MODEL_GROUPS):
+        if name in other and name in flags and name not in RUN_TIME_FLAGS:
+            theirs = config.coerce(name, other[name], path)
+            if flags[name] != theirs:
+                warnings.append(f"warning: {model_path} is built with --{name} {_spell(flags[name])} "
+                                f"but its run has {_spell(theirs)} ({path})")
+    return warnings
 
 
 def classes_to_sample(num_classes, class_cond, model_path, log=print, config=None):

@@ -88,6 +88,13 @@ def _diffusion_kwargs(opts):
     )
 
 
+def create_diffusion_from_options(opts, **overrides):
+    """The diffusion of a model/diffusion options dict, e.g. respaced for sampling:
+    `create_diffusion_from_options(opts, timestep_respacing="ddim50")`."""
+    merged = _merge_options(dict(opts), model_and_diffusion_defaults(), "create_diffusion_from_options")
+    return create_gaussian_diffusion(**{**_diffusion_kwargs(merged), **overrides})
+
+
 def create_model_and_diffusion(**kwargs):
     """
     Build the UNet and the (spaced) diffusion from flat flags.

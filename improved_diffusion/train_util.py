@@ -47,9 +47,11 @@ class TrainConfig:
     lr: float = _default("lr")
     weight_decay: float = _default("weight_decay")
     lr_anneal_steps: int = _default("lr_anneal_steps")
+    lr_warmup_steps: int = _default("lr_warmup_steps")  # linear warm-up of the lr (0: off)
     total_steps: Optional[int] = None  # stop after this many optimizer steps (None: never)
     stop_at: Optional[int] = None  # leave this run at this step, schedules unchanged (job time limits)
     ema_rate: tuple = field(default_factory=lambda: parse_ema_rates(options.BY_NAME["ema_rate"].default))
+    ema_warmup: bool = _default("ema_warmup")  # decay min(rate, (1+k)/(10+k)) at step k
     log_interval: int = _default("log_interval")
     save_interval: int = _default("save_interval")
     keep_checkpoints: int = _default("keep_checkpoints")
@@ -83,6 +85,8 @@ class TrainConfig:
             raise ValueError("--log_interval and --save_interval must be positive")
         if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"--total_steps must be positive, got {self.total_steps}")
+        if self.lr_warmup_steps < 0:
+            raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
 
     @classmethod
     def from_original_options(
@@ -226,19 +230,33 @@ class TrainLoop:
         return self.config.lr_anneal_steps or None
 
     def base_lr(self, step):
-        """The ordinary schedule: constant, or the original's linear anneal to 0."""
-        if not self.config.lr_anneal_steps:
-            return self.config.lr
-        frac_done = min(step / self.config.lr_anneal_steps, 1.0)
-        return self.config.lr * (1.0 - frac_done)
+        """
+        The ordinary schedule at global step `step`: constant, or the original's linear anneal
+        to 0, times the linear warm-up min(1, (step + 1) / lr_warmup_steps) when that is on.
+        """
+        lr = self.config.lr
+        if self.config.lr_anneal_steps:
+            lr *= 1.0 - min(step / self.config.lr_anneal_steps, 1.0)
+        if self.config.lr_warmup_steps:
+            lr *= min(1.0, (step + 1) / self.config.lr_warmup_steps)
+        return lr
+
+    def ema_rates(self, step):
+        """Each EMA's decay for the update at global step `step` (ramped with --ema_warmup)."""
+        return self.ema.rates_at(step, self.config.ema_warmup)
 
     def schedules(self, step):
-        """lr (anneal x LRC), beta1 (MD) and the sampler's curriculum values at global step `step`."""
+        """
+        lr (anneal x warm-up x LRC), beta1 (MD), the sampler's curriculum values and, with
+        --ema_warmup, the first EMA's decay, at global step `step`.
+        """
         momentum = self.config.momentum
+        ema = {"ema_decay": self.ema_rates(step)[0]} if self.config.ema_warmup else {}
         return {
             "lr": self.base_lr(step) * momentum.lr_factor(step),
             "beta1": momentum.beta1(step),
             **self.schedule_sampler.schedule_values(step),
+            **ema,
         }
 
     # ------------------------------------------------------------------ the loop
@@ -303,7 +321,7 @@ class TrainLoop:
         grad_norm = self._grad_norm_and_clip()
         finite = torch.isfinite(grad_norm)
         self.mixed.step(finite)
-        self.ema.update(finite)
+        self.ema.update(finite, self.ema_rates(self.step))
         self.logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
         self._count_nonfinite(finite)
 

@@ -1,9 +1,9 @@
 """
 Benchmark training and sampling throughput, FLOPs and MFU of the real training step.
 
-Times `TrainLoop.run_step` (the code `image_train.py` runs: schedules, diffusion loss,
-backward, gradient check, AdamW, EMA) on synthetic in-memory uint8 data already on the
-device, and the model forward used by sampling (one DDIM step = one forward). Prints one
+Times `TrainLoop.run_step`, built from the options table by `improved_diffusion/training.py`
+exactly as `image_train.py` builds it (schedules, diffusion loss, backward, gradient check,
+AdamW, EMA), on synthetic in-memory uint8 data already on the device, and the model forward used by sampling (one DDIM step = one forward). Prints one
 JSON document, then a table. Nothing here is a test: run it by hand on the machine you
 care about (docs/benchmarks.md holds the numbers measured so far).
 
@@ -22,9 +22,10 @@ care about (docs/benchmarks.md holds the numbers measured so far).
     python scripts/benchmark.py --config cifar10 --batch_size 8 --threads 1 --steps 3 --warmup 1
     python scripts/benchmark.py --config imagenet128 --parts flops   # FLOPs only
 
-`--config` is cifar10, imagenet128 or demo (configs/cifar10_baseline.json,
-configs/imagenet128_baseline.json, configs/demo.json), any name in configs/, or a path to
-a JSON config; model flags (`--num_channels 64`, ...) override it. FLOPs are counted with
+`--config` is cifar10, imagenet128 or demo (their all-methods variants configs/cifar10_all.json,
+configs/imagenet128_all.json, configs/demo_all.json), any name in configs/ (e.g.
+cifar10_baseline), or a path to a JSON config; the table's flags (`--num_channels 64`,
+`--precision bf16`, `--cudnn_benchmark True`, ...) override it. FLOPs are counted with
 `torch.utils.flop_counter.FlopCounterMode` on one forward of batch 1 (convolutions,
 matmuls, and the attention itself: the CPU SDPA kernels, which the counter does not know,
 are added here). MFU = 3 x forward FLOPs x images/s / --peak_tflops (default 790 on CUDA,
@@ -53,21 +54,23 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion.image_datasets import BatchStream, ImageDataset  # noqa: E402
+from improved_diffusion import config, precision, training  # noqa: E402
+from improved_diffusion.image_datasets import ImageDataset  # noqa: E402
 from improved_diffusion.logger import Logger  # noqa: E402
-from improved_diffusion.momentum_decay import MomentumSchedule  # noqa: E402
-from improved_diffusion.resample import CLTSSampler, UniformSampler  # noqa: E402
+from improved_diffusion.resample import UniformSampler  # noqa: E402
 from improved_diffusion.script_util import (  # noqa: E402
     NUM_CLASSES,
-    create_gaussian_diffusion,
+    create_diffusion_from_options,
     create_model_and_diffusion,
-    model_and_diffusion_defaults,
-    str2bool,
 )
-from improved_diffusion.train_util import TrainConfig, TrainLoop, parse_ema_rates  # noqa: E402
+from improved_diffusion.config import str2bool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NAMED_CONFIGS = {"cifar10": "cifar10_baseline", "imagenet128": "imagenet128_baseline", "demo": "demo"}
+# The paper's configs with all of its methods on (CLTS + MD + LRC), so that the timed step
+# pays what they cost; name any other config (e.g. cifar10_baseline) for another variant.
+NAMED_CONFIGS = {"cifar10": "cifar10_all", "imagenet128": "imagenet128_all", "demo": "demo_all"}
+# The table's options the benchmark takes: model, training, methods and speed settings.
+TABLE_GROUPS = ("model", "diffusion", "train", "methods", "gpu")
 SPEC_CIFAR10_FORWARD_GFLOP = 16.8  # SPEC section 6
 DEFAULT_CUDA_PEAK_TFLOPS = 790.0  # SPEC section 6: one H100, dense bf16
 ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
@@ -85,21 +88,12 @@ def create_argparser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
-    add("--config", default="cifar10", help="cifar10, imagenet128, demo, a name in configs/, or a JSON path")
-    add("--batch_size", type=int, default=0, help="training images per step (0: the config's batch_size)")
+    add("--config", default="cifar10", help="cifar10, imagenet128, demo (their _all variants), a name in configs/, "
+        "or a JSON path; the table's flags below override it")
     add("--sample_batch_size", type=int, default=0, help="images per sampling forward (0: --batch_size)")
     add("--device", default="", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    add("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-        help="autocast precision; auto = bf16 on CUDA GPUs that have it, else fp32")
-    add("--channels_last", type=str2bool, default=False, help="channels-last activations and weights")
-    add("--compile", type=str2bool, default=False, help="torch.compile the model (warm-up includes compilation)")
-    add("--optimizer_impl", default="auto", choices=("auto", "fused", "foreach", "single"),
-        help="AdamW kernel; auto = fused where torch has it for the device, else foreach")
     add("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
         help="SDPA kernel via torch.nn.attention.sdpa_kernel; on CPU only auto, math, flash")
-    add("--methods", default="all", choices=("all", "none", "config"),
-        help="paper's methods in the timed step: all (CLTS + MD + LRC), none (uniform t, fixed beta1), "
-             "or as the config says")
     add("--steps", type=int, default=20, help="timed steps (training) and timed forwards (sampling)")
     add("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, autotuning)")
     add("--overhead_iters", type=int, default=2000, help="calls timed for the CLTS / MDLRC overhead")
@@ -110,35 +104,19 @@ def create_argparser():
     add("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
     add("--compare", type=str2bool, default=False,
         help="run the plain fp32 path and the fast path in one process and print the ratio "
-             "(their settings replace --precision, --channels_last and --optimizer_impl)")
-    add("--seed", type=int, default=0, help="seed of weights and data")
+             "(their settings replace --precision, --channels_last, --optimizer_impl and --compile)")
     add("--json", default="", help="also write the JSON result to this file")
-    add("--cudnn_benchmark", type=str2bool, default=True, help="let cuDNN time its convolution algorithms (CUDA)")
     add("--sample_images", type=int, default=0,
-        help="also time improved_diffusion.sampling.sample_images (what image_sample.py runs) for this many DDIM-50 "
-             "images at --sample_batch_size, end to end (0: off)")
+        help="also time improved_diffusion.sampling.sample_images (what image_sample.py runs) for this many "
+             "DDIM-50 images at --sample_batch_size, end to end (0: off)")
     add("--profile_steps", type=int, default=0,
         help="profile this many training steps of the last run with torch.profiler: kernels per step, "
              "device-busy share of the step, top kernels (0: off)")
     add("--profile_out", default="", help="write the profiler's kernel table to this text file")
-    model_group = parser.add_argument_group("model flags (override the config)")
-    for key, value in model_and_diffusion_defaults().items():
-        if key in ("timestep_respacing", "use_fp16"):  # sampling steps are DDIM-50; fp16 is --precision
-            continue
-        value_type = str2bool if isinstance(value, bool) else type(value)
-        model_group.add_argument(f"--{key}", type=value_type, default=argparse.SUPPRESS, help=f"default: config, else {value!r}")
+    for group in TABLE_GROUPS:
+        config.add_options(parser, [n for n in config.names(group) if n not in ("data_dir",)],
+                           title=f"{group} options (improved_diffusion/config.py)")
     return parser
-
-
-def clts_sampler(diffusion, methods):
-    """The CLTS sampler of a config's options (SPEC defaults where unset)."""
-    return CLTSSampler(
-        diffusion,
-        mu=methods.get("clts_mu", 0.3),
-        sigma=methods.get("clts_sigma", 1.0),
-        target_steps=methods.get("clts_target_steps", 100000),
-        lambda_max=methods.get("clts_lambda_max", 1.0),
-    )
 
 
 def resolve_config_path(name):
@@ -152,34 +130,20 @@ def resolve_config_path(name):
     raise SystemExit(f"--config {name}: no such config (tried {', '.join(candidates)})")
 
 
-def load_options(args):
-    """Model/diffusion options and the training options the benchmark uses."""
-    path = resolve_config_path(args.config)
-    with open(path) as f:
-        config = json.load(f)
-    model_opts = model_and_diffusion_defaults()
-    model_opts.update({k: v for k, v in config.items() if k in model_opts})
-    model_opts.update({k: getattr(args, k) for k in model_and_diffusion_defaults() if hasattr(args, k)})
-    model_opts["use_fp16"] = False  # mixed precision comes from autocast (--precision)
-    model_opts["timestep_respacing"] = ""
-    train_opts = {
-        "batch_size": args.batch_size or int(config.get("batch_size", 16)),
-        "lr": float(config.get("lr", 1e-4)),
-        "weight_decay": float(config.get("weight_decay", 0.0)),
-        "ema_rate": parse_ema_rates(config.get("ema_rate", "0.9999")),
-        "total_steps": int(config.get("total_steps") or 500000),
-    }
-    if args.methods == "all":
-        methods = {"schedule_sampler": "clts", "momentum_decay": True, "lr_compensation": True}
-    elif args.methods == "none":
-        methods = {"schedule_sampler": "uniform", "momentum_decay": False, "lr_compensation": False}
-    else:
-        methods = {k: config.get(k, d) for k, d in
-                   (("schedule_sampler", "uniform"), ("momentum_decay", False), ("lr_compensation", False))}
-    for key in ("clts_mu", "clts_sigma", "clts_target_steps", "clts_lambda_max", "md_beta_init", "md_beta_min"):
-        if key in config:
-            methods[key] = config[key]
-    return path, model_opts, train_opts, methods
+def parse_args(argv=None):
+    """The table's layering (defaults < --config < flags), with named configs resolved first."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = create_argparser()
+    name = parser.parse_known_args(argv)[0].config
+    path = resolve_config_path(name)
+    args, _ = config.parse(parser, argv + ["--config", path])
+    args.config_name, args.config = name, path
+    for key, value in config.defaults("eval", "run").items():  # no evaluation, no log dir
+        if key not in vars(args):
+            setattr(args, key, value)
+    # Logging, saving and timers stay out of the timed step.
+    args.log_interval = args.save_interval = 10**9
+    return args
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,21 +210,6 @@ def group_norm_keeps_channels_last(device):
     x = torch.randn(2, 8, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         return bool(norm(x).is_contiguous(memory_format=torch.channels_last))
-
-
-def resolve_precision(precision, device):
-    if precision != "auto":
-        return precision
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "fp32"
-
-
-def autocast(precision, device):
-    if precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def summarize(seconds):
@@ -368,55 +317,17 @@ def train_step_flops_meta(model_opts):
 # ---------------------------------------------------------------------------------------
 
 
-def build(model_opts, train_opts, methods, settings, device, seed):
-    """A TrainLoop over synthetic uint8 data, exactly as image_train.py builds it."""
-    torch.manual_seed(seed)
-    model, diffusion = create_model_and_diffusion(**model_opts)
-    model.to(device)
-    momentum = MomentumSchedule(
-        momentum_decay=bool(methods["momentum_decay"]),
-        lr_compensation=bool(methods["lr_compensation"]),
-        beta_init=float(methods.get("md_beta_init", 0.9)),
-        beta_min=float(methods.get("md_beta_min", 0.5)),
-        total_steps=train_opts["total_steps"],
-    )
-    if methods["schedule_sampler"] == "clts":
-        sampler = clts_sampler(diffusion, methods)
-    else:
-        sampler = UniformSampler(diffusion)
-    batch = train_opts["batch_size"]
-    size = model_opts["image_size"]
-    rng = np.random.default_rng(seed)
-    n_images = batch * 4
+def build(opts, device):
+    """A TrainLoop over synthetic uint8 data, built as image_train.py builds it (training.py)."""
+    training.apply_device_settings(opts, device)
+    model, diffusion = training.build_model(opts, device)
+    rng = np.random.default_rng(opts["seed"])
+    n_images, size = opts["batch_size"] * 4, opts["image_size"]
     images = rng.integers(0, 256, size=(n_images, size, size, 3), dtype=np.uint8)
-    labels = rng.integers(0, NUM_CLASSES, size=n_images) if model_opts["class_cond"] else None
-    data = BatchStream(ImageDataset(images, labels), batch, seed=seed)
-    config = TrainConfig(
-        batch_size=batch,
-        lr=train_opts["lr"],
-        weight_decay=train_opts["weight_decay"],
-        total_steps=train_opts["total_steps"],
-        ema_rate=train_opts["ema_rate"],
-        log_interval=10**9,
-        save_interval=10**9,
-        precision=settings["precision"],
-        momentum=momentum,
-        channels_last=settings["channels_last"],
-        compile=settings["compile"],
-        optimizer_impl=settings["optimizer_impl"],
-        progress=False,
-    )
-    loop = TrainLoop(
-        model=model,
-        diffusion=diffusion,
-        data=data,
-        config=config,
-        schedule_sampler=sampler,
-        log_dir=None,
-        resume="none",
-        logger=Logger(None, stdout=False, tensorboard=False),
-    )
-    return loop
+    labels = rng.integers(0, NUM_CLASSES, size=n_images) if opts["class_cond"] else None
+    logger = Logger(None, stdout=False, tensorboard=False)
+    return training.build_loop(opts, model, diffusion, ImageDataset(images, labels), device, logger=logger,
+                               progress=False)
 
 
 class Candidate:
@@ -426,13 +337,15 @@ class Candidate:
     so that a machine whose load changes (a shared CPU) treats them alike.
     """
 
-    def __init__(self, label, settings, model_opts, train_opts, methods, device, seed):
-        self.label, self.settings, self.device = label, dict(settings), device
-        self.model_opts = model_opts
-        self.result = {"label": label, "settings": dict(settings)}
+    def __init__(self, label, settings, opts, device):
+        self.label, self.device = label, device
+        self.opts = {**opts, **settings}
+        self.settings = {**settings, "precision": self.opts["precision"]}
         self.memory_before = self._allocated()
         reset_peak_memory(device)
-        self.loop = build(model_opts, train_opts, methods, settings, device, seed)
+        self.loop = build(self.opts, device)
+        self.settings["precision"] = self.loop.config.precision  # "auto" resolved
+        self.result = {"label": label, "settings": dict(self.settings)}
         defaults = self.loop.opt.defaults  # the kernel "auto" resolved to, for the table
         kernel = "fused" if defaults.get("fused") else "foreach" if defaults.get("foreach") else "single"
         self.result["settings"]["optimizer_kernel"] = kernel
@@ -492,24 +405,14 @@ class Candidate:
 
     def prepare_sampling(self, batch_size, seed):
         """The sampling forward (eval, no_grad, autocast) and one full DDIM step."""
-        opts, device, precision = self.model_opts, self.device, self.settings["precision"]
+        opts, device, mode = self.opts, self.device, self.settings["precision"]
         model = self.loop.train_model  # the compiled module with --compile (recompiles for eval)
         self.sample_batch = batch_size
         generator = torch.Generator(device=device).manual_seed(seed)
         x, _, kwargs = model_inputs(opts, batch_size, device, generator)
         if self.settings["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
-        ddim = create_gaussian_diffusion(
-            steps=opts["diffusion_steps"],
-            learn_sigma=opts["learn_sigma"],
-            sigma_small=opts["sigma_small"],
-            noise_schedule=opts["noise_schedule"],
-            use_kl=opts["use_kl"],
-            predict_xstart=opts["predict_xstart"],
-            rescale_timesteps=opts["rescale_timesteps"],
-            rescale_learned_sigmas=opts["rescale_learned_sigmas"],
-            timestep_respacing=f"ddim{DDIM_STEPS}",
-        )
+        ddim = create_diffusion_from_options(training.model_options(opts), timestep_respacing=f"ddim{DDIM_STEPS}")
         mid = DDIM_STEPS // 2
         t_model = torch.full((batch_size,), ddim.timestep_map[mid], device=device, dtype=torch.long)
         if opts["rescale_timesteps"]:
@@ -517,11 +420,11 @@ class Candidate:
         t_spaced = torch.full((batch_size,), mid, device=device, dtype=torch.long)
 
         def forward():
-            with torch.no_grad(), autocast(precision, device):
+            with torch.no_grad(), precision.autocast(mode, device):
                 model(x, t_model, **kwargs)
 
         def ddim_step():
-            with torch.no_grad(), autocast(precision, device):
+            with torch.no_grad(), precision.autocast(mode, device):
                 ddim.ddim_sample(model, x, t_spaced, clip_denoised=True, model_kwargs=kwargs)
 
         self.forward, self.ddim_step, self.ddim = forward, ddim_step, ddim
@@ -567,8 +470,8 @@ def time_sample_images(candidate, num_samples, seed):
     """Wall time of sample_images (per-sample seeds, uint8 out) for num_samples DDIM-50 images."""
     from improved_diffusion.sampling import sample_images
 
-    opts, device, precision = candidate.model_opts, candidate.device, candidate.settings["precision"]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    opts, device = candidate.opts, candidate.device
+    dtype = precision.DTYPES[candidate.settings["precision"]]
     kwargs = dict(batch_size=candidate.sample_batch, image_size=opts["image_size"], device=device, seed=seed,
                   use_ddim=True, class_cond=opts["class_cond"], num_classes=NUM_CLASSES, progress=False,
                   rank=0, world_size=1, autocast_dtype=dtype)
@@ -628,7 +531,7 @@ def time_interleaved(candidates, method, n, device):
     return {label: timer.seconds for label, timer in timers.items()}
 
 
-def measure(runs, args, model_opts, train_opts, methods, device, parts):
+def measure(runs, args, opts, device, parts):
     """
     Benchmark each (label, settings) of `runs`; all are built first, then timed in turn.
 
@@ -637,7 +540,7 @@ def measure(runs, args, model_opts, train_opts, methods, device, parts):
     candidates = []
     with sdpa_context(args.attention_backend, device):
         for label, settings in runs:
-            c = Candidate(label, settings, model_opts, train_opts, methods, device, args.seed)
+            c = Candidate(label, settings, opts, device)
             if "train" in parts:
                 c.warm_up_training(args.warmup)
             candidates.append(c)
@@ -647,7 +550,7 @@ def measure(runs, args, model_opts, train_opts, methods, device, parts):
                 c.result["train"] = c.train_result(seconds[c.label])
         if "sample" in parts:
             for c in candidates:
-                c.prepare_sampling(args.sample_batch_size or train_opts["batch_size"], args.seed)
+                c.prepare_sampling(args.sample_batch_size or opts["batch_size"], args.seed)
                 c.warm_up_sampling(args.warmup)
             forward = time_interleaved(candidates, "forward", args.steps, device)
             ddim = time_interleaved(candidates, "ddim_step", max(1, args.steps // 2), device)
@@ -663,21 +566,21 @@ def measure(runs, args, model_opts, train_opts, methods, device, parts):
                 candidates[-1].result["profile"] = {"error": f"{type(err).__name__}: {err}"}
         if "overhead" in parts:
             last = candidates[-1]
-            last.result["overhead"] = bench_method_overhead(last.loop, methods, train_opts, device, args.overhead_iters)
+            last.result["overhead"] = bench_method_overhead(last.loop, opts, device, args.overhead_iters)
     return {c.label: c.result for c in candidates}
 
 
-def bench_method_overhead(loop, methods, train_opts, device, iters):
+def bench_method_overhead(loop, opts, device, iters):
     """
     Per-step cost of the paper's methods, as run_step pays it: CLTS set_step + sample(batch)
     and MDLRC beta1 / lr_factor + writing AdamW's param_groups; uniform sampling (which the
-    baseline pays anyway) for reference.
+    baseline pays anyway) for reference. Both methods are timed whatever the config says.
     """
     diffusion, opt, batch = loop.diffusion, loop.opt, loop.config.batch_size
-    clts = clts_sampler(diffusion, methods)
+    clts = training.schedule_sampler({**opts, "schedule_sampler": "clts"}, diffusion)
     uniform = UniformSampler(diffusion)
-    schedule = MomentumSchedule(True, True, float(methods.get("md_beta_init", 0.9)),
-                                float(methods.get("md_beta_min", 0.5)), train_opts["total_steps"])
+    schedule = training.momentum_schedule({**opts, "momentum_decay": True, "lr_compensation": True,
+                                           "total_steps": opts["total_steps"] or 500000})
     saved = [(g["lr"], g["betas"]) for g in opt.param_groups]
 
     def clts_call(k):
@@ -758,7 +661,8 @@ def add_rates(result, fwd_flops, peak_tflops):
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args = parse_args(argv)
+    opts = vars(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -766,8 +670,7 @@ def main(argv=None):
         if device.index is None:  # set_device needs an index in torch 2.11
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
-        # TF32 stays at torch's defaults (convolutions yes, matmuls no), as in training.
-        torch.backends.cudnn.benchmark = args.cudnn_benchmark
+    # TF32 stays at torch's defaults (convolutions yes, matmuls no), as in training.
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"train", "sample", "overhead", "flops"}
     if unknown:
@@ -775,7 +678,8 @@ def main(argv=None):
     parts.discard("flops")  # FLOPs are always counted
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
-    config_path, model_opts, train_opts, methods = load_options(args)
+    model_opts = training.model_options(opts)
+    methods = {k: opts[k] for k in config.names("methods")}
     peak = args.peak_tflops or (DEFAULT_CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
 
     # FLOPs: the forward on the benchmark device (its attention kernels), fwd+bwd on meta.
@@ -789,8 +693,8 @@ def main(argv=None):
 
     result = {
         "benchmark": "scripts/benchmark.py",
-        "config": args.config,
-        "config_path": os.path.relpath(config_path, ROOT) if config_path.startswith(ROOT) else config_path,
+        "config": args.config_name,
+        "config_path": os.path.relpath(args.config, ROOT) if os.path.abspath(args.config).startswith(ROOT) else args.config,
         "model": {k: model_opts[k] for k in sorted(model_opts)},
         "params": params,
         "methods": methods,
@@ -818,19 +722,14 @@ def main(argv=None):
         },
     }
 
-    settings = {
-        "precision": resolve_precision(args.precision, device),
-        "channels_last": args.channels_last,
-        "compile": args.compile,
-        "optimizer_impl": args.optimizer_impl,
-    }
+    settings = {k: opts[k] for k in ("precision", "channels_last", "compile", "optimizer_impl")}
     if not parts:
         runs = []
     elif args.compare:
         runs = [("plain", plain_settings()), ("fast", fast_settings(device, args.compile))]
     else:
         runs = [("run", settings)]
-    for label, run in (measure(runs, args, model_opts, train_opts, methods, device, parts) if runs else {}).items():
+    for label, run in (measure(runs, args, opts, device, parts) if runs else {}).items():
         add_rates(run, fwd_flops, peak)
         result[label] = run
     if args.compare and runs:

@@ -3,18 +3,20 @@ Consistency of several diffusion models (paper section 3.1, Eq. 1): sample the s
 (same initial noise and same per-step noise) with every model and measure the PSNR between
 their images, pair by pair; C is the mean over pairs.
 
-Two checkpoints of one architecture (the shared flags describe both):
+Two checkpoints of one architecture: the model and diffusion flags come from the training
+run's `config.json` beside the first checkpoint (a warning names any flag that another
+model's run has otherwise); a checkpoint without one needs them on the command line or in
+`--config FILE`. Flags on the command line override the run's:
 
     python scripts/consistency.py --model_paths runA/ema_0.9999_500000.pt,runB/ema_0.9999_500000.pt \\
-        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 \\
-        --diffusion_steps 4000 --noise_schedule cosine --timestep_respacing 250 \\
-        --num_samples 32 --batch_size 32 --seed 0 --out consistency_cifar
+        --timestep_respacing 250 --num_samples 32 --batch_size 32 --seed 0 --out consistency_cifar
 
 Different architectures: per-model flag strings (or .json files of flags) override the shared
 flags, one per model, in the order of --model_paths:
 
-    mpiexec -n 8 python scripts/consistency.py --model_paths big.pt,small.pt \\
-        $SHARED_FLAGS --model_flags "--num_channels 128" "--num_channels 64 --num_res_blocks 2"
+    mpiexec -n 8 python scripts/consistency.py \\
+        --model_paths big/ema_0.9999_500000.pt,small/ema_0.9999_500000.pt \\
+        --model_flags "--num_channels 128" "--num_channels 64 --num_res_blocks 2"
 
 Writes, on rank 0: OUT/consistency.json (pairwise PSNRs, C, per-model flags, settings),
 OUT/consistency.png (one row of images per model) and OUT/samples_<n>.npz per model.
@@ -27,21 +29,31 @@ import shlex
 
 import numpy as np
 
-from improved_diffusion import analysis, dist_util
-from improved_diffusion.sampling import classes_to_sample, sample_images
-from improved_diffusion.script_util import (
-    run_main,
-    add_dict_to_argparser,
-    args_to_dict,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion import analysis, config, dist_util, precision
+from improved_diffusion.sampling import classes_to_sample, run_differences, run_overrides, sample_images
+from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
+
+MODEL_FLAGS = config.names(*config.MODEL_GROUPS)
 
 
-def main():
-    args = create_argparser().parse_args()
+def parse_args(argv=None):
+    """
+    The flags, the model's from the run of the first of --model_paths (config.parse reads
+    the config.json beside one checkpoint, named by a flag: the first path is handed to it
+    as the hidden default `first_model_path`). Returns (args, the run's config or None).
+    """
+    parser = create_argparser()
+    pre, _ = parser.parse_known_args(argv)
+    parser.set_defaults(first_model_path=next((p for p in pre.model_paths.split(",") if p), ""))
+    return config.parse(parser, argv, checkpoint_flag="first_model_path")
+
+
+def main(argv=None):
+    args, run_config = parse_args(argv)
     dist_util.setup_dist()
     rank = dist_util.get_rank()
     device = dist_util.dev()
+    autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
 
     paths = [p for p in args.model_paths.split(",") if p]
     if len(paths) < 2:
@@ -59,10 +71,15 @@ def main():
     sizes = {f["image_size"] for f in flags}
     if len(sizes) != 1:
         raise ValueError(f"all models must produce the same image size, got {sorted(sizes)}")
+    log = print if rank == 0 else (lambda *a: None)
+    notes = run_overrides(args, run_config, paths[0], argv)
+    for path, model_flags in zip(paths[1:], flags[1:]):
+        notes += run_differences(model_flags, path, paths[0], log)
+    for line in notes:
+        log(line)
 
     image_sets = []
     # Every model gets the same labels: drawn from the classes of the first model's run.
-    log = print if rank == 0 else (lambda *a: None)
     num_classes = classes_to_sample(args.num_classes, any(f["class_cond"] for f in flags), paths[0], log)
     for n, (path, model_flags) in enumerate(zip(paths, flags)):
         if rank == 0:
@@ -85,6 +102,7 @@ def main():
             class_cond=model_flags["class_cond"],
             num_classes=num_classes,
             progress=rank == 0,
+            autocast_dtype=autocast_dtype,
         )
         image_sets.append(images)
         if rank == 0:
@@ -121,8 +139,7 @@ def per_model_flags(args, num_models):
     Resolve the create_model_and_diffusion flags of every model: the shared flags, overridden
     by that model's --model_flags entry (a flag string, or a .json file of flags).
     """
-    keys = list(model_and_diffusion_defaults().keys())
-    shared = args_to_dict(args, keys)
+    shared = args_to_dict(args, MODEL_FLAGS)
     entries = args.model_flags or []
     if len(entries) not in (0, 1, num_models):
         raise ValueError(
@@ -135,16 +152,13 @@ def per_model_flags(args, num_models):
     for entry in entries:
         flags = dict(shared)
         if entry.endswith(".json") and os.path.isfile(entry):
-            with open(entry) as f:
-                overrides = json.load(f)
-            unknown = sorted(set(overrides) - set(keys))
-            if unknown:
-                raise ValueError(f"--model_flags {entry}: unknown model/diffusion keys {unknown}")
-            flags.update(overrides)
+            flags.update(config.load_config(entry, MODEL_FLAGS))
         elif entry.strip():
             parser = argparse.ArgumentParser(prog=f"--model_flags {entry!r}")
-            add_dict_to_argparser(parser, shared)
-            flags = args_to_dict(parser.parse_args(shlex.split(entry)), keys)
+            config.add_options(parser, MODEL_FLAGS)
+            parser.set_defaults(**shared)
+            flags = args_to_dict(parser.parse_args(shlex.split(entry)), MODEL_FLAGS)
+        config.validate(flags)
         resolved.append(flags)
     return resolved
 
@@ -218,11 +232,13 @@ def create_argparser():
         grid_images=8,
         out="consistency_out",
     )
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, ["config", "precision"])
+    config.add_options(parser, MODEL_FLAGS, "model and diffusion (default: the training run's "
+                       "config.json beside the first of --model_paths)")
     parser.add_argument(
         "--model_flags",
         nargs="+",

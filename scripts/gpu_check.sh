@@ -76,7 +76,7 @@ step() {
   return $rc
 }
 
-BENCH=("$PY" scripts/benchmark.py)
+BENCH=("$PY" scripts/benchmark.py --cudnn_benchmark True)
 if (( DRY )); then
   CONFIG=demo; BATCH=4; SAMPLE_BATCH=4; NSAMPLES=8; STEPS=(--steps 2 --warmup 1 --overhead_iters 20)
   BIG=demo; BIG_BATCHES=(8 4); DEVICE=(--device cpu --threads 1)

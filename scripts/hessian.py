@@ -7,8 +7,10 @@ density by stochastic Lanczos quadrature.
 
     python scripts/hessian.py --model_path run/ema_0.9999_100000.pt \\
         --data_dir datasets/cifar10_train.npz --batch_size 64 --top_k 5 --method both \\
-        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 \\
-        --diffusion_steps 4000 --noise_schedule cosine --out hessian_cifar
+        --out hessian_cifar
+
+The model and diffusion flags come from the training run's `config.json` beside the
+checkpoint; a checkpoint without one needs them on the command line or in `--config FILE`.
 
 Writes OUT/hessian.json (top eigenvalues, lambda_1 / lambda_k, power-iteration estimate,
 optional density) and OUT/hessian.png. Memory: the Lanczos basis holds --iters vectors of
@@ -23,14 +25,9 @@ import time
 
 import torch as th
 
-from improved_diffusion import analysis, dist_util
-from improved_diffusion.image_datasets import load_image_dataset
-from improved_diffusion.script_util import (
-    run_main,
-    add_dict_to_argparser,
-    args_to_dict,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion import analysis, config, dist_util
+from improved_diffusion.sampling import run_overrides
+from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
 
 
 def check_args(args):
@@ -54,32 +51,16 @@ def check_args(args):
     analysis.check_timestep(args.diffusion_steps, args.timestep_respacing, args.timestep)
 
 
-
-
-def main():
-    args = create_argparser().parse_args()
+def main(argv=None):
+    args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_path")
     check_args(args)
+    for note in run_overrides(args, run_config, args.model_path, argv):
+        print(note, file=sys.stderr)
     device = dist_util.dev()
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    flags = args_to_dict(args, config.names(*config.MODEL_GROUPS))
     model, diffusion, _ = analysis.load_model_and_diffusion(args.model_path, flags, device)
 
-    if args.timestep_respacing:
-        print(
-            f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
-            "the respaced process (leave it empty to analyse the training objective)",
-            file=sys.stderr,
-        )
-    data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
-    if args.batch_size > len(data.images):
-        print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds "
-              f"{len(data.images)} images; the batch is all {len(data.images)}", file=sys.stderr)
-    timestep = None if args.timestep < 0 else args.timestep
-    batch, t, noise = analysis.fixed_loss_inputs(
-        diffusion, data.images, args.batch_size, seed=args.seed, device=device, timestep=timestep
-    )
-    model_kwargs = {}
-    if args.class_cond:
-        model_kwargs["y"] = th.from_numpy(data.labels[: batch.shape[0]]).to(device)
+    batch, t, noise, model_kwargs = analysis.fixed_batch_from_args(args, diffusion, device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     loss_fn = analysis.diffusion_loss_fn(model, diffusion, batch, t, noise, model_kwargs)
@@ -96,7 +77,7 @@ def main():
             "data_dir": args.data_dir,
             "batch_size": int(batch.shape[0]),
             "seed": args.seed,
-            "timestep": timestep,
+            "timestep": None if args.timestep < 0 else args.timestep,
             "timesteps": t.cpu().tolist(),
             "method": args.method,
             "top_k": args.top_k,
@@ -245,11 +226,13 @@ def create_argparser():
         lanczos_dtype="float64",
         out="hessian_out",
     )
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, ["config"])
+    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
+                       "(default: the training run's config.json beside --model_path)")
     return parser
 
 

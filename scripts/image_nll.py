@@ -2,11 +2,13 @@
 Approximate the bits/dimension (negative log-likelihood bound) of a model on a data set.
 
     python scripts/image_nll.py --data_dir cifar_test/ --model_path runs/cifar/ema_0.9999_500000.pt \\
-        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True \\
-        --dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine \\
         --num_samples 1000 --batch_size 64
 
-    mpiexec -n 8 python scripts/image_nll.py --data_dir cifar_test/ --model_path ... $FLAGS
+    mpiexec -n 8 python scripts/image_nll.py --data_dir cifar_test/ \\
+        --model_path runs/cifar/ema_0.9999_500000.pt --num_samples 1000 --batch_size 64
+
+The model and diffusion flags come from the training run's `config.json` beside the
+checkpoint; a checkpoint without one needs them on the command line or in `--config FILE`.
 
 As the original: every batch runs `diffusion.calc_bpd_loop` (all T steps; a
 `--timestep_respacing` is refused),
@@ -26,15 +28,14 @@ import time
 import numpy as np
 import torch
 
-from improved_diffusion import dist_util
+from improved_diffusion import config, dist_util
 from improved_diffusion.image_datasets import load_image_dataset, to_model_input
-from improved_diffusion.sampling import load_model_weights
+from improved_diffusion.sampling import load_model_weights, run_overrides
 from improved_diffusion.script_util import (
-    run_main,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
-    model_and_diffusion_defaults,
+    run_main,
 )
 
 TERMS = ("vb", "mse", "xstart_mse")
@@ -62,19 +63,18 @@ def check_args(args):
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_path")
     check_args(args)
     dist_util.setup_dist()
     rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
     device = torch.device(args.device) if args.device else dist_util.dev()
 
-    def log(*msg):
-        if rank == 0:
-            print(*msg, flush=True)
-
+    log = dist_util.print0
+    for note in run_overrides(args, run_config, args.model_path, argv):
+        log(note)
     log("creating model and diffusion...")
     model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys())
+        **args_to_dict(args, config.names(*config.MODEL_GROUPS))
     )
     try:
         load_model_weights(model, args.model_path)
@@ -180,7 +180,6 @@ def create_argparser():
         out="",
         device="",
     )
-    defaults.update(model_and_diffusion_defaults())
     help_text = {
         "data_dir": "folder of images or .npz (arr_0 uint8 NHWC)",
         "clip_denoised": "clip predicted x_0 to [-1, 1]",
@@ -197,6 +196,9 @@ def create_argparser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dict_to_argparser(parser, defaults, help_text)
+    config.add_options(parser, ["config"])
+    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
+                       "(default: the training run's config.json beside --model_path)")
     return parser
 
 

@@ -3,24 +3,24 @@ Generate a large batch of image samples from a model and save them as a large nu
 (`arr_0`: uint8 NHWC images, `arr_1`: class labels when class-conditional), plus a PNG grid.
 The images can then be scored with `scripts/fid.py`.
 
-One process:
+One process, from a checkpoint of a training run: the model and diffusion flags come from
+the run's `config.json` beside the checkpoint (image_train.py writes it), so none are needed:
 
     python scripts/image_sample.py --model_path runs/cifar/ema_0.9999_500000.pt \\
-        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True \\
-        --dropout 0.3 --diffusion_steps 4000 --noise_schedule cosine \\
         --timestep_respacing 250 --num_samples 50000 --batch_size 256 --seed 0
 
 Several GPUs (images are identical to the one-process run with the same --seed):
 
-    mpiexec -n 8 python scripts/image_sample.py --model_path ... $MODEL_FLAGS $DIFFUSION_FLAGS \\
-        --num_samples 50000 --batch_size 256 --precision bf16
+    mpiexec -n 8 python scripts/image_sample.py --model_path runs/cifar/ema_0.9999_500000.pt \\
+        --timestep_respacing 250 --num_samples 50000 --batch_size 256 --precision bf16
+
+A checkpoint without its run's config.json (e.g. a released one) needs the model flags, on
+the command line or in a `--config FILE` of option values. A model flag on the command line
+overrides the run's value (one `note:` line says so). A class-conditional model draws its
+labels from the run's `data_num_classes` unless `--num_classes` is given.
 
 DDIM with 50 steps: `--use_ddim True --timestep_respacing ddim50 [--eta 0.0]`
 (`ddim50` without `--use_ddim True` runs ordinary ancestral sampling on those 50 steps).
-
-When the checkpoint's folder holds the training run's `config.json`, every model/diffusion
-flag that differs from it is reported (the flags still decide), and a class-conditional
-model draws its labels from the run's `data_num_classes` unless `--num_classes` is given.
 
 Sample i is drawn with its own seed (see improved_diffusion/sampling.py), so a given
 (--seed, i) gives the same image whatever --batch_size and number of processes.
@@ -38,33 +38,24 @@ import time
 import numpy as np
 import torch
 
-from improved_diffusion import dist_util
+from improved_diffusion import config, dist_util, precision
+from improved_diffusion.respace import space_timesteps
 from improved_diffusion.sampling import (
     classes_to_sample,
     load_model_weights,
-    read_run_config,
-    run_config_path,
+    run_overrides,
     sample_images,
     save_grid,
 )
-from improved_diffusion.respace import space_timesteps
 from improved_diffusion.script_util import (
-    run_main,
     NUM_CLASSES,
     add_dict_to_argparser,
     args_to_dict,
     create_model_and_diffusion,
-    model_and_diffusion_defaults,
     parse_attention_resolutions,
     parse_channel_mult,
-    str2bool,
+    run_main,
 )
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Flags that may differ from the training run on purpose: they change how the model is run,
-# not what it computes (dropout is off in eval mode), so a difference is not reported.
-RUN_TIME_FLAGS = ("timestep_respacing", "use_checkpoint", "use_fp16", "dropout")
 
 
 def check_args(args):
@@ -94,51 +85,11 @@ def check_args(args):
         ) from None
 
 
-def _canonical(key, value, default, image_size):
-    """One spelling of a flag value, so that argparse's and JSON's compare equal."""
-    try:
-        if isinstance(default, bool):
-            return str2bool(value)
-        if isinstance(default, (int, float)):
-            return float(value)
-        if key == "channel_mult":  # "" means the table's entry for image_size
-            return parse_channel_mult(value, int(image_size))
-        if key == "attention_resolutions":
-            return sorted(int(x) for x in str(value).split(",") if x.strip())
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        pass
-    return str(value)
-
-
-def _spell(value):
-    return "''" if value == "" else str(value)
-
-
-def warn_flags_differ_from_run(args, model_path, log):
-    """
-    Report every model/diffusion flag whose value differs from the training run's
-    config.json next to the checkpoint (the flags stay in charge: the checkpoint key check
-    only catches architecture changes, not e.g. another noise schedule). Also warns about
-    `ddimN` respacing without --use_ddim. Returns the run's config, or None.
-    """
+def warn_ddim_respacing(args, log):
     if args.timestep_respacing.startswith("ddim") and not args.use_ddim:
         log(f"warning: --timestep_respacing {args.timestep_respacing} without --use_ddim True "
             f"samples with ordinary ancestral steps on those timesteps; add --use_ddim True "
             f"for DDIM")
-    config = read_run_config(model_path, log)
-    if config is None:
-        return None
-    path = run_config_path(model_path)
-    for key, default in model_and_diffusion_defaults().items():
-        if key in RUN_TIME_FLAGS or key not in config:
-            continue
-        mine, theirs = getattr(args, key), config[key]
-        if _canonical(key, mine, default, args.image_size) != _canonical(
-            key, theirs, default, config.get("image_size", args.image_size)
-        ):
-            log(f"warning: --{key} {_spell(mine)} differs from the training run's "
-                f"{_spell(theirs)} ({path}); using --{key} {_spell(mine)}")
-    return config
 
 
 def output_paths(args, shape_str):
@@ -157,16 +108,13 @@ def output_paths(args, shape_str):
 
 
 def main(argv=None):
-    args = create_argparser().parse_args(argv)
+    args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_path")
     check_args(args)
     dist_util.setup_dist()
     rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
     device = torch.device(args.device) if args.device else dist_util.dev()
 
-    def log(*msg):
-        if rank == 0:
-            print(*msg, flush=True)
-
+    log = dist_util.print0
     def checkpoint_error(exc):
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -176,20 +124,23 @@ def main(argv=None):
         checkpoint_error("no checkpoint given: pass --model_path")
     if not os.path.isfile(args.model_path):
         checkpoint_error(f"model checkpoint not found: {args.model_path} (--model_path)")
-    config = warn_flags_differ_from_run(args, args.model_path, log)
+    for note in run_overrides(args, run_config, args.model_path, argv):
+        log(note)
+    warn_ddim_respacing(args, log)
     log(f"creating model and diffusion ({world_size} process(es), device {device})...")
     model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, model_and_diffusion_defaults().keys())
+        **args_to_dict(args, config.names(*config.MODEL_GROUPS))
     )
     try:
         load_model_weights(model, args.model_path)
     except (FileNotFoundError, ValueError) as exc:
         checkpoint_error(exc)
-    num_classes = classes_to_sample(args.num_classes, args.class_cond, args.model_path, log, config)
+    num_classes = classes_to_sample(args.num_classes, args.class_cond, args.model_path, log, run_config)
     model.to(device)
     if args.use_fp16:
         model.convert_to_fp16()
     model.eval()
+    autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
 
     log(f"sampling {args.num_samples} images with seed {args.seed}...")
     start = time.time()
@@ -207,7 +158,7 @@ def main(argv=None):
         class_cond=args.class_cond,
         num_classes=num_classes,
         progress=rank == 0,
-        autocast_dtype=PRECISIONS[args.precision],
+        autocast_dtype=autocast_dtype,
     )
     seconds = time.time() - start
 
@@ -245,7 +196,6 @@ def create_argparser():
         num_classes=0,
         device="",
     )
-    defaults.update(model_and_diffusion_defaults())
     help_text = {
         "clip_denoised": "clip predicted x_0 to [-1, 1] at every step",
         "num_samples": "number of images to generate (over all processes)",
@@ -267,9 +217,9 @@ def create_argparser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dict_to_argparser(parser, defaults, help_text)
-    parser.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                        help="autocast dtype of the model (bf16 on recent GPUs; "
-                             "default: %(default)s)")
+    config.add_options(parser, ["config", "precision"])
+    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
+                       "(default: the training run's config.json beside --model_path)")
     return parser
 
 

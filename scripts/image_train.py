@@ -108,20 +108,11 @@ def main(argv=None):
 def make_evaluator(args, precision, device, num_classes):
     """FID of the EMA model every --eval_interval steps, spread over all ranks."""
     from improved_diffusion import fid, sampling
-    from improved_diffusion.script_util import create_gaussian_diffusion
+    from improved_diffusion.script_util import create_diffusion_from_options
 
     fid.load_statistics(args.eval_ref_stats)  # fail now, not after hours of training
-    eval_diffusion = create_gaussian_diffusion(
-        steps=args.diffusion_steps,
-        learn_sigma=args.learn_sigma,
-        sigma_small=args.sigma_small,
-        noise_schedule=args.noise_schedule,
-        use_kl=args.use_kl,
-        predict_xstart=args.predict_xstart,
-        rescale_timesteps=args.rescale_timesteps,
-        rescale_learned_sigmas=args.rescale_learned_sigmas,
-        timestep_respacing=args.eval_respacing,
-    )
+    model_opts = {k: v for k, v in training.model_options(vars(args)).items()}
+    eval_diffusion = create_diffusion_from_options(model_opts, timestep_respacing=args.eval_respacing)
     extractor = {}
 
     def evaluate(ema_model, step):

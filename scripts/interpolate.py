@@ -8,13 +8,13 @@ fixed noise (both drawn from --seed), the model in eval mode (no dropout). alpha
 give the losses of the two checkpoints themselves.
 
     python scripts/interpolate.py --model_a run/model010000.pt --model_b run/model100000.pt \\
-        --data_dir datasets/cifar10_train.npz --batch_size 128 --seed 0 \\
-        --image_size 32 --num_channels 128 --num_res_blocks 3 --learn_sigma True --dropout 0.3 \\
-        --diffusion_steps 4000 --noise_schedule cosine --out interp_cifar
+        --data_dir datasets/cifar10_train.npz --batch_size 128 --seed 0 --out interp_cifar
 
 Writes OUT/interpolation.json (alphas, losses, endpoint losses, settings) and
 OUT/interpolation.png (loss against alpha, endpoints marked). Both checkpoints must be of
-the architecture the flags describe.
+one architecture: the model and diffusion flags come from the training run's `config.json`
+beside --model_a (a warning names any that --model_b's run has otherwise); a checkpoint
+without one needs them on the command line or in `--config FILE`.
 """
 
 import argparse
@@ -23,16 +23,10 @@ import os
 import sys
 
 import numpy as np
-import torch as th
 
-from improved_diffusion import analysis, dist_util
-from improved_diffusion.image_datasets import load_image_dataset
-from improved_diffusion.script_util import (
-    run_main,
-    add_dict_to_argparser,
-    args_to_dict,
-    model_and_diffusion_defaults,
-)
+from improved_diffusion import analysis, config, dist_util
+from improved_diffusion.sampling import run_differences, run_overrides
+from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
 
 
 def check_args(args):
@@ -49,12 +43,15 @@ def check_args(args):
     analysis.check_timestep(args.diffusion_steps, args.timestep_respacing, args.timestep)
 
 
-def main():
-    args = create_argparser().parse_args()
+def main(argv=None):
+    args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_a")
     check_args(args)
     alphas = parse_alphas(args.alphas, args.alpha_min, args.alpha_max, args.num_alphas)
     device = dist_util.dev()
-    flags = args_to_dict(args, model_and_diffusion_defaults().keys())
+    flags = args_to_dict(args, config.names(*config.MODEL_GROUPS))
+    notes = run_overrides(args, run_config, args.model_a, argv)
+    for line in notes + run_differences(flags, args.model_b, args.model_a):
+        print(line, file=sys.stderr)
 
     model, diffusion, sd_a = analysis.load_model_and_diffusion(args.model_a, flags, device)
     try:
@@ -63,23 +60,7 @@ def main():
         raise ValueError(f"--model_b {args.model_b}: could not read the checkpoint: {exc}") from exc
     analysis.check_same_architecture(sd_a, sd_b)
 
-    if args.timestep_respacing:
-        print(
-            f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
-            "the respaced process (leave it empty to analyse the training objective)",
-            file=sys.stderr,
-        )
-    data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
-    if args.batch_size > len(data.images):
-        print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds "
-              f"{len(data.images)} images; the batch is all {len(data.images)}", file=sys.stderr)
-    timestep = None if args.timestep < 0 else args.timestep
-    batch, t, noise = analysis.fixed_loss_inputs(
-        diffusion, data.images, args.batch_size, seed=args.seed, device=device, timestep=timestep
-    )
-    model_kwargs = {}
-    if args.class_cond:
-        model_kwargs["y"] = th.from_numpy(data.labels[: batch.shape[0]]).to(device)
+    batch, t, noise, model_kwargs = analysis.fixed_batch_from_args(args, diffusion, device)
 
     losses = analysis.interpolation_losses(
         model, diffusion, sd_a, sd_b, alphas, batch, t, noise, model_kwargs
@@ -100,7 +81,7 @@ def main():
             "data_dir": args.data_dir,
             "batch_size": int(batch.shape[0]),
             "seed": args.seed,
-            "timestep": timestep,
+            "timestep": None if args.timestep < 0 else args.timestep,
             "timesteps": t.cpu().tolist(),
             "flags": flags,
         },
@@ -180,11 +161,13 @@ def create_argparser():
         timestep=-1,
         out="interpolation_out",
     )
-    defaults.update(model_and_diffusion_defaults())
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, ["config"])
+    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
+                       "(default: the training run's config.json beside --model_a)")
     return parser
 
 

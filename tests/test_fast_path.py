@@ -425,7 +425,7 @@ def test_benchmark_script_compare_on_demo_config(tmp_path):
     assert "fast / plain" in proc.stdout[end:]
     result = json.loads(out.read_text())
     assert result == json.loads(json.dumps(printed))
-    assert result["config_path"] == os.path.join("configs", "demo.json")
+    assert result["config_path"] == os.path.join("configs", "demo_all.json")  # demo = its all-methods variant
     on_cpu = DEVICE.type == "cpu"
     assert result["device"].split(":")[0] == DEVICE.type and result["threads"] == 1
     assert (result["peak_tflops"] is None) == on_cpu  # MFU needs a peak; CUDA has a default one

@@ -2,7 +2,7 @@
 The evaluation scripts as a user runs them: bad flags end in one `error:` line and exit
 status 2 before any expensive work, surprising settings get a warning or a note, and
 image_sample.py takes what it cannot read from the weights (the number of classes) from the
-training run's config.json.
+training run's config.json (tests/test_run_config.py: the model flags too).
 """
 
 import json
@@ -99,19 +99,20 @@ def test_sample_without_run_config_warns_and_uses_1000_classes(tmp_path):
     assert np.load(out)["arr_1"].max() >= 3  # 8 draws out of 1000 classes
 
 
-def test_sample_warns_for_flags_that_differ_from_run(checkpoint, tmp_path):
-    # Same architecture, other diffusion: the checkpoint loads, the run's config notices.
+def test_sample_notes_flags_that_override_the_run(checkpoint, tmp_path):
+    # Same architecture, other diffusion: the command line wins over the run's config.json,
+    # with one note per flag.
     other = {**MODEL, "noise_schedule": "linear", "diffusion_steps": 100, "dropout": 0.0}
     proc = run_script("image_sample.py", flags(other) + [
         "--model_path", checkpoint, "--timestep_respacing", "ddim4", "--num_samples", "2",
         "--out", tmp_path / "s.npz", "--grid", "none"])
-    warnings = warnings_of(proc)
-    differ = sorted(w.split()[1] for w in warnings if "differs from the training run" in w)
-    # dropout is off when sampling, and equal values spelled differently (JSON true vs
-    # "True", 40 vs "40") are not reported.
-    assert differ == ["--diffusion_steps", "--noise_schedule"], warnings
-    assert any("--noise_schedule linear" in w and "cosine" in w for w in warnings)
-    assert any("ddim4" in w and "--use_ddim True" in w for w in warnings)
+    lines = (proc.stdout + proc.stderr).splitlines()
+    noted = sorted(line.split()[1] for line in lines if "overrides the training run's" in line)
+    # dropout does nothing when sampling, and values equal to the run's (JSON true vs
+    # "True", 40 vs "40") are not noted.
+    assert noted == ["--diffusion_steps", "--noise_schedule"], lines
+    assert "note: --noise_schedule linear overrides the training run's cosine" in proc.stdout
+    assert any("ddim4" in w and "--use_ddim True" in w for w in warnings_of(proc))
 
 
 @pytest.mark.parametrize(
