@@ -7,9 +7,17 @@ original scripts), plus `stateNNNNNN.pt` with the rest of the training state. Ea
 written to a temporary name, flushed to disk and renamed, and the state file, which lists
 the other files, is written last: a checkpoint counts only once its state file exists and
 every file it lists is there.
+
+The state file records each file's size and SHA-256, and a digest of its own contents, so a
+truncated, zeroed or bit-flipped file of any of the four kinds is found before it is used
+(`damage`), and resuming falls back to the newest checkpoint that verifies.
 """
 
+import errno
+import hashlib
+import json
 import os
+import pickle
 import re
 
 import numpy as np
@@ -35,15 +43,97 @@ def state_name(step):
     return f"state{step:06d}.pt"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be written or read: the message names the file and the cause."""
+
+
 def atomic_save(obj, path):
-    """torch.save to `path` so that a reader sees the old file, or the whole new one."""
+    """torch.save to `path` so that a reader sees the old file, or the whole new one. A failed
+    write (disk full, ...) leaves no temporary file and raises CheckpointError."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {_write_cause(e)}") from e
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+def _write_cause(e):
+    """The cause of a failed write in words, also when torch hides the OSError in a RuntimeError."""
+    chain = [e]
+    while chain[-1].__cause__ or chain[-1].__context__:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    for err in chain:
+        if isinstance(err, OSError) and err.errno is not None:
+            return os.strerror(err.errno)
+    text = str(e)
+    if "No space left" in text or "file write failed" in text:
+        return os.strerror(errno.ENOSPC)
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_digest(state):
+    """SHA-256 of a state dict's contents (tensors' bytes and plain values, in key order),
+    the "sha256" entry itself excluded: a flipped bit anywhere in it changes the digest."""
+    h = hashlib.sha256()
+
+    def walk(obj, path):
+        if isinstance(obj, torch.Tensor):
+            h.update(f"{path}:{obj.dtype}:{tuple(obj.shape)}".encode())
+            h.update(obj.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                if not (path == "" and key == "sha256"):
+                    walk(obj[key], f"{path}.{key}")
+        elif isinstance(obj, (list, tuple)):
+            h.update(f"{path}:{type(obj).__name__}{len(obj)}".encode())
+            for i, value in enumerate(obj):
+                walk(value, f"{path}[{i}]")
+        else:
+            h.update(f"{path}={obj!r}".encode())
+
+    walk(state, "")
+    return h.hexdigest()
+
+
+def read_file(path, what="checkpoint"):
+    """
+    torch.load(weights_only=True) of a checkpoint file, with one clear line for each failure:
+    missing, unreadable (truncated, zeroed, not a torch file), or holding Python objects that
+    loading would have to run (refused: this never loads unsafely, and never advises it).
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{what} {path} holds a Python object ({found.group(1)}) that loading would have to run: "
+                "refused (only plain tensors and values are loaded). Use checkpoints written by this code "
+                "or the originals"
+            ) from None
+        raise CheckpointError(f"{what} {path} cannot be read (truncated, damaged or not a torch file)") from None
+    except Exception as e:  # torch raises many kinds for a damaged file
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{what} {path} cannot be read (truncated or damaged?): {cause}") from None
 
 
 def _fsync_dir(path):
@@ -95,27 +185,64 @@ def load_state_file(path):
     return state if isinstance(state, dict) and "step" in state and "files" in state else None
 
 
-def find_latest_checkpoint(log_dir):
+def checkpoint_steps(log_dir):
+    """Steps with a state file in `log_dir`, newest first."""
+    if not log_dir or not os.path.isdir(log_dir):
+        return []
+    return sorted((int(m.group(1)) for m in map(STATE_PATTERN.match, os.listdir(log_dir)) if m), reverse=True)
+
+
+def damage(log_dir, step, state=None, verify=True):
+    """
+    Why the checkpoint of `step` in `log_dir` cannot be used, or None when it is intact: its
+    state file is unreadable or altered, or a file it lists is missing, of another size, or
+    (with `verify`) of another SHA-256. Checkpoints written before checksums are checked by size.
+    """
+    name = state_name(step)
+    if state is None:
+        state = load_state_file(os.path.join(log_dir, name))
+    if state is None:
+        return f"{name}: unreadable"
+    if verify and "sha256" in state and state_digest(state) != state["sha256"]:
+        return f"{name}: checksum mismatch"
+    for file_name, entry in state["files"].items():
+        path = os.path.join(log_dir, file_name)
+        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
+        if not os.path.isfile(path):
+            return f"{file_name}: missing"
+        if os.path.getsize(path) != size:
+            return f"{file_name}: {os.path.getsize(path)} bytes, {size} written"
+        if verify and digest is not None and file_sha256(path) != digest:
+            return f"{file_name}: checksum mismatch"
+    return None
+
+
+def find_latest_checkpoint(log_dir, verify=False, log=None):
     """
     (step, state dict) of the newest intact checkpoint in `log_dir`, or None when none is.
 
-    Intact: a readable state file whose listed files all exist with their recorded sizes.
+    Intact: a readable state file whose listed files all exist with their recorded sizes, and
+    with `verify` also their checksums. Each damaged checkpoint passed over is reported to `log`.
     """
-    if not log_dir or not os.path.isdir(log_dir):
-        return None
-    steps = sorted(
-        (int(m.group(1)) for m in map(STATE_PATTERN.match, os.listdir(log_dir)) if m),
-        reverse=True,
-    )
-    for step in steps:
+    damaged = []
+    for step in checkpoint_steps(log_dir):
         state = load_state_file(os.path.join(log_dir, state_name(step)))
-        if state is not None and files_intact(log_dir, state["files"]):
+        reason = damage(log_dir, step, state, verify)
+        if reason is None:
+            if damaged and log is not None:
+                for bad_step, why in damaged:
+                    log(f"checkpoint {bad_step:06d} is damaged ({why}); resuming from {step:06d}")
             return step, state
+        damaged.append((step, reason))
+    if damaged and log is not None:
+        for bad_step, why in damaged:
+            log(f"checkpoint {bad_step:06d} is damaged ({why}); no intact checkpoint is older")
     return None
 
 
 def files_intact(log_dir, files):
-    for name, size in files.items():
+    for name, entry in files.items():
+        size = entry if isinstance(entry, int) else entry["size"]
         path = os.path.join(log_dir, name)
         if not os.path.isfile(path) or os.path.getsize(path) != size:
             return False
@@ -171,7 +298,9 @@ def check_state_dict_matches(model, state, what="checkpoint"):
 def write_checkpoint(log_dir, step, model_state, ema_states, opt_state, state):
     """
     Write the checkpoint of `step`: model, one EMA file per {rate: state dict}, optimizer, and
-    last the state file (with `state`'s entries plus the sizes of the files it completes).
+    last the state file (`state`'s entries, each file's size and SHA-256, and its own digest).
+    On a failed write the files of this step are removed again and CheckpointError says why,
+    how much a checkpoint needs, and which checkpoint is the newest intact one.
     """
     os.makedirs(log_dir, exist_ok=True)
     files = {}
@@ -179,13 +308,39 @@ def write_checkpoint(log_dir, step, model_state, ema_states, opt_state, state):
     def write(name, obj):
         path = os.path.join(log_dir, name)
         atomic_save(obj, path)
-        files[name] = os.path.getsize(path)
+        files[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
 
-    write(model_name(step), model_state)
-    for rate, ema_state in ema_states.items():
-        write(ema_name(rate, step), ema_state)
-    write(opt_name(step), opt_state)
-    atomic_save({"format": 1, "step": step, "files": files, **state}, os.path.join(log_dir, state_name(step)))
+    try:
+        write(model_name(step), model_state)
+        for rate, ema_state in ema_states.items():
+            write(ema_name(rate, step), ema_state)
+        write(opt_name(step), opt_state)
+        full = {"format": 2, "step": step, "files": files, **state}
+        full["sha256"] = state_digest(full)
+        atomic_save(full, os.path.join(log_dir, state_name(step)))
+    except CheckpointError as e:
+        for name in files:
+            try:
+                os.remove(os.path.join(log_dir, name))
+            except OSError:
+                pass
+        needed = sum(_tensor_bytes(obj) for obj in (model_state, opt_state, *ema_states.values()))
+        latest = find_latest_checkpoint(log_dir)
+        where = f"the newest intact checkpoint is {latest[0]:06d}" if latest else "there is no intact checkpoint yet"
+        raise CheckpointError(
+            f"{e} (a checkpoint needs about {needed / 2**20:,.1f} MiB in {log_dir}; {where}; "
+            "free space and run the same command again to continue from it)"
+        ) from None
+
+
+def _tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
 
 
 def prune_checkpoints(log_dir, keep):
@@ -208,7 +363,7 @@ def read_training_files(directory, step, rates, load, model_file=None, partial=F
     def read(name, what):
         path = os.path.join(directory, name)
         if os.path.isfile(path):
-            return load(path)
+            return load(path, what)
         if partial and what != "model":
             log(f"WARNING: no {what} file {name} in {directory}: it starts afresh")
             return None
@@ -222,6 +377,85 @@ def read_training_files(directory, step, rates, load, model_file=None, partial=F
         "ema": [read(ema_name(rate, step), f"EMA (rate {rate})") for rate in rates],
         "opt": read(opt_name(step), "optimizer"),
     }
+
+
+# ---------------------------------------------------------------------------------------
+# A diverged run, and a run continued from an older checkpoint
+# ---------------------------------------------------------------------------------------
+
+DIVERGED = "diverged.json"  # written when a run stops for a non-finite streak
+SUPERSEDED = "superseded"  # newer checkpoints go here when a run continues from an older one
+
+
+def newest_checkpoint_before(log_dir, step):
+    """The newest intact checkpoint at or before `step` (by sizes), or None."""
+    for candidate in checkpoint_steps(log_dir):
+        if candidate <= step and damage(log_dir, candidate, verify=False) is None:
+            return candidate
+    return None
+
+
+def mark_diverged(log_dir, step, streak, before):
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, DIVERGED), "w") as f:
+        json.dump({"stopped_at": step, "nonfinite_streak": streak, "checkpoint_before_streak": before}, f, indent=2)
+
+
+def diverged_advice(log_dir, before):
+    """What to do after a divergence, with the exact command."""
+    if log_dir is None:
+        return "Lower --lr, use --precision bf16/fp32 or --grad_clip."
+    if before is None:
+        return (f"No checkpoint from before the streak exists in {log_dir}: start again in a new --log_dir with "
+                "other options (a lower --lr, --precision bf16/fp32 or --grad_clip).")
+    config = os.path.join(log_dir, "config.json")
+    return (f"The newest checkpoint from before the streak is {before:06d}. Continue from it with other options, "
+            f"e.g. a lower --lr:\n  python scripts/image_train.py --config {config} --log_dir {log_dir} "
+            f"--resume {os.path.join(log_dir, model_name(before))} --lr LOWER_LR\n"
+            f"(--resume auto refuses this run until then: its newer checkpoints come from the diverging streak)")
+
+
+def refuse_if_diverged(log_dir):
+    """--resume auto in a run that stopped diverging needs an explicit choice of checkpoint."""
+    path = os.path.join(log_dir or "", DIVERGED)
+    if not log_dir or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        stopped, before = info["stopped_at"], info["checkpoint_before_streak"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{path} is damaged; remove it to resume this run with --resume auto") from None
+    raise CheckpointError(
+        f"the run in {log_dir} stopped at step {stopped} because it diverged ({path}). "
+        + diverged_advice(log_dir, before)
+    )
+
+
+def clear_diverged(log_dir):
+    try:
+        os.remove(os.path.join(log_dir or "", DIVERGED))
+    except OSError:
+        pass
+
+
+def set_aside_after(log_dir, step):
+    """Move the checkpoints newer than `step` into LOG_DIR/superseded/ (nothing is deleted), so
+    that `--resume auto` can never pick them once this run has continued from `step`."""
+    newer = [s for s in checkpoint_steps(log_dir) if s > step]
+    if not newer:
+        return []
+    target = os.path.join(log_dir, SUPERSEDED)
+    os.makedirs(target, exist_ok=True)
+    for s in newer:
+        state = load_state_file(os.path.join(log_dir, state_name(s)))
+        names = [state_name(s)] + (list(state["files"]) if state else [])  # the state file first
+        for name in names:
+            try:
+                os.replace(os.path.join(log_dir, name), os.path.join(target, name))
+            except FileNotFoundError:
+                pass
+    return newer
 
 
 def rank_state(data):

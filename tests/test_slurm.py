@@ -52,11 +52,13 @@ def job_id_with_free_port():
 
 
 def srun_env(rank, ntasks=2, job_id=1234, **extra):
-    """The variables srun sets for task `rank` of a one-node step."""
-    return dict(
+    """The variables srun sets for task `rank` of a one-node step (`extra` added or replaced)."""
+    e = dict(
         SLURM_JOB_ID=job_id, SLURM_STEP_ID=0, SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=ntasks,
-        SLURM_JOB_NODELIST="localhost", SLURM_NODEID=0, **extra,
+        SLURM_JOB_NODELIST="localhost", SLURM_NODEID=0,
     )
+    e.update(extra)
+    return {k: str(v) for k, v in e.items()}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +193,6 @@ def test_bad_or_partial_srun_environment(change, message):
             del e[key]
         else:
             e[key] = value
-    e = {k: str(v) for k, v in e.items()}
     assert detect_launcher(e) == "srun"
     with pytest.raises(ValueError, match=message):
         slurm_task(e)
@@ -246,15 +247,33 @@ def test_one_process_inside_a_job(no_launcher, capsys, extra, said):
     assert said in out if said else out == ""
 
 
-def test_sbatch_template():
-    """The batch template parses as bash and runs the experiment's config through srun, resumably."""
+def test_sbatch_template(tmp_path):
+    """The batch template parses as bash, requeues, and runs the experiment's config through srun
+    with the global batch split over the tasks (a stand-in srun prints what it was given)."""
     path = os.path.join(ROOT, "scripts", "launch", "slurm.sbatch")
     proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     text = open(path).read()
-    for needle in ("#SBATCH --requeue", "#SBATCH --signal", "srun", "scripts/image_train.py",
-                   "configs/${EXPERIMENT}_${VARIANT}.json", "--resume auto", "cifar10", "imagenet128"):
+    for needle in ("#SBATCH --requeue", "#SBATCH --signal=B:USR1", "scontrol requeue", "--resume auto"):
         assert needle in text, needle
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text('#!/bin/sh\necho "srun $*"\n')
+    (fake / "srun").chmod(0o755)
+    e = clean_env(SLURM_JOB_ID=7, SLURM_NTASKS=16, SLURM_SUBMIT_DIR=ROOT, PYTHON="python")
+    e["PATH"] = f"{fake}{os.pathsep}{e['PATH']}"
+    for experiment, per_rank in (("cifar10", 8), ("imagenet128", 16)):
+        proc = subprocess.run(["bash", path, experiment, "md_lrc", "--total_steps", "5"], env=e, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert (f"srun --kill-on-bad-exit=1 python scripts/image_train.py --config configs/{experiment}_md_lrc.json "
+                f"--data_dir data/{experiment}/train --log_dir runs/{experiment}_md_lrc --batch_size {per_rank} "
+                "--resume auto --total_steps 5") in proc.stdout
+    bad = subprocess.run(["bash", path, "mnist", "all"], env=e, capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "EXPERIMENT must be cifar10 or imagenet128" in bad.stderr
+    odd = subprocess.run(["bash", path, "cifar10", "all"], env=dict(e, SLURM_NTASKS="3"), capture_output=True,
+                         text=True, timeout=30)
+    assert odd.returncode == 2 and "not divisible by 3 tasks" in odd.stderr
 
 
 def test_multinode_doc():

@@ -18,7 +18,8 @@ from improved_diffusion.train_util import NonFiniteError, TrainConfig, TrainLoop
 from tiny import TINY_MODEL
 
 
-def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1, optimizer_impl="auto", log_interval=1):
+def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1, optimizer_impl="auto", log_interval=1,
+              resume="none", save_interval=1000, total_steps=None):
     torch.manual_seed(0)
     opts = model_and_diffusion_defaults()
     opts.update({k: v for k, v in TINY_MODEL.items()})
@@ -28,10 +29,10 @@ def make_loop(tmp_path, precision="fp32", max_nonfinite_steps=3, microbatch=-1, 
     data = BatchStream(ImageDataset(images, None), 4, seed=0)
     config = TrainConfig(
         batch_size=4, microbatch=microbatch, precision=precision, max_nonfinite_steps=max_nonfinite_steps,
-        log_interval=log_interval, save_interval=1000, optimizer_impl=optimizer_impl,
+        log_interval=log_interval, save_interval=save_interval, optimizer_impl=optimizer_impl, total_steps=total_steps,
     )
     return TrainLoop(
-        model=model, diffusion=diffusion, data=data, config=config, log_dir=str(tmp_path), resume="none",
+        model=model, diffusion=diffusion, data=data, config=config, log_dir=str(tmp_path), resume=resume,
         logger=Logger(str(tmp_path), stdout=False, tensorboard=False),
     )
 

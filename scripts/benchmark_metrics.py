@@ -1,0 +1,69 @@
+"""
+Time and memory of improved precision / recall (improved_diffusion/metrics.py) on two sets of
+random features, by default 50,000 x 2048 each: CIFAR-10's 50k samples against its 50k
+training images.
+
+    OMP_NUM_THREADS=1 python scripts/benchmark_metrics.py --num 50000 --dim 2048
+
+Prints one JSON line: the sizes, seconds, the process's resident memory with the features
+alone (`rss_features_mib`) and at its peak (`peak_rss_mib`), what the full distance matrix
+would have taken (`full_matrix_mib`), and the precision and recall found.
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from improved_diffusion import metrics
+
+
+def memory_mib(field):
+    """VmRSS (now) or VmHWM (peak) of this process, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def random_features(num, dim, seed, shift=0.0):
+    """Non-negative float32 features (like pooled Inception ones), made in chunks."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((num, dim), np.float32)
+    for start in range(0, num, 4096):
+        rows = min(4096, num - start)
+        out[start : start + rows] = np.abs(rng.standard_normal((rows, dim), dtype=np.float32) + shift)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num", type=int, default=50000, help="feature rows in each set")
+    parser.add_argument("--dim", type=int, default=2048, help="feature dimension")
+    parser.add_argument("--block_size", type=int, default=metrics.DEFAULT_BLOCK_SIZE,
+                        help="rows and columns of each block of distances")
+    parser.add_argument("--device", default="cpu", help="where the distances are computed")
+    args = parser.parse_args()
+
+    ref = random_features(args.num, args.dim, seed=0, shift=0.0)
+    samples = random_features(args.num, args.dim, seed=1, shift=0.0)
+    rss_features = memory_mib("VmRSS")
+    start = time.time()
+    precision, recall = metrics.precision_recall(ref, samples, block_size=args.block_size, device=args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.time() - start
+    print(json.dumps({
+        "num": args.num, "dim": args.dim, "block_size": args.block_size, "device": args.device,
+        "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
+        "rss_features_mib": round(rss_features), "peak_rss_mib": round(memory_mib("VmHWM")),
+        "full_matrix_mib": round(args.num * args.num * 4 / 2**20),
+        "precision": precision, "recall": recall,
+    }))
+
+
+if __name__ == "__main__":
+    main()
