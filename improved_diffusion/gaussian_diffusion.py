@@ -123,6 +123,9 @@ class GaussianDiffusion:
     :param min_snr_gamma: if > 0, weight the per-sample MSE term by the
                           Min-SNR-gamma rule (see min_snr_weights); 0 = off.
                           Defined for EPSILON and START_X prediction only.
+    :param p2_gamma: if > 0, weight the per-sample MSE term by the P2 rule
+                     1 / (p2_k + SNR_t)^p2_gamma (see p2_weights); 0 = off.
+    :param p2_k: the k of P2 weighting (> 0).
     """
 
     def __init__(
@@ -134,12 +137,16 @@ class GaussianDiffusion:
         loss_type,
         rescale_timesteps=False,
         min_snr_gamma=0.0,
+        p2_gamma=0.0,
+        p2_k=1.0,
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
         self.min_snr_gamma = float(min_snr_gamma)
+        self.p2_gamma = float(p2_gamma)
+        self.p2_k = float(p2_k)
 
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1:
@@ -189,6 +196,7 @@ class GaussianDiffusion:
         self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
         self._posterior_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
         self._min_snr_weight = self._build_min_snr_weights()
+        self._p2_weight = self._build_p2_weights()
         self._device_buffers = {}
 
     # ------------------------------------------------------------------ utils
@@ -216,6 +224,37 @@ class GaussianDiffusion:
             "min_snr_gamma supports epsilon and x_start prediction only, not "
             f"{self.model_mean_type.name}"
         )
+
+    def _build_p2_weights(self):
+        """
+        P2 weighting (Choi et al. 2022) as in its public code (jychoi118/P2-weighting):
+        the squared error of the MSE term times 1 / (k + SNR_t)^gamma with
+        SNR_t = alpha_bar_t / (1 - alpha_bar_t), not normalised, whatever the model
+        predicts; the VB term of learned sigmas is not weighted. None when gamma is 0.
+        """
+        gamma, k = self.p2_gamma, self.p2_k
+        if gamma < 0 or not math.isfinite(gamma):
+            raise ValueError(f"p2_gamma must be >= 0 (0 = off), got {gamma}")
+        if not k > 0 or not math.isfinite(k):
+            raise ValueError(f"p2_k must be > 0, got {k}")
+        if gamma == 0:
+            return None
+        if self.loss_type.is_vb():
+            raise ValueError(
+                "p2_gamma weights the MSE term, but loss type "
+                f"{self.loss_type.name} has none (use_kl must be False)"
+            )
+        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+        return 1.0 / (k + snr) ** gamma
+
+    def p2_weights(self, t):
+        """
+        P2 loss weights 1 / (p2_k + SNR_t)^p2_gamma for a batch of timesteps
+        (ones when p2_gamma is 0), float32 of shape [N] on t's device.
+        """
+        if self._p2_weight is None:
+            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        return self._buffer("_p2_weight", t.device)[t].float()
 
     def _buffer(self, name, device):
         """A float64 copy of a numpy buffer on `device`, cached per device."""
@@ -803,7 +842,7 @@ class GaussianDiffusion:
         :param noise: optional Gaussian noise to add (default: fresh draw).
         :return: a dict of shape-[N] tensors: 'loss' always; 'mse' for the
                  MSE losses (already multiplied by min_snr_weights(t) when
-                 min_snr_gamma > 0); 'vb' when the variance is learned with an
+                 min_snr_gamma > 0 and by p2_weights(t) when p2_gamma > 0); 'vb' when the variance is learned with an
                  MSE loss. loss = mse + vb, where vb gets no gradient into the
                  mean output.
         """
@@ -864,6 +903,8 @@ class GaussianDiffusion:
             terms["mse"] = mean_flat((target - model_output) ** 2)
             if self._min_snr_weight is not None:
                 terms["mse"] = terms["mse"] * self.min_snr_weights(t)
+            if self._p2_weight is not None:
+                terms["mse"] = terms["mse"] * self.p2_weights(t)
             if "vb" in terms:
                 terms["loss"] = terms["mse"] + terms["vb"]
             else:

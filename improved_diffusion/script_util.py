@@ -39,7 +39,7 @@ SR_CHANNEL_MULT = {
 }
 
 # Options accepted by the factories beside the defaults' keys (docs/design.md).
-_EXTRA_OPTIONS = ("min_snr_gamma",)
+_EXTRA_OPTIONS = ("min_snr_gamma", "p2_gamma", "p2_k")
 
 
 def model_and_diffusion_defaults():
@@ -85,6 +85,8 @@ def _diffusion_kwargs(opts):
         rescale_learned_sigmas=opts["rescale_learned_sigmas"],
         timestep_respacing=opts["timestep_respacing"],
         min_snr_gamma=opts["min_snr_gamma"],
+        p2_gamma=opts["p2_gamma"],
+        p2_k=opts["p2_k"],
     )
 
 
@@ -100,7 +102,7 @@ def create_model_and_diffusion(**kwargs):
     Build the UNet and the (spaced) diffusion from flat flags.
 
     Takes the keys of `model_and_diffusion_defaults()` (missing ones take their
-    default) plus `min_snr_gamma`; any other key raises TypeError.
+    default) plus `min_snr_gamma`, `p2_gamma` and `p2_k`; any other key raises TypeError.
 
     :return: a tuple (model, diffusion).
     """
@@ -260,7 +262,7 @@ def sr_create_model_and_diffusion(**kwargs):
     """
     Build the super-resolution UNet and its diffusion from flat flags.
 
-    Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`.
+    Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`, `p2_gamma`, `p2_k`.
 
     :return: a tuple (model, diffusion).
     """
@@ -349,6 +351,8 @@ def create_gaussian_diffusion(
     rescale_learned_sigmas=False,
     timestep_respacing="",
     min_snr_gamma=0.0,
+    p2_gamma=0.0,
+    p2_k=1.0,
 ):
     """
     Build a SpacedDiffusion from flags, mapping them to the diffusion enums exactly
@@ -366,6 +370,8 @@ def create_gaussian_diffusion(
     :param timestep_respacing: sampling steps to keep, e.g. "250" or "ddim50"; ""
         keeps all `steps`.
     :param min_snr_gamma: Min-SNR-gamma loss weighting; 0 turns it off.
+    :param p2_gamma: P2 loss weighting 1 / (p2_k + SNR)^p2_gamma; 0 turns it off.
+    :param p2_k: the k of P2 weighting.
     """
     try:
         betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -395,6 +401,8 @@ def create_gaussian_diffusion(
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
         min_snr_gamma=min_snr_gamma,
+        p2_gamma=p2_gamma,
+        p2_k=p2_k,
     )
 
 

@@ -66,11 +66,20 @@ def train_config(opts, device, progress=True):
 
 
 def schedule_sampler(opts, diffusion):
-    clts = {}
-    if opts["schedule_sampler"] == "clts":
-        clts = dict(mu=opts["clts_mu"], sigma=opts["clts_sigma"], target_steps=opts["clts_target_steps"],
-                    lambda_max=opts["clts_lambda_max"], importance_weighting=opts["clts_importance_weighting"])
-    return create_named_schedule_sampler(opts["schedule_sampler"], diffusion, **clts)
+    name, kwargs = opts["schedule_sampler"], {}
+    if name == "clts":
+        kwargs = dict(mu=opts["clts_mu"], sigma=opts["clts_sigma"], target_steps=opts["clts_target_steps"],
+                      lambda_max=opts["clts_lambda_max"], importance_weighting=opts["clts_importance_weighting"])
+    elif name == "speed":
+        kwargs = dict(tau=opts["speed_tau"], k=opts["speed_k"], lam=opts["speed_lambda"])
+    elif name == "lognormal":
+        kwargs = dict(mean=opts["lognormal_mean"], std=opts["lognormal_std"])
+    return create_named_schedule_sampler(name, diffusion, **kwargs)
+
+
+def loss_weighting(opts):
+    """The loss-weighting options of the diffusion factory (Min-SNR-gamma, P2)."""
+    return dict(min_snr_gamma=opts["min_snr_gamma"], p2_gamma=opts["p2_gamma"], p2_k=opts["p2_k"])
 
 
 def check(opts, device):
@@ -81,7 +90,7 @@ def check(opts, device):
     """
     cfg = train_config(opts, device)
     with torch.device("meta"):
-        _, diffusion = create_model_and_diffusion(**model_options(opts), min_snr_gamma=opts["min_snr_gamma"])
+        _, diffusion = create_model_and_diffusion(**model_options(opts), **loss_weighting(opts))
     schedule_sampler(opts, diffusion)
     return cfg
 
@@ -102,7 +111,7 @@ def seed_everything(seed):
 def build_model(opts, device):
     """The model (identical initial weights on every rank: seeded by --seed) and the diffusion."""
     torch.manual_seed(opts["seed"])
-    model, diffusion = create_model_and_diffusion(**model_options(opts), min_snr_gamma=opts["min_snr_gamma"])
+    model, diffusion = create_model_and_diffusion(**model_options(opts), **loss_weighting(opts))
     return model.to(device), diffusion
 
 

@@ -1,0 +1,235 @@
+"""
+Train a small DCGAN (improved_diffusion/gan.py), the paper's contrast model for the
+consistency, interpolation and Hessian analyses (docs/analysis.md).
+
+    python scripts/gan_train.py --data_dir data/demo/mnist_demo.npz --log_dir runs/gan_seed0 \\
+        --seed 0 --total_steps 1000 --save_interval 250
+
+One process (CPU or one GPU). Every `--save_interval` steps it writes a checkpoint
+(LOG_DIR/ganNNNNNN.pt with both networks, gan_optNNNNNN.pt with both optimizers, and
+stateNNNNNN.pt with the RNG states and the data position); run the same command again (with
+a larger --total_steps) and training continues from the newest intact checkpoint, bit for bit
+as if it had not stopped (on the CPU). Also writes LOG_DIR/gan_config.json (the options; it
+marks the folder as a GAN run for the analysis scripts), progress.csv / progress.jsonl /
+log.txt (losses, mean D(x) and D(G(z))), and samples.png (64 images from fixed latents).
+"""
+
+import argparse
+import json
+import os
+import time
+
+import torch as th
+
+from improved_diffusion import checkpoint as ckpt
+from improved_diffusion import dist_util, gan
+from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
+from improved_diffusion.logger import Logger
+from improved_diffusion.sampling import save_grid
+from improved_diffusion.script_util import add_dict_to_argparser, run_main
+
+# Options that fix the networks' shapes: a run cannot continue with other values.
+ARCH_KEYS = ("latent_dim", "g_width", "d_width", "image_size")
+# Options that change the training itself: continuing with other values is allowed, with a note.
+TRAIN_KEYS = ("data_dir", "seed", "batch_size", "lr", "beta1", "beta2")
+
+
+def check_args(args):
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: an image folder or .npz of uint8 images")
+    if not os.path.exists(args.data_dir):
+        raise FileNotFoundError(f"--data_dir {args.data_dir}: no such file or folder")
+    if not args.log_dir:
+        raise ValueError("--log_dir is required: the run folder (checkpoints, progress, samples)")
+    for flag in ("total_steps", "batch_size", "latent_dim", "g_width", "d_width", "save_interval", "log_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    for flag in ("beta1", "beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if args.image_size:
+        gan.num_levels(args.image_size)
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    check_args(args)
+    device = dist_util.dev()
+    log = Logger(args.log_dir, tensorboard=False)
+
+    data = load_image_dataset(args.data_dir, args.image_size or _native_size(args.data_dir))
+    image_size = data.images.shape[1]
+    gan.num_levels(image_size)
+    options = vars(args).copy()
+    options["image_size"] = image_size
+    arch = {k: options[k] for k in ("latent_dim", "g_width", "d_width", "image_size")}
+    arch["channels"] = 3
+    check_run_config(args.log_dir, options, log)
+
+    # Seed, networks, optimizers and the data stream: all reproducible from --seed.
+    th.manual_seed(args.seed)
+    generator, discriminator = gan.create_gan(arch)
+    generator.to(device).train()
+    discriminator.to(device).train()
+    betas = (args.beta1, args.beta2)
+    opt_g = th.optim.Adam(generator.parameters(), lr=args.lr, betas=betas)
+    opt_d = th.optim.Adam(discriminator.parameters(), lr=args.lr, betas=betas)
+    stream = BatchStream(data, args.batch_size, seed=args.seed, random_flip=False)
+
+    step = resume(args.log_dir, generator, discriminator, opt_g, opt_d, stream, log)
+    if step == 0:
+        log.log(f"DCGAN at {image_size}x{image_size}: generator {gan.count_params(generator):,} parameters, "
+                f"discriminator {gan.count_params(discriminator):,}; {len(data)} images")
+    with open(os.path.join(args.log_dir, gan.GAN_CONFIG), "w") as f:
+        json.dump(options, f, indent=2, sort_keys=True)
+
+    start = time.time()
+    while step < args.total_steps:
+        images, _ = next(stream)
+        real = to_model_input(images, device)
+        z = th.randn(real.shape[0], args.latent_dim, device=device)
+
+        # Discriminator step: real and fake batches pass through D separately.
+        fake = generator(z)
+        real_logits = discriminator(real)
+        fake_logits = discriminator(fake.detach())
+        loss_d = gan.discriminator_loss(real_logits, fake_logits)
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        # Generator step: the non-saturating loss through the updated discriminator.
+        fake_logits_g = discriminator(fake)
+        loss_g = gan.generator_loss(fake_logits_g)
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        step += 1
+
+        log.logkv_mean("loss_d", loss_d)
+        log.logkv_mean("loss_g", loss_g)
+        log.logkv_mean("d_real", th.sigmoid(real_logits.detach()).mean())
+        log.logkv_mean("d_fake", th.sigmoid(fake_logits.detach()).mean())
+        if step % args.log_interval == 0 or step == args.total_steps:
+            log.logkv("step", step)
+            log.logkv("steps_per_sec", round(args.log_interval / max(time.time() - start, 1e-9), 2))
+            log.dumpkvs()
+            start = time.time()
+        if step % args.save_interval == 0 or step == args.total_steps:
+            state = {"rank": ckpt.rank_state(stream), "options": _plain(options)}
+            gan.write_gan_checkpoint(args.log_dir, step, generator, discriminator, opt_g, opt_d, arch, state)
+            log.log(f"saved checkpoint at step {step} in {args.log_dir}")
+
+    z = gan.sample_latents(args.grid_images, args.latent_dim, args.grid_seed)
+    grid = os.path.join(args.log_dir, "samples.png")
+    save_grid(gan.generate(generator, z), grid, nrow=8)
+    log.log(f"done: {step} steps; samples in {grid}")
+    log.close()
+
+
+def _native_size(data_dir):
+    """The side of the images of an .npz as stored (a folder: 16, the demo's)."""
+    if data_dir.lower().endswith(".npz"):
+        import numpy as np
+
+        with np.load(data_dir, mmap_mode="r") as d:
+            return int(d["arr_0"].shape[1])
+    return 16
+
+
+def _plain(options):
+    return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}
+
+
+def check_run_config(log_dir, options, log):
+    """A run folder's gan_config.json must have the same architecture; other differences get a note."""
+    path = os.path.join(log_dir, gan.GAN_CONFIG)
+    if not os.path.isfile(path):
+        if os.path.isfile(os.path.join(log_dir, "config.json")):
+            raise ValueError(f"--log_dir {log_dir} holds a diffusion run (config.json): use another folder")
+        return
+    with open(path) as f:
+        old = json.load(f)
+    differ = [k for k in ARCH_KEYS if k in old and old[k] != options[k]]
+    if differ and ckpt.checkpoint_steps(log_dir):
+        raise ValueError(
+            f"--log_dir {log_dir} holds a GAN run with other networks ("
+            + ", ".join(f"--{k} {old[k]} there, {options[k]} here" for k in differ)
+            + "): use another --log_dir, or the run's values"
+        )
+    for k in TRAIN_KEYS:
+        if k in old and old[k] != options[k]:
+            log.log(f"note: --{k} {options[k]} differs from the run's {old[k]} ({path})")
+
+
+def resume(log_dir, generator, discriminator, opt_g, opt_d, stream, log):
+    """Load the newest intact checkpoint in log_dir, if any; returns its step (0: a fresh start)."""
+    ckpt.remove_temp_files(log_dir)
+    found = ckpt.find_latest_checkpoint(log_dir, verify=True, log=log.log)
+    if found is None:
+        return 0
+    step, state = found
+    nets = ckpt.read_file(os.path.join(log_dir, gan.gan_name(step)), "GAN checkpoint")
+    opts = ckpt.read_file(os.path.join(log_dir, gan.gan_opt_name(step)), "GAN optimizer checkpoint")
+    generator.load_state_dict(nets["generator"], strict=True)
+    discriminator.load_state_dict(nets["discriminator"], strict=True)
+    opt_g.load_state_dict(opts["generator"])
+    opt_d.load_state_dict(opts["discriminator"])
+    ckpt.set_rank_state(state["rank"], stream)
+    log.drop_rows_after(step)
+    log.log(f"resumed from step {step} in {log_dir}")
+    return step
+
+
+HELP = {
+    "data_dir": "image folder or .npz of uint8 images (the demo: data/demo/mnist_demo.npz)",
+    "log_dir": "run folder: checkpoints, gan_config.json, progress, samples.png (run again to continue)",
+    "image_size": "image side, a power of two >= 8 (0: the .npz's own size)",
+    "seed": "seed of the initial weights, the data order and the latents",
+    "total_steps": "training steps (one discriminator and one generator update each)",
+    "batch_size": "images per step",
+    "lr": "Adam learning rate of both networks",
+    "beta1": "Adam beta1 (DCGAN: 0.5)",
+    "beta2": "Adam beta2",
+    "latent_dim": "dimension of the latent z",
+    "g_width": "generator width (channels of its last hidden layer)",
+    "d_width": "discriminator width (channels of its first layer)",
+    "save_interval": "steps between checkpoints (the last step is always saved)",
+    "log_interval": "steps between progress rows",
+    "grid_images": "images in samples.png",
+    "grid_seed": "latent seed of samples.png",
+}
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        log_dir="",
+        image_size=0,
+        seed=0,
+        total_steps=1000,
+        batch_size=64,
+        lr=2e-4,
+        beta1=0.5,
+        beta2=0.999,
+        latent_dim=64,
+        g_width=64,
+        d_width=64,
+        save_interval=250,
+        log_interval=100,
+        grid_images=64,
+        grid_seed=0,
+    )
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_dict_to_argparser(parser, defaults, help_text=HELP)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)
