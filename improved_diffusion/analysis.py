@@ -2,7 +2,8 @@
 Analysis tools for the consistency phenomenon (section 3 of "Towards Faster Training of
 Diffusion Models: An Inspiration of A Consistency Phenomenon").
 
-Three measurements, all model-agnostic at this level:
+Three measurements, all model-agnostic at this level (the diffusion loss and the GAN losses of
+improved_diffusion/gan.py have their own helpers):
 
 - **Consistency (Eq. 1)**: N models sample M images from the same seeds (same initial and
   per-step noise); the PSNR between every pair of image sets, and their mean C.
@@ -48,6 +49,11 @@ __all__ = [
     "spectral_density",
     "math_sdpa",
     "load_model_and_diffusion",
+    "consistency_by_kind",
+    "fixed_gan_inputs",
+    "gan_loss_fn",
+    "gan_interpolation_losses",
+    "curve_roughness",
 ]
 
 # PSNR of identical images is infinite; summaries replace it with this value (and say so).
@@ -690,3 +696,123 @@ def fixed_batch_from_args(args, diffusion, device):
     if args.class_cond:
         model_kwargs["y"] = th.from_numpy(data.labels[: batch.shape[0]]).to(device)
     return batch, t, noise, model_kwargs
+
+
+# ----------------------------------------------------------------------------------------
+# The GAN contrast (improved_diffusion/gan.py): consistency by kind, GAN losses, roughness
+# ----------------------------------------------------------------------------------------
+
+
+def consistency_by_kind(result, kinds):
+    """
+    The mean pair PSNR within each kind of model, from a consistency() result.
+
+    :param kinds: one label per model (e.g. "diffusion", "gan"), in the order of the image sets.
+    :return: {kind: {"C": mean PSNR of the pairs whose two models are of that kind, "pairs": n}}
+             for every kind with at least two models.
+    """
+    out = {}
+    for kind in dict.fromkeys(kinds):
+        pairs = [p["psnr"] for p in result["pairs"] if kinds[p["i"]] == kind and kinds[p["j"]] == kind]
+        if pairs:
+            out[kind] = {"C": float(np.mean(pairs)), "pairs": len(pairs)}
+    return out
+
+
+def fixed_gan_inputs(images, batch_size, latent_dim, seed=0, device="cpu"):
+    """
+    A fixed real batch and fixed latents for reproducible GAN losses.
+
+    :param images: uint8 images [N x H x W x C]; the first batch_size are the real batch.
+    :param latent_dim: the generator's latent dimension.
+    :param seed: seeds a CPU torch.Generator for the latents (one per real image).
+    :return: (real in [-1, 1] NCHW float32, z [B x latent_dim]) on device.
+    """
+    if isinstance(images, th.Tensor):
+        images = images.cpu().numpy()
+    images = np.array(images[:batch_size], dtype=np.uint8)
+    if images.ndim != 4:
+        raise ValueError(f"expected images [N x H x W x C], got shape {images.shape}")
+    real = th.from_numpy(images).permute(0, 3, 1, 2).to(th.float32) / 127.5 - 1.0
+    gen = th.Generator().manual_seed(int(seed))
+    z = th.randn(real.shape[0], int(latent_dim), generator=gen, dtype=th.float32)
+    return real.to(device), z.to(device)
+
+
+GAN_PLAYERS = ("generator", "discriminator")
+
+
+def gan_loss_fn(generator, discriminator, real, z, player):
+    """
+    A closure returning one player's GAN loss (gan.gan_losses: the non-saturating L_G, or
+    L_D) on a fixed real batch and fixed latents, with BatchNorm on batch statistics and its
+    running averages untouched: a deterministic function of the weights.
+    """
+    from . import gan
+
+    if player not in GAN_PLAYERS:
+        raise ValueError(f"player must be one of {', '.join(GAN_PLAYERS)}, not {player!r}")
+
+    def loss_fn():
+        return gan.gan_losses(generator, discriminator, real, z)[player]
+
+    return loss_fn
+
+
+def gan_interpolation_losses(generator, discriminator, nets_a, nets_b, alphas, real, z):
+    """
+    Both GAN losses along theta(alpha) = (1 - alpha) theta_a + alpha theta_b (paper Eq. 6),
+    generator and discriminator interpolated together.
+
+    :param nets_a, nets_b: {"generator": state dict, "discriminator": state dict} of the two
+                           endpoints (a ganNNNNNN.pt file's contents).
+    :return: {"generator": [L_G per alpha], "discriminator": [L_D per alpha]}; the networks'
+             own weights are restored afterwards.
+    """
+    from . import gan
+
+    nets = {"generator": generator, "discriminator": discriminator}
+    for name in GAN_PLAYERS:
+        check_same_architecture(nets_a[name], nets_b[name])
+    saved = {name: {k: v.detach().clone() for k, v in net.state_dict().items()} for name, net in nets.items()}
+    out = {name: [] for name in GAN_PLAYERS}
+    try:
+        with th.no_grad():
+            for alpha in alphas:
+                for name, net in nets.items():
+                    net.load_state_dict(interpolate_state_dicts(nets_a[name], nets_b[name], alpha), strict=True)
+                losses = gan.gan_losses(generator, discriminator, real, z)
+                for name in GAN_PLAYERS:
+                    out[name].append(float(losses[name].item()))
+    finally:
+        for name, net in nets.items():
+            net.load_state_dict(saved[name], strict=True)
+    return out
+
+
+def curve_roughness(alphas, losses):
+    """
+    Numbers for how erratic a 1-D interpolation curve is (the paper's Fig. 4 contrast):
+
+    - "rel_range_0_1": (max - min) of the loss for alpha in [0, 1], over the mean of the two
+      endpoint losses (0 for a flat line);
+    - "barrier": max over alpha in [0, 1] of L(alpha) - max(L(0), L(1)), over the same mean
+      (0 when the loss never rises above the worse endpoint);
+    - "direction_changes": how often the slope changes sign along the whole grid (0 or 1 for
+      a convex or monotone curve);
+    - "rel_max_jump": the largest change between neighbouring grid points, over the mean
+      endpoint loss.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    y = np.asarray(losses, dtype=np.float64)
+    ends = [y[np.argmin(np.abs(a - x))] for x in (0.0, 1.0)]
+    scale = max(abs(float(np.mean(ends))), 1e-12)
+    inside = y[(a >= -1e-12) & (a <= 1 + 1e-12)]
+    diffs = np.diff(y)
+    signs = np.sign(diffs[diffs != 0])
+    return {
+        "rel_range_0_1": float((inside.max() - inside.min()) / scale),
+        "barrier": float(max(inside.max() - max(ends), 0.0) / scale),
+        "direction_changes": int(np.sum(signs[1:] != signs[:-1])),
+        "rel_max_jump": float(np.abs(diffs).max() / scale) if len(diffs) else 0.0,
+    }

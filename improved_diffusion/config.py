@@ -64,6 +64,10 @@ class Option:
     group: str
     choices: tuple = ()
     check: Optional[Callable[[Any], Optional[str]]] = None  # value -> what is wrong, or None
+    # False: a flag beyond the originals' that defaults() leaves out, so that
+    # model_and_diffusion_defaults() keeps their key set (the scripts' parsers and
+    # config.json still have it)
+    in_defaults: bool = True
 
     @property
     def parse(self):
@@ -99,6 +103,9 @@ OPTIONS = [
     _o("learn_sigma", False, "also predict the variance (doubles the output channels)", "diffusion"),
     _o("sigma_small", False, "fixed variance: posterior (small) instead of beta (large)", "diffusion"),
     _o("class_cond", False, "class-conditional model", "model"),
+    _o("class_dropout_prob", 0.0, "classifier-free guidance: train with each label replaced by a learned null "
+       "label with this probability (adds the null row to the label embedding; 0: off)", "model",
+       check=lambda v: None if 0 <= v < 1 else "must be in [0, 1)", in_defaults=False),
     _o("diffusion_steps", 1000, "number of diffusion steps T", "diffusion", check=positive),
     _o("noise_schedule", "linear", "beta schedule: linear or cosine", "diffusion", choices=("linear", "cosine")),
     _o("timestep_respacing", "", 'sampling steps, e.g. "250", "ddim50" or "10,15,20"; empty = all', "diffusion"),
@@ -197,8 +204,9 @@ def names(*groups):
 
 
 def defaults(*groups):
-    """{name: default} of `groups` (all when none given), in table order."""
-    return {o.name: o.default for o in OPTIONS if not groups or o.group in groups}
+    """{name: default} of `groups` (all when none given), in table order; options marked
+    `in_defaults=False` are left out."""
+    return {o.name: o.default for o in OPTIONS if (not groups or o.group in groups) and o.in_defaults}
 
 
 MODEL_GROUPS = ("model", "diffusion")

@@ -16,9 +16,10 @@ Pipeline, all in this module:
 Besides the pooled features, the extractor gives the spatial features of sFID, as
 guided-diffusion's evaluator takes them: the output of ``mixed_6/conv`` (the 1x1 branch of
 the third of the four 17x17 InceptionC blocks, 192 channels after its batch norm and ReLU,
-the first 192 of the block's 768 output channels), its first 7 channels, flattened in TensorFlow's (height, width, channel) order: 17 * 17 * 7 = 2023
-values per image. The bundled TorchScript file keeps the TF layer names
-(``net.layers.mixed_6.conv``), so its layers are run one by one to reach that activation.
+the first 192 of the block's 768 output channels), its first 7 channels, flattened in
+TensorFlow's (height, width, channel) order: 17 * 17 * 7 = 2023 values per image. The
+bundled TorchScript file keeps the TF layer names (``net.layers.mixed_6.conv``), so its
+layers are run one by one to reach that activation.
 
 Reference statistics are stored as ``.npz`` files with keys ``mu`` (D,), ``sigma`` (D, D)
 and ``num_images``; the reference files of metrics.py (which add the arrays of sFID,

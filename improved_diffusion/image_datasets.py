@@ -683,3 +683,61 @@ def load_data(
     )
     for images, cond in stream:
         yield to_model_input(images, "cpu"), cond
+
+
+# ---------------------------------------------------------------------------------------
+# Super-resolution: the low-resolution condition
+# ---------------------------------------------------------------------------------------
+
+
+def low_res_of(images, small_size):
+    """
+    The condition of a super-resolution model: a batch area-downsampled to `small_size`,
+    as guided-diffusion's super_res_train.py makes it (`F.interpolate(mode="area")` of
+    the batch in [-1, 1]).
+
+    :param images: uint8 NCHW (scaled as :func:`to_model_input` does), or floats in [-1, 1].
+    :param small_size: side of the low-resolution images.
+    :return: a float32 [N x C x small_size x small_size] tensor in [-1, 1], on the
+             images' device.
+    """
+    if images.dtype == torch.uint8:
+        x = images.to(torch.float32).div(127.5).sub(1.0)
+    elif images.is_floating_point():
+        x = images.to(torch.float32)
+    else:
+        raise TypeError(f"expected a uint8 batch (or floats in [-1, 1]), got {images.dtype}")
+    return torch.nn.functional.interpolate(x, size=(small_size, small_size), mode="area")
+
+
+class LowResStream:
+    """
+    A batch stream for super-resolution training: the batches of `stream` (e.g. a
+    :class:`BatchStream` at the large size), each condition dict also holding
+    ``"low_res"``, the same (already mirrored) images through :func:`low_res_of`.
+    ``state_dict`` / ``load_state_dict`` are the wrapped stream's, so resuming is exact.
+
+    :param stream: an iterator of (uint8 NCHW images, condition dict).
+    :param small_size: side of the low-resolution images.
+    """
+
+    def __init__(self, stream, small_size):
+        if not _is_int(small_size) or small_size < 1:
+            raise ValueError(f"small_size must be a positive integer, got {small_size!r}")
+        self.stream = stream
+        self.small_size = int(small_size)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        images, cond = next(self.stream)
+        return images, {**cond, "low_res": low_res_of(images, self.small_size)}
+
+    next = __next__
+
+    def state_dict(self):
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state):
+        self.stream.load_state_dict(state)

@@ -16,7 +16,7 @@ from . import config
 from . import gaussian_diffusion as gd
 from .config import str2bool  # noqa: F401  (the original API's home of str2bool)
 from .respace import SpacedDiffusion, space_timesteps
-from .unet import SuperResModel, UNetModel
+from .unet import EncoderUNetModel, SuperResModel, UNetModel
 
 # Number of classes of a class-conditional model (ImageNet), as in the original.
 NUM_CLASSES = 1000
@@ -39,7 +39,7 @@ SR_CHANNEL_MULT = {
 }
 
 # Options accepted by the factories beside the defaults' keys (docs/design.md).
-_EXTRA_OPTIONS = ("min_snr_gamma", "p2_gamma", "p2_k")
+_EXTRA_OPTIONS = ("min_snr_gamma", "p2_gamma", "p2_k", "class_dropout_prob")
 
 
 def model_and_diffusion_defaults():
@@ -102,7 +102,8 @@ def create_model_and_diffusion(**kwargs):
     Build the UNet and the (spaced) diffusion from flat flags.
 
     Takes the keys of `model_and_diffusion_defaults()` (missing ones take their
-    default) plus `min_snr_gamma`, `p2_gamma` and `p2_k`; any other key raises TypeError.
+    default) plus `min_snr_gamma`, `p2_gamma`, `p2_k` and `class_dropout_prob`; any
+    other key raises TypeError.
 
     :return: a tuple (model, diffusion).
     """
@@ -129,6 +130,7 @@ def create_model_and_diffusion(**kwargs):
         resblock_updown=opts["resblock_updown"],
         use_fp16=opts["use_fp16"],
         use_new_attention_order=opts["use_new_attention_order"],
+        class_dropout_prob=opts["class_dropout_prob"],
     )
     return model, diffusion
 
@@ -219,6 +221,7 @@ def create_model(
     use_fp16=False,
     use_new_attention_order=False,
     num_classes=None,
+    class_dropout_prob=0.0,
 ):
     """
     Build a UNetModel for 3-channel images from the flags (guided-diffusion's
@@ -229,6 +232,8 @@ def create_model(
     :param learn_sigma: if True, output 6 channels (mean and variance).
     :param class_cond: if True, condition on `num_classes` labels.
     :param num_classes: classes of a class-conditional model; default NUM_CLASSES.
+    :param class_dropout_prob: classifier-free guidance training (UNetModel); > 0
+        adds the null-label row.
     Other parameters are those of UNetModel.
     """
     channel_mult = parse_channel_mult(channel_mult, image_size)
@@ -255,6 +260,7 @@ def create_model(
         use_scale_shift_norm=use_scale_shift_norm,
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
+        class_dropout_prob=class_dropout_prob,
     )
 
 
@@ -262,12 +268,16 @@ def sr_create_model_and_diffusion(**kwargs):
     """
     Build the super-resolution UNet and its diffusion from flat flags.
 
-    Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`, `p2_gamma`, `p2_k`.
+    Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`, `p2_gamma`,
+    `p2_k`, and `channel_mult` (not an original flag: "" picks guided-diffusion's
+    multipliers by `large_size`, which exist for 64, 256 and 512 only).
 
     :return: a tuple (model, diffusion).
     """
     opts = _merge_options(
-        kwargs, sr_model_and_diffusion_defaults(), "sr_create_model_and_diffusion"
+        kwargs,
+        {**sr_model_and_diffusion_defaults(), "channel_mult": ""},
+        "sr_create_model_and_diffusion",
     )
     diffusion = create_gaussian_diffusion(**_diffusion_kwargs(opts))
     model = sr_create_model(
@@ -286,6 +296,7 @@ def sr_create_model_and_diffusion(**kwargs):
         dropout=opts["dropout"],
         resblock_updown=opts["resblock_updown"],
         use_fp16=opts["use_fp16"],
+        channel_mult=opts["channel_mult"],
     )
     return model, diffusion
 
@@ -308,12 +319,19 @@ def sr_create_model(
     resblock_updown=False,
     use_fp16=False,
     num_classes=None,
+    channel_mult="",
 ):
     """
     Build a SuperResModel that upsamples `small_size` images to `large_size`.
+
+    :param channel_mult: "" for guided-diffusion's multipliers by `large_size`, or
+        e.g. "1,2,2" for other sizes.
     """
-    del small_size  # the architecture depends only on the output size
-    channel_mult = parse_channel_mult("", large_size, SR_CHANNEL_MULT, "large_size")
+    if not 0 < small_size <= large_size:
+        raise ValueError(
+            f"small_size must be in [1, large_size={large_size}], got {small_size}"
+        )
+    channel_mult = parse_channel_mult(channel_mult, large_size, SR_CHANNEL_MULT, "large_size")
     attention_ds = parse_attention_resolutions(
         attention_resolutions, large_size, len(channel_mult)
     )
@@ -452,3 +470,125 @@ def run_main(main, errors=(ValueError, FileNotFoundError)):
         sys.exit(2)
 
 read_json_options = config.read_options_file  # TEMP until callers move
+
+
+# ---------------------------------------------------------------------------------------
+# The noise-aware classifier (guided-diffusion)
+# ---------------------------------------------------------------------------------------
+
+# Classifier flags beyond guided-diffusion's; their defaults build its classifier. The
+# originals' multiplier table has no entry below 64 pixels, 64 channels per attention
+# head is more than a small classifier has, and its head always has 1000 logits.
+CLASSIFIER_EXTRA_DEFAULTS = dict(
+    classifier_channel_mult="",
+    classifier_num_head_channels=64,
+    classifier_num_classes=NUM_CLASSES,
+)
+
+
+def diffusion_defaults():
+    """
+    Default diffusion flags (guided-diffusion's key set: the table's diffusion group
+    without `sigma_small`), at the table's values.
+    """
+    res = config.defaults("diffusion")
+    del res["sigma_small"]
+    return res
+
+
+def classifier_defaults():
+    """
+    Default flags of the noise-aware classifier, guided-diffusion's keys and values.
+    """
+    return dict(
+        image_size=64,
+        classifier_use_fp16=False,
+        classifier_width=128,
+        classifier_depth=2,
+        classifier_attention_resolutions="32,16,8",
+        classifier_use_scale_shift_norm=True,
+        classifier_resblock_updown=True,
+        classifier_pool="attention",
+    )
+
+
+def classifier_and_diffusion_defaults():
+    """
+    The classifier's flags and those of the diffusion that noises its inputs.
+    """
+    return {**classifier_defaults(), **diffusion_defaults()}
+
+
+def create_classifier_and_diffusion(**kwargs):
+    """
+    Build the classifier and its diffusion from flat flags: the keys of
+    `classifier_and_diffusion_defaults()` plus those of `CLASSIFIER_EXTRA_DEFAULTS`
+    (missing ones take their default); any other key raises TypeError.
+
+    :return: a tuple (classifier, diffusion).
+    """
+    defaults = {**classifier_and_diffusion_defaults(), **CLASSIFIER_EXTRA_DEFAULTS}
+    unknown = sorted(set(kwargs) - set(defaults))
+    if unknown:
+        raise TypeError(f"create_classifier_and_diffusion() got unknown option(s): {', '.join(unknown)}")
+    opts = {**defaults, **kwargs}
+    diffusion = create_gaussian_diffusion(
+        steps=opts["diffusion_steps"],
+        learn_sigma=opts["learn_sigma"],
+        noise_schedule=opts["noise_schedule"],
+        use_kl=opts["use_kl"],
+        predict_xstart=opts["predict_xstart"],
+        rescale_timesteps=opts["rescale_timesteps"],
+        rescale_learned_sigmas=opts["rescale_learned_sigmas"],
+        timestep_respacing=opts["timestep_respacing"],
+    )
+    classifier = create_classifier(**{k: opts[k] for k in (*classifier_defaults(), *CLASSIFIER_EXTRA_DEFAULTS)})
+    return classifier, diffusion
+
+
+def create_classifier(
+    image_size,
+    classifier_use_fp16,
+    classifier_width,
+    classifier_depth,
+    classifier_attention_resolutions,
+    classifier_use_scale_shift_norm,
+    classifier_resblock_updown,
+    classifier_pool,
+    *,
+    classifier_channel_mult="",
+    classifier_num_head_channels=64,
+    classifier_num_classes=NUM_CLASSES,
+):
+    """
+    Build guided-diffusion's classifier (an EncoderUNetModel on 3-channel images).
+
+    :param classifier_width: base channel count.
+    :param classifier_depth: residual blocks per resolution.
+    :param classifier_attention_resolutions: resolutions in pixels, e.g. "32,16,8".
+    :param classifier_pool: the head: adaptive, attention, spatial or spatial_v2.
+    :param classifier_channel_mult: "" to choose by image size, or e.g. "1,2,2".
+    :param classifier_num_head_channels: channels per attention head.
+    :param classifier_num_classes: number of logits.
+    Other parameters are EncoderUNetModel's.
+    """
+    channel_mult = parse_channel_mult(classifier_channel_mult, image_size)
+    attention_ds = parse_attention_resolutions(
+        classifier_attention_resolutions, image_size, len(channel_mult)
+    )
+    if classifier_num_classes < 1:
+        raise ValueError(f"classifier_num_classes must be at least 1, got {classifier_num_classes}")
+    return EncoderUNetModel(
+        image_size=image_size,
+        in_channels=3,
+        model_channels=classifier_width,
+        out_channels=classifier_num_classes,
+        num_res_blocks=classifier_depth,
+        attention_resolutions=attention_ds,
+        channel_mult=channel_mult,
+        use_fp16=classifier_use_fp16,
+        num_head_channels=classifier_num_head_channels,
+        use_scale_shift_norm=classifier_use_scale_shift_norm,
+        resblock_updown=classifier_resblock_updown,
+        pool=classifier_pool,
+    )

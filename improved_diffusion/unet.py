@@ -396,6 +396,11 @@ class UNetModel(nn.Module):
     :param resblock_updown: use residual blocks for up/downsampling.
     :param use_new_attention_order: split q/k/v before heads in attention.
     :param image_size: the image size, informational (guided-diffusion stores it).
+    :param class_dropout_prob: classifier-free guidance (Ho and Salimans 2022): in
+        training mode, replace each label by a learned null label with this
+        probability. When > 0 the label embedding gets one extra row,
+        `num_classes`, the null label (`self.null_label`); at 0 the model and its
+        checkpoints are those of the originals.
     """
 
     def __init__(
@@ -420,10 +425,15 @@ class UNetModel(nn.Module):
         resblock_updown=False,
         use_new_attention_order=False,
         image_size=None,
+        class_dropout_prob=0.0,
     ):
         super().__init__()
         if num_heads_upsample == -1:
             num_heads_upsample = num_heads
+        if not 0 <= class_dropout_prob < 1:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        if class_dropout_prob > 0 and num_classes is None:
+            raise ValueError("class_dropout_prob > 0 needs a class-conditional model (class_cond)")
         channel_mult = tuple(channel_mult)
         attention_resolutions = tuple(attention_resolutions)
         _check_attention_config(
@@ -457,8 +467,12 @@ class UNetModel(nn.Module):
             nn.SiLU(),
             linear(time_embed_dim, time_embed_dim),
         )
+        self.class_dropout_prob = class_dropout_prob
+        # The null label of classifier-free guidance is one row past the classes.
+        self.null_label = num_classes if class_dropout_prob > 0 else None
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            rows = num_classes + (1 if self.null_label is not None else 0)
+            self.label_emb = nn.Embedding(rows, time_embed_dim)
 
         def res_block(ch_in, ch_out, **kwargs):
             return ResBlock(
@@ -578,6 +592,9 @@ class UNetModel(nn.Module):
                 raise ValueError(
                     f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}"
                 )
+            if self.training and self.class_dropout_prob > 0:
+                drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+                y = torch.where(drop, torch.full_like(y, self.null_label), y)
             emb = emb + self.label_emb(y)
         return emb
 
@@ -704,3 +721,287 @@ def _check_attention_config(
                     f"{flag}={heads} does not divide the {ch} channels of an "
                     f"attention layer"
                 )
+
+
+class ClassifierFreeGuidance(nn.Module):
+    """
+    Classifier-free guidance (Ho and Salimans 2022) around a model trained with
+    `class_dropout_prob > 0`: one forward pass on the batch twice, with the labels
+    and with the null label, and
+
+        eps = (1 + w) * eps(x, y) - w * eps(x, null).
+
+    Only the first C output channels (the noise, or x_0: the combination is affine
+    with weights summing to one, so guiding x_0 is the same as guiding eps) are
+    combined; learned variance channels are the conditional pass's.
+
+    :param model: a class-conditional UNetModel with a null label.
+    :param guidance_scale: w; 0 gives the conditional model.
+    """
+
+    def __init__(self, model, guidance_scale):
+        super().__init__()
+        if getattr(model, "null_label", None) is None:
+            raise ValueError(
+                "classifier-free guidance needs a class-conditional model trained with "
+                "--class_dropout_prob > 0 (its label embedding has no null-label row)"
+            )
+        self.model = model
+        self.guidance_scale = float(guidance_scale)
+
+    def forward(self, x, timesteps, y=None, **kwargs):
+        if y is None:
+            raise ValueError("classifier-free guidance needs the class labels y")
+        null = torch.full_like(y, self.model.null_label)
+        extra = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+        out = self.model(
+            torch.cat([x, x]), torch.cat([timesteps, timesteps]), y=torch.cat([y, null]), **extra
+        )
+        cond, uncond = out.split(x.shape[0])
+        w, c = self.guidance_scale, x.shape[1]
+        guided = (1 + w) * cond[:, :c] - w * uncond[:, :c]
+        return torch.cat([guided, cond[:, c:]], dim=1)
+
+
+class AttentionPool2d(nn.Module):
+    """
+    CLIP-style attention pooling (guided-diffusion's classifier head): the mean of
+    the feature map is prepended as an extra token, a learned positional embedding
+    is added, and the mean token's attention output over all tokens, projected by
+    `c_proj`, is the result.
+
+    :param spacial_dim: side of the square feature map (the original's spelling).
+    :param embed_dim: channels of the feature map.
+    :param num_heads_channels: channels per attention head.
+    :param output_dim: channels of the result; default `embed_dim`.
+    """
+
+    def __init__(self, spacial_dim, embed_dim, num_heads_channels, output_dim=None):
+        super().__init__()
+        if num_heads_channels < 1 or embed_dim % num_heads_channels:
+            raise ValueError(
+                f"attention pooling: {embed_dim} channels are not divisible by "
+                f"num_head_channels={num_heads_channels}"
+            )
+        self.spacial_dim = spacial_dim
+        self.positional_embedding = nn.Parameter(
+            torch.randn(embed_dim, spacial_dim**2 + 1) / embed_dim**0.5
+        )
+        self.qkv_proj = conv_nd(1, embed_dim, 3 * embed_dim, 1)
+        self.c_proj = conv_nd(1, embed_dim, output_dim or embed_dim, 1)
+        self.num_heads = embed_dim // num_heads_channels
+        # q, k and v are split before the heads (guided-diffusion's QKVAttention).
+        self.attention = QKVAttention(self.num_heads)
+
+    def forward(self, x):
+        """
+        :param x: an [N x C x H x W] feature map with H * W = spacial_dim ** 2.
+        :return: an [N x output_dim] tensor.
+        """
+        batch, channels, *spatial = x.shape
+        x = x.reshape(batch, channels, -1)
+        if x.shape[2] + 1 != self.positional_embedding.shape[1]:
+            raise ValueError(
+                f"attention pooling was built for {self.spacial_dim}x{self.spacial_dim} "
+                f"feature maps, got {'x'.join(map(str, spatial))} (is the image size right?)"
+            )
+        x = torch.cat([x.mean(dim=2, keepdim=True), x], dim=2)
+        tokens = (x + self.positional_embedding.to(x.dtype)).transpose(1, 2)
+        qkv = pointwise_conv_as_linear(self.qkv_proj, tokens)
+        h = self.attention.attend_tokens(qkv)
+        return pointwise_conv_as_linear(self.c_proj, h[:, 0])
+
+
+ENCODER_POOLS = ("adaptive", "attention", "spatial", "spatial_v2")
+
+
+class EncoderUNetModel(nn.Module):
+    """
+    The encoder half of the UNet, with a pooling head: guided-diffusion's noise-aware
+    classifier. Parameter names are the original's (`time_embed`, `input_blocks`,
+    `middle_block`, `out`), so its released classifiers load with `strict=True`.
+
+    :param pool: the head: "adaptive" (global average, then a 1x1 convolution),
+        "attention" (AttentionPool2d; needs `num_head_channels`), "spatial" (the
+        means of every encoder activation, concatenated, through a two-layer MLP
+        with ReLU) or "spatial_v2" (the same MLP with GroupNorm and SiLU).
+    Other arguments are those of UNetModel (`num_heads_upsample` is accepted and
+    unused, as in the original); `out_channels` is the number of logits.
+    """
+
+    def __init__(
+        self,
+        image_size,
+        in_channels,
+        model_channels,
+        out_channels,
+        num_res_blocks,
+        attention_resolutions,
+        dropout=0,
+        channel_mult=(1, 2, 4, 8),
+        conv_resample=True,
+        dims=2,
+        use_checkpoint=False,
+        use_fp16=False,
+        num_heads=1,
+        num_head_channels=-1,
+        num_heads_upsample=-1,
+        use_scale_shift_norm=False,
+        resblock_updown=False,
+        use_new_attention_order=False,
+        pool="adaptive",
+    ):
+        super().__init__()
+        if pool not in ENCODER_POOLS:
+            raise ValueError(f"pool must be one of {', '.join(ENCODER_POOLS)}, got {pool!r}")
+        if pool == "attention" and num_head_channels == -1:
+            raise ValueError("pool='attention' needs num_head_channels (channels per head)")
+        channel_mult = tuple(channel_mult)
+        attention_resolutions = tuple(attention_resolutions)
+        _check_attention_config(
+            model_channels, channel_mult, attention_resolutions, num_heads, num_head_channels, num_heads
+        )
+        self.image_size = image_size
+        self.in_channels = in_channels
+        self.model_channels = model_channels
+        self.out_channels = out_channels
+        self.num_res_blocks = num_res_blocks
+        self.attention_resolutions = attention_resolutions
+        self.dropout = dropout
+        self.channel_mult = channel_mult
+        self.conv_resample = conv_resample
+        self.use_checkpoint = use_checkpoint
+        self.use_fp16 = use_fp16
+        self.num_heads = num_heads
+        self.num_head_channels = num_head_channels
+        self.num_heads_upsample = num_heads_upsample
+        self.pool = pool
+
+        time_embed_dim = model_channels * 4
+        self.time_embed = nn.Sequential(
+            linear(model_channels, time_embed_dim),
+            nn.SiLU(),
+            linear(time_embed_dim, time_embed_dim),
+        )
+
+        def res_block(ch_in, ch_out, **kwargs):
+            return ResBlock(
+                ch_in,
+                time_embed_dim,
+                dropout,
+                out_channels=ch_out,
+                dims=dims,
+                use_checkpoint=use_checkpoint,
+                use_scale_shift_norm=use_scale_shift_norm,
+                **kwargs,
+            )
+
+        def attention(ch):
+            return AttentionBlock(
+                ch,
+                num_heads=num_heads,
+                num_head_channels=num_head_channels,
+                use_checkpoint=use_checkpoint,
+                use_new_attention_order=use_new_attention_order,
+            )
+
+        # The encoder of UNetModel; `widths` lists the channels of every activation
+        # that the spatial heads average.
+        ch = int(channel_mult[0] * model_channels)
+        self.input_blocks = nn.ModuleList(
+            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+        )
+        widths = [ch]
+        ds = 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, int(mult * model_channels))]
+                ch = int(mult * model_channels)
+                if ds in attention_resolutions:
+                    layers.append(attention(ch))
+                self.input_blocks.append(TimestepEmbedSequential(*layers))
+                widths.append(ch)
+            if level != len(channel_mult) - 1:
+                if resblock_updown:
+                    down = res_block(ch, ch, down=True)
+                else:
+                    down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
+                widths.append(ch)
+                ds *= 2
+
+        self.middle_block = TimestepEmbedSequential(
+            res_block(ch, ch), attention(ch), res_block(ch, ch)
+        )
+        widths.append(ch)
+        self._feature_size = sum(widths)
+
+        if pool == "adaptive":
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                nn.AdaptiveAvgPool2d((1, 1)),
+                zero_module(conv_nd(dims, ch, out_channels, 1)),
+                nn.Flatten(),
+            )
+        elif pool == "attention":
+            if image_size is None or image_size % ds:
+                raise ValueError(
+                    f"pool='attention' needs an image_size divisible by {ds}, got {image_size}"
+                )
+            self.out = nn.Sequential(
+                normalization(ch),
+                nn.SiLU(),
+                AttentionPool2d(image_size // ds, ch, num_head_channels, out_channels),
+            )
+        elif pool == "spatial":
+            self.out = nn.Sequential(
+                nn.Linear(self._feature_size, 2048),
+                nn.ReLU(),
+                nn.Linear(2048, out_channels),
+            )
+        else:  # spatial_v2
+            self.out = nn.Sequential(
+                nn.Linear(self._feature_size, 2048),
+                normalization(2048),
+                nn.SiLU(),
+                nn.Linear(2048, out_channels),
+            )
+
+    def convert_to_fp16(self):
+        """Cast the torso's convolutions to float16, as the original's `use_fp16` did."""
+        self.input_blocks.apply(convert_module_to_f16)
+        self.middle_block.apply(convert_module_to_f16)
+
+    def convert_to_fp32(self):
+        """Undo `convert_to_fp16()`."""
+        self.input_blocks.apply(convert_module_to_f32)
+        self.middle_block.apply(convert_module_to_f32)
+
+    @property
+    def dtype(self):
+        """The dtype the torso runs in: that of its weights."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def forward(self, x, timesteps):
+        """
+        Apply the classifier to a batch of (noisy) images.
+
+        :param x: an [N x C x H x W] tensor of inputs.
+        :param timesteps: a 1-D batch of timesteps.
+        :return: an [N x out_channels] tensor of logits.
+        """
+        t_emb = timestep_embedding(timesteps, self.model_channels)
+        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        spatial = self.pool.startswith("spatial")
+        means = []
+        h = x.type(self.dtype)
+        for module in self.input_blocks:
+            h = module(h, emb)
+            if spatial:
+                means.append(h.type(x.dtype).mean(dim=(2, 3)))
+        h = self.middle_block(h, emb)
+        if spatial:
+            means.append(h.type(x.dtype).mean(dim=(2, 3)))
+            return self.out(torch.cat(means, dim=-1))
+        return self.out(h.type(x.dtype))

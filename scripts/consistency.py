@@ -18,6 +18,15 @@ flags, one per model, in the order of --model_paths:
         --model_paths big/ema_0.9999_500000.pt,small/ema_0.9999_500000.pt \\
         --model_flags "--num_channels 128" "--num_channels 64 --num_res_blocks 2"
 
+GAN generators beside them (the paper's contrast, Table 1): a ganNNNNNN.pt of
+scripts/gan_train.py, or any path written "gan:PATH", is a DCGAN; every GAN gets the same
+latents (latent m drawn from the same per-sample seed as diffusion sample m), sampled in
+eval mode; its --model_flags entry must be empty. The JSON then also gives C within each
+kind ("C_by_kind"):
+
+    python scripts/consistency.py --model_paths dmA/ema_0.995_001000.pt,dmB/ema_0.995_001000.pt,\\
+gan0/gan001000.pt,gan1/gan001000.pt --names DM_seed0,DM_seed1,GAN_seed0,GAN_seed1
+
 Writes, on rank 0: OUT/consistency.json (pairwise PSNRs, C, per-model flags, settings),
 OUT/consistency.png (one row of images per model) and OUT/samples_<n>.npz per model.
 """
@@ -29,7 +38,7 @@ import shlex
 
 import numpy as np
 
-from improved_diffusion import analysis, config, dist_util, precision
+from improved_diffusion import analysis, config, dist_util, gan, precision
 from improved_diffusion.sampling import classes_to_sample, run_differences, run_overrides, sample_images
 from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
 
@@ -44,7 +53,8 @@ def parse_args(argv=None):
     """
     parser = create_argparser()
     pre, _ = parser.parse_known_args(argv)
-    parser.set_defaults(first_model_path=next((p for p in pre.model_paths.split(",") if p), ""))
+    diffusion_paths = [p for p in pre.model_paths.split(",") if p and not gan.is_gan_checkpoint(p)]
+    parser.set_defaults(first_model_path=next(iter(diffusion_paths), ""))
     return config.parse(parser, argv, checkpoint_flag="first_model_path")
 
 
@@ -58,32 +68,56 @@ def main(argv=None):
     paths = [p for p in args.model_paths.split(",") if p]
     if len(paths) < 2:
         raise ValueError("--model_paths needs at least two comma-separated checkpoints")
+    kinds = ["gan" if gan.is_gan_checkpoint(p) else "diffusion" for p in paths]
+    paths = [gan.strip_prefix(p) for p in paths]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"--model_paths: no such checkpoint file: {', '.join(missing)}")
     names = [n for n in args.names.split(",") if n] if args.names else _default_names(paths)
+    gans = {}
+    for n, (path, kind) in enumerate(zip(paths, kinds)):
+        if kind == "gan":
+            try:
+                gans[n] = gan.load_gan(path, device)
+            except (ValueError, FileNotFoundError) as exc:
+                raise ValueError(f"model {n} ({path}): {exc}") from None
+    latent_dims = {arch["latent_dim"] for _, _, arch in gans.values()}
+    if len(latent_dims) > 1:
+        raise ValueError(f"the GANs must share one latent dimension (same latents for all), got {sorted(latent_dims)}")
     if len(names) != len(paths):
         raise ValueError(f"--names has {len(names)} entries for {len(paths)} models")
     for flag in ("num_samples", "batch_size"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    flags = per_model_flags(args, len(paths))
-    sizes = {f["image_size"] for f in flags}
+    flags = per_model_flags(args, len(paths), kinds)
+    sizes = {f["image_size"] if f is not None else gans[n][2]["image_size"] for n, f in enumerate(flags)}
     if len(sizes) != 1:
         raise ValueError(f"all models must produce the same image size, got {sorted(sizes)}")
     log = print if rank == 0 else (lambda *a: None)
-    notes = run_overrides(args, run_config, paths[0], argv)
-    for path, model_flags in zip(paths[1:], flags[1:]):
-        notes += run_differences(model_flags, path, paths[0], log)
+    diffusion = [n for n, kind in enumerate(kinds) if kind == "diffusion"]
+    notes = run_overrides(args, run_config, paths[diffusion[0]], argv) if diffusion else []
+    for n in diffusion[1:]:
+        notes += run_differences(flags[n], paths[n], paths[diffusion[0]], log)
     for line in notes:
         log(line)
 
     image_sets = []
     # Every model gets the same labels: drawn from the classes of the first model's run.
-    num_classes = classes_to_sample(args.num_classes, any(f["class_cond"] for f in flags), paths[0], log)
+    class_cond = any(f["class_cond"] for f in flags if f is not None)
+    num_classes = classes_to_sample(args.num_classes, class_cond, paths[diffusion[0]] if diffusion else "", log)
     for n, (path, model_flags) in enumerate(zip(paths, flags)):
         if rank == 0:
             print(f"[{names[n]}] {path}", flush=True)
+        if model_flags is None:  # a GAN: every rank makes all images (one forward pass each)
+            generator, _, arch = gans.pop(n)
+            images = gan.generate(generator, gan.sample_latents(args.num_samples, arch["latent_dim"], args.seed),
+                                  args.batch_size)
+            image_sets.append(images)
+            if rank == 0:
+                os.makedirs(args.out, exist_ok=True)
+                np.savez(os.path.join(args.out, f"samples_{n}.npz"), arr_0=images)
+            del generator
+            continue
         try:
             model, diffusion, _ = analysis.load_model_and_diffusion(path, model_flags, device)
         except (ValueError, FileNotFoundError) as exc:
@@ -115,8 +149,11 @@ def main(argv=None):
 
     if rank == 0:
         result = analysis.consistency(image_sets, names=names, cap_db=args.cap_db)
+        result["kinds"] = kinds
+        result["C_by_kind"] = analysis.consistency_by_kind(result, kinds)
         result["models"] = [
-            {"name": name, "path": path, "flags": f} for name, path, f in zip(names, paths, flags)
+            {"name": name, "kind": kind, "path": path, "flags": f}
+            for name, kind, path, f in zip(names, kinds, paths, flags)
         ]
         result["settings"] = {
             k: getattr(args, k)
@@ -129,16 +166,21 @@ def main(argv=None):
         capped = f" ({result['capped']} identical image pairs capped at {args.cap_db:g} dB)"
         print(f"C = {result['C']:.2f} dB" + (capped if result["capped"] else ""))
         for p in result["pairs"]:
-            print(f"  {p['name_i']} vs {p['name_j']}: {p['psnr']:.2f} dB")
+            print(f"  {p['name_i']} vs {p['name_j']}: {p['psnr']:.2f} dB" + (" (capped)" if p["capped"] else ""))
+        if len(result["C_by_kind"]) > 1:
+            for kind, c in result["C_by_kind"].items():
+                print(f"C within {kind} models: {c['C']:.2f} dB ({c['pairs']} pairs)")
         print(f"wrote {args.out}/consistency.json and consistency.png")
     dist_util.barrier()
 
 
-def per_model_flags(args, num_models):
+def per_model_flags(args, num_models, kinds=None):
     """
     Resolve the create_model_and_diffusion flags of every model: the shared flags, overridden
-    by that model's --model_flags entry (a flag string, or a .json file of flags).
+    by that model's --model_flags entry (a flag string, or a .json file of flags). A GAN (kinds[n]
+    == "gan") has no flags: None, and its entry must be empty.
     """
+    kinds = kinds or ["diffusion"] * num_models
     shared = args_to_dict(args, MODEL_FLAGS)
     entries = args.model_flags or []
     if len(entries) not in (0, 1, num_models):
@@ -149,7 +191,13 @@ def per_model_flags(args, num_models):
     if len(entries) <= 1:
         entries = entries * num_models or [""] * num_models
     resolved = []
-    for entry in entries:
+    for entry, kind in zip(entries, kinds):
+        if kind == "gan":
+            if entry.strip() and len(args.model_flags or []) == num_models:
+                raise ValueError(f"--model_flags {entry!r} is given for a GAN, whose networks come from "
+                                 "its checkpoint: leave its entry empty (\"\")")
+            resolved.append(None)
+            continue
         flags = dict(shared)
         if entry.endswith(".json") and os.path.isfile(entry):
             flags.update(config.load_config(entry, MODEL_FLAGS))
@@ -201,7 +249,7 @@ def plot_rows(image_sets, names, result, args, path):
 
 
 HELP = {
-    "model_paths": "comma-separated checkpoints, one per model (at least two)",
+    "model_paths": "comma-separated checkpoints, one per model (at least two); GANs: ganNNNNNN.pt or gan:PATH",
     "names": "comma-separated labels for the models (default: file names)",
     "num_samples": "images per model (M; the paper uses 32)",
     "batch_size": "images per forward pass on each rank",

@@ -12,6 +12,20 @@ density by stochastic Lanczos quadrature.
 The model and diffusion flags come from the training run's `config.json` beside the
 checkpoint; a checkpoint without one needs them on the command line or in `--config FILE`.
 
+GAN checkpoints (ganNNNNNN.pt of scripts/gan_train.py, or any path written "gan:PATH"): the
+Hessian of one player's loss with respect to its own parameters, --gan_loss generator (the
+non-saturating L_G, generator parameters, discriminator fixed) or discriminator (L_D,
+discriminator parameters), on one fixed real batch and fixed latents (from --seed), BatchNorm
+on batch statistics:
+
+    python scripts/hessian.py --model_path runs/gan_seed0/gan001000.pt --gan_loss generator \\
+        --data_dir data/demo/mnist_demo.npz --batch_size 64 --out hessian_gan_g
+
+Put runs side by side (top eigenvalues and densities of several hessian.json files):
+
+    python scripts/hessian.py --compare hessian_dm/hessian.json,hessian_gan_g/hessian.json \\
+        --names diffusion,DCGAN_G --out hessian_compare
+
 Writes OUT/hessian.json (top eigenvalues, lambda_1 / lambda_k, power-iteration estimate,
 optional density) and OUT/hessian.png. Memory: the Lanczos basis holds --iters vectors of
 all parameters (8 bytes each in float64; --lanczos_dtype float32 halves it).
@@ -25,7 +39,7 @@ import time
 
 import torch as th
 
-from improved_diffusion import analysis, config, dist_util
+from improved_diffusion import analysis, config, dist_util, gan
 from improved_diffusion.sampling import run_overrides
 from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
 
@@ -38,8 +52,8 @@ def check_args(args):
         if not path:
             what = "a checkpoint" if flag != "data_dir" else "images (folder or .npz)"
             raise ValueError(f"--{flag} is required: {what}")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
+        if not os.path.exists(gan.strip_prefix(path)):
+            raise FileNotFoundError(f"--{flag} {gan.strip_prefix(path)}: no such file or folder")
     for flag in ("batch_size", "top_k", "power_iters"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -48,44 +62,44 @@ def check_args(args):
             f"--iters {args.iters} gives at most {args.iters} eigenvalues but --top_k is "
             f"{args.top_k}: give --iters >= --top_k (0: max(3 top_k, 20))"
         )
+    if args.gan_loss not in analysis.GAN_PLAYERS:
+        raise ValueError(f"--gan_loss must be generator or discriminator, not {args.gan_loss!r}")
     analysis.check_timestep(args.diffusion_steps, args.timestep_respacing, args.timestep)
 
 
 def main(argv=None):
     args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_path")
+    if args.compare:
+        return compare(args)
     check_args(args)
-    for note in run_overrides(args, run_config, args.model_path, argv):
-        print(note, file=sys.stderr)
     device = dist_util.dev()
-    flags = args_to_dict(args, config.names(*config.MODEL_GROUPS))
-    model, diffusion, _ = analysis.load_model_and_diffusion(args.model_path, flags, device)
-
-    batch, t, noise, model_kwargs = analysis.fixed_batch_from_args(args, diffusion, device)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_fn = analysis.diffusion_loss_fn(model, diffusion, batch, t, noise, model_kwargs)
+    if gan.is_gan_checkpoint(args.model_path):
+        loss_fn, params, info = gan_loss(args, device)
+    else:
+        for note in run_overrides(args, run_config, args.model_path, argv):
+            print(note, file=sys.stderr)
+        loss_fn, params, info = diffusion_loss(args, device)
     hvp_fn = analysis.make_hvp_fn(loss_fn, params)
     dim = hvp_fn.dim
     vec_dtype = {"float32": th.float32, "float64": th.float64}[args.lanczos_dtype]
     print(f"{dim:,} parameters, loss {hvp_fn.loss:.6f}", flush=True)
 
     result = {
+        "kind": info.pop("kind"),
         "model_path": args.model_path,
         "num_params": dim,
         "loss": hvp_fn.loss,
+        **info.pop("top"),
         "settings": {
+            **info,
             "data_dir": args.data_dir,
-            "batch_size": int(batch.shape[0]),
             "seed": args.seed,
-            "timestep": None if args.timestep < 0 else args.timestep,
-            "timesteps": t.cpu().tolist(),
             "method": args.method,
             "top_k": args.top_k,
             "iters": args.iters,
             "power_iters": args.power_iters,
             "tol": args.tol,
             "lanczos_dtype": args.lanczos_dtype,
-            "flags": flags,
         },
     }
     if args.method in ("lanczos", "both"):
@@ -144,6 +158,97 @@ def main(argv=None):
     print(f"wrote {args.out}/hessian.json and hessian.png")
 
 
+def diffusion_loss(args, device):
+    """The diffusion training loss on the fixed batch, timesteps and noise, and the model's parameters."""
+    flags = args_to_dict(args, config.names(*config.MODEL_GROUPS))
+    model, diffusion, _ = analysis.load_model_and_diffusion(args.model_path, flags, device)
+    batch, t, noise, model_kwargs = analysis.fixed_batch_from_args(args, diffusion, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss_fn = analysis.diffusion_loss_fn(model, diffusion, batch, t, noise, model_kwargs)
+    info = {
+        "kind": "diffusion",
+        "top": {},
+        "batch_size": int(batch.shape[0]),
+        "timestep": None if args.timestep < 0 else args.timestep,
+        "timesteps": t.cpu().tolist(),
+        "flags": flags,
+    }
+    return loss_fn, params, info
+
+
+def gan_loss(args, device):
+    """One GAN player's loss on the fixed real batch and latents, and that player's parameters."""
+    from improved_diffusion.image_datasets import load_image_dataset
+
+    generator, discriminator, arch = gan.load_gan(args.model_path, device)
+    data = load_image_dataset(args.data_dir, arch["image_size"])
+    if args.batch_size > len(data.images):
+        print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds {len(data.images)} images; "
+              f"the batch is all {len(data.images)}", file=sys.stderr)
+    real, z = analysis.fixed_gan_inputs(data.images, args.batch_size, arch["latent_dim"], args.seed, device)
+    net = generator if args.gan_loss == "generator" else discriminator
+    params = [p for p in net.parameters() if p.requires_grad]
+    loss_fn = analysis.gan_loss_fn(generator, discriminator, real, z, args.gan_loss)
+    info = {"kind": "gan", "top": {"gan_loss": args.gan_loss}, "batch_size": int(real.shape[0]), "arch": arch}
+    return loss_fn, params, info
+
+
+def compare(args):
+    """Top eigenvalues and densities of several hessian.json files in one figure."""
+    paths = [p for p in args.compare.split(",") if p]
+    names = [n for n in args.names.split(",") if n] if args.names else [os.path.basename(os.path.dirname(p)) for p in paths]
+    if len(names) != len(paths):
+        raise ValueError(f"--names has {len(names)} entries for {len(paths)} --compare files")
+    results = []
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--compare {path}: no such file")
+        with open(path) as f:
+            results.append(json.load(f))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "hessian_compare.png")
+    plot_compare(results, names, path)
+    for name, r in zip(names, results):
+        ratio = r["ratio_1_k"]
+        print(f"{name}: lambda_1 {r['eigenvalues'][0]:.6g}" + (f", lambda_1/lambda_k {ratio:.4g}" if ratio else ""))
+    print(f"wrote {path}")
+
+
+def plot_compare(results, names, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_density = any("density" in r for r in results)
+    fig, axes = plt.subplots(1, 2 if has_density else 1, figsize=(10 if has_density else 5, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    width = 0.8 / len(results)
+    for n, (r, name) in enumerate(zip(results, names)):
+        top = r["eigenvalues"]
+        ax.bar([i + 1 + (n - (len(results) - 1) / 2) * width for i in range(len(top))], top, width,
+               label=f"{name} (lambda_1 {top[0]:.3g})")
+    ax.set_yscale("log")
+    ax.set_xlabel("index i")
+    ax.set_ylabel("eigenvalue lambda_i (log scale)")
+    ax.set_title("top Hessian eigenvalues (Lanczos)", fontsize=9)
+    ax.legend(fontsize=7)
+    if has_density:
+        ax = axes[0, 1]
+        for r, name in zip(results, names):
+            if "density" in r:
+                d = r["density"]
+                ax.semilogy(d["grid"], [max(x, 1e-12) for x in d["density"]], lw=1, label=name)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xlabel("eigenvalue (symlog scale)")
+        ax.set_ylabel("density (SLQ)")
+        ax.set_title("spectral density", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _ratio(top):
     if len(top) < 2 or top[-1] == 0:
         return None
@@ -190,7 +295,10 @@ def plot(result, path):
 
 
 HELP = {
-    "model_path": "checkpoint to analyse",
+    "compare": "comma-separated hessian.json files to plot side by side (nothing else runs)",
+    "names": "labels of the --compare files",
+    "gan_loss": "for a GAN checkpoint: generator (L_G, generator parameters) or discriminator (L_D, its parameters)",
+    "model_path": "checkpoint to analyse (diffusion, or a GAN: ganNNNNNN.pt or gan:PATH)",
     "data_dir": "image folder or .npz; the first batch_size images form the fixed batch",
     "batch_size": "size of the fixed batch",
     "seed": "seed of the fixed timesteps and noise, and of the Lanczos/power start vectors",
@@ -225,6 +333,9 @@ def create_argparser():
         density_runs=1,
         lanczos_dtype="float64",
         out="hessian_out",
+        gan_loss="generator",
+        compare="",
+        names="",
     )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter

@@ -19,6 +19,9 @@ the command line or in a `--config FILE` of option values. A model flag on the c
 overrides the run's value (one `note:` line says so). A class-conditional model draws its
 labels from the run's `data_num_classes` unless `--num_classes` is given.
 
+Classifier-free guidance (a model trained with `--class_dropout_prob 0.1`, say):
+`--guidance_scale 2`. Classifier guidance: scripts/classifier_sample.py.
+
 DDIM with 50 steps: `--use_ddim True --timestep_respacing ddim50 [--eta 0.0]`
 (`ddim50` without `--use_ddim True` runs ordinary ancestral sampling on those 50 steps).
 
@@ -56,6 +59,7 @@ from improved_diffusion.script_util import (
     parse_channel_mult,
     run_main,
 )
+from improved_diffusion.unet import ClassifierFreeGuidance
 
 
 def check_args(args):
@@ -140,6 +144,11 @@ def main(argv=None):
     if args.use_fp16:
         model.convert_to_fp16()
     model.eval()
+    if args.guidance_scale != 0:
+        if not args.class_cond:
+            raise ValueError("--guidance_scale needs a class-conditional model (--class_cond True)")
+        model = ClassifierFreeGuidance(model, args.guidance_scale)
+        log(f"classifier-free guidance with scale {args.guidance_scale}")
     autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
 
     log(f"sampling {args.num_samples} images with seed {args.seed}...")
@@ -195,6 +204,7 @@ def create_argparser():
         log_dir="",
         num_classes=0,
         device="",
+        guidance_scale=0.0,
     )
     help_text = {
         "clip_denoised": "clip predicted x_0 to [-1, 1] at every step",
@@ -212,6 +222,8 @@ def create_argparser():
         "num_classes": "classes to draw labels from (class_cond); 0: data_num_classes of "
                        "the training run's config.json next to the checkpoint, else 1000",
         "device": "cpu, cuda, cuda:1; empty: this rank's GPU if any, else cpu",
+        "guidance_scale": "classifier-free guidance w: eps = (1 + w) eps(x, y) - w eps(x, null) "
+                          "(a model trained with --class_dropout_prob > 0; 0: off, -1: unconditional)",
     }
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

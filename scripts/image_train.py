@@ -125,9 +125,9 @@ def start(args, opts, train_config, device, rank, world):
         facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
         with open(os.path.join(args.log_dir, "config.json"), "w") as f:
             json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
-    evaluator = (
-        make_evaluator(args, train_config.precision, device, dataset.num_classes, logger) if args.eval_interval else None
-    )
+    evaluator = None
+    if args.eval_interval:
+        evaluator = make_evaluator(args, train_config.precision, device, dataset.num_classes, logger)
     return training.build_loop(
         opts, model, diffusion, dataset, device, rank=rank, world_size=world, log_dir=args.log_dir,
         logger=logger, resume=args.resume_checkpoint or args.resume, evaluator=evaluator, run_config=resolved,
@@ -148,6 +148,9 @@ def make_evaluator(args, precision, device, num_classes, logger=None):
     from improved_diffusion.script_util import create_diffusion_from_options
 
     wanted = metrics.parse_metrics(args.eval_metrics, "--eval_metrics")
+    fewest = metrics.NEAREST_NEIGHBOURS + 1 if {"precision", "recall"} & set(wanted) else 2
+    if args.eval_num_samples < fewest:
+        raise ValueError(f"--eval_metrics {args.eval_metrics} needs --eval_num_samples of at least {fewest}")
     # Fail now, not after hours of training: the file must hold what every metric needs.
     reference = metrics.load_reference(args.eval_ref_stats, wanted)
     model_opts = {k: v for k, v in training.model_options(vars(args)).items()}

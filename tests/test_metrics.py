@@ -429,6 +429,8 @@ def test_training_logs_every_metric_and_a_sample_grid(tmp_path):
     # before any training, naming the flag or the file.
     proc = run_script("image_train.py", flags(dict(opts, eval_metrics="fid,is", log_dir=tmp_path / "a")), check=False)
     assert proc.returncode == 2 and "--eval_metrics" in proc.stderr
+    proc = run_script("image_train.py", flags(dict(opts, eval_num_samples=3, log_dir=tmp_path / "c")), check=False)
+    assert proc.returncode == 2 and "--eval_num_samples of at least 4" in proc.stderr
     old = tmp_path / "old.npz"
     fid.save_statistics(str(old), np.zeros(8), np.eye(8), 10)
     proc = run_script("image_train.py", flags(dict(opts, eval_ref_stats=old, log_dir=tmp_path / "b")), check=False)

@@ -1,0 +1,327 @@
+"""
+Train a noised-image classifier (guided-diffusion's noise-aware classifier, for classifier
+guidance with scripts/classifier_sample.py).
+
+    python scripts/classifier_train.py --data_dir data/demo/train.npz --val_data_dir data/demo/val.npz \\
+        --log_dir runs/classifier --image_size 16 --classifier_width 32 --classifier_depth 1 \\
+        --classifier_attention_resolutions 8 --classifier_channel_mult 1,2 \\
+        --classifier_num_head_channels 16 --classifier_num_classes 10 \\
+        --diffusion_steps 1000 --noise_schedule cosine --iterations 2000 --batch_size 64
+
+    # several GPUs, with MPI (as the original) or torchrun
+    mpiexec -n 8 python scripts/classifier_train.py --data_dir ... --log_dir runs/classifier ...
+
+The original's flags (`--noised`, `--iterations`, `--anneal_lr`, `--val_data_dir`,
+`--eval_interval`, `--microbatch`, `--resume_checkpoint`, ...) and classifier/diffusion flags
+(`classifier_and_diffusion_defaults()`), plus `--classifier_channel_mult`,
+`--classifier_num_head_channels` and `--classifier_num_classes` for classifiers the original
+could not build (below 64 pixels, narrow, few classes). The diffusion flags must be those of
+the diffusion model it will guide: its inputs are noised with that process, and it sees the
+timesteps as that model does.
+
+What differs from the original script: checkpoints are written atomically, with a state file
+(RNG, data position), and a killed run continues exactly where it was with the same command
+(`--resume auto`); `modelN.pt` holds N updates; microbatches average exactly;
+`--precision` (autocast); metrics are reduced over ranks; the options go to
+`LOG_DIR/config.json`, which classifier_sample.py reads.
+"""
+
+import argparse
+import json
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from improved_diffusion import checkpoint as ckpt
+from improved_diffusion import config, dist_util, precision
+from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
+from improved_diffusion.logger import Logger
+from improved_diffusion.resample import create_named_schedule_sampler
+from improved_diffusion.script_util import (
+    CLASSIFIER_EXTRA_DEFAULTS,
+    add_dict_to_argparser,
+    args_to_dict,
+    classifier_and_diffusion_defaults,
+    create_classifier_and_diffusion,
+    run_main,
+)
+from improved_diffusion.train_util import make_adamw, TrainConfig
+
+CLASSIFIER_KEYS = (*classifier_and_diffusion_defaults(), *CLASSIFIER_EXTRA_DEFAULTS)
+
+
+def model_timesteps(diffusion, t):
+    """The timesteps a diffusion model sees for indices `t` (mapped, and scaled with
+    rescale_timesteps): the classifier is trained on what cond_fn gets when sampling."""
+    mapped = torch.as_tensor(diffusion.timestep_map, device=t.device)[t]
+    if diffusion.rescale_timesteps:
+        return mapped.float() * (1000.0 / diffusion.original_num_steps)
+    return mapped
+
+
+def check_args(args):
+    for flag in ("iterations", "batch_size", "log_interval", "save_interval", "eval_interval"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.stop_at < 0:
+        raise ValueError(f"--stop_at must be >= 0, got {args.stop_at}")
+    if args.microbatch == 0 or args.microbatch < -1:
+        raise ValueError(f"--microbatch must be -1 (off) or positive, got {args.microbatch}")
+    if not args.data_dir:
+        raise ValueError("--data_dir is required: an image folder or an .npz of labelled images")
+    for flag in ("data_dir", "val_data_dir"):
+        path = getattr(args, flag)
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f"--{flag} {path}: no such file or folder")
+
+
+def load_labelled(path, args, flag):
+    dataset = load_image_dataset(path, args.image_size, class_cond=True)
+    if dataset.num_classes > args.classifier_num_classes:
+        raise ValueError(
+            f"class count mismatch: --{flag} {path} has {dataset.num_classes} classes but the "
+            f"classifier has {args.classifier_num_classes} outputs (--classifier_num_classes)"
+        )
+    return dataset
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    config.validate({"precision": args.precision})
+    check_args(args)
+    dist_util.setup_dist()
+    device = dist_util.dev()
+    rank, world = dist_util.get_rank(), dist_util.get_world_size()
+    log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or "runs/classifier"
+    run_precision = precision.resolve(args.precision, device, use_fp16=args.classifier_use_fp16)
+
+    # Everything that checks a flag before any data is read or weights are written.
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    classifier, diffusion = create_classifier_and_diffusion(**args_to_dict(args, CLASSIFIER_KEYS))
+    sampler = create_named_schedule_sampler(args.schedule_sampler, diffusion) if args.noised else None
+    data_set = load_labelled(args.data_dir, args, "data_dir")
+    val_set = load_labelled(args.val_data_dir, args, "val_data_dir") if args.val_data_dir else None
+
+    logger = Logger(log_dir)
+    options = {**vars(args), "log_dir": log_dir, "data_num_classes": data_set.num_classes}
+    logger.log("options:\n" + json.dumps(options, indent=2, sort_keys=True))
+    if rank == 0:
+        with open(os.path.join(log_dir, "config.json"), "w") as f:
+            json.dump(options, f, indent=2, sort_keys=True)
+    classifier.to(device)
+    logger.log(f"classifier: {sum(p.numel() for p in classifier.parameters()):,} parameters; "
+               f"data: {len(data_set)} images, {data_set.num_classes} classes; world size {world}, "
+               f"device {device}, precision {run_precision}")
+
+    data = BatchStream(data_set, args.batch_size, rank=rank, world_size=world, seed=args.seed,
+                       random_flip=args.random_flip)
+    val_data = None
+    if val_set is not None:
+        val_data = BatchStream(val_set, min(args.batch_size, len(val_set) // world), rank=rank,
+                               world_size=world, seed=args.seed + 1, random_flip=False)
+    torch.manual_seed(args.seed * world + rank + 1)  # a different noise stream per rank from here
+
+    train_config = TrainConfig(lr=args.lr, weight_decay=args.weight_decay, batch_size=args.batch_size)
+    opt = make_adamw(list(classifier.parameters()), train_config, device)
+    mixed = precision.MixedPrecision(run_precision, device, opt)
+    state = {"data": data, "val": val_data, "sampler": sampler, "mixed": mixed}
+    step = resume(args, log_dir, classifier, opt, state, logger)
+    model = classifier
+    if world > 1:
+        model = DDP(classifier, device_ids=[device.index] if device.type == "cuda" else None,
+                    broadcast_buffers=False, bucket_cap_mb=128, find_unused_parameters=False)
+
+    def forward_backward_log(stream, prefix, train):
+        """One batch: noise it, run the classifier, log loss and accuracy; backward when training."""
+        images, cond = next(stream)
+        x = to_model_input(images, device)
+        labels = cond["y"].to(device)
+        if args.noised:
+            t, _ = sampler.sample(x.shape[0], device)
+            x = diffusion.q_sample(x, t)
+        else:
+            t = torch.zeros(x.shape[0], dtype=torch.long, device=device)
+        timesteps = model_timesteps(diffusion, t)
+        n = x.shape[0]
+        micro = args.microbatch if args.microbatch > 0 else n
+        for start in range(0, n, micro):
+            piece = slice(start, start + micro)
+            last = start + micro >= n
+            sync = nullcontext() if (last or world == 1 or not train) else model.no_sync()
+            with sync:
+                with mixed.autocast():
+                    logits = model(x[piece], timesteps[piece])
+                losses = F.cross_entropy(logits.float(), labels[piece], reduction="none")
+                count = losses.shape[0]
+                logger.logkv_sum(f"{prefix}_loss", losses.detach().sum(), count)
+                for k in (1, 5):
+                    if k <= logits.shape[1]:
+                        top = logits.detach().topk(k, dim=-1).indices
+                        hits = (top == labels[piece, None]).any(dim=-1).float().sum()
+                        logger.logkv_sum(f"{prefix}_acc@{k}", hits, count)
+                if train:
+                    # Each microbatch's share of the batch mean: --microbatch changes nothing.
+                    mixed.backward(losses.sum() / n)
+
+    stop = min(args.iterations, args.stop_at) if args.stop_at else args.iterations
+    while step < stop:
+        lr = args.lr * (1 - step / args.iterations) if args.anneal_lr else args.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        logger.logkv("lr", lr)
+        opt.zero_grad(set_to_none=True)
+        forward_backward_log(data, "train", train=True)
+        mixed.unscale_()
+        grads = [p.grad for p in classifier.parameters() if p.grad is not None]
+        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        finite = torch.isfinite(grad_norm)
+        mixed.step(finite)
+        logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
+        if val_data is not None and step % args.eval_interval == 0:
+            classifier.eval()
+            with torch.no_grad():
+                forward_backward_log(val_data, "val", train=False)
+            classifier.train()
+        step += 1
+        if step % args.log_interval == 0 or step == stop:
+            logger.logkv("step", step)
+            logger.logkv("samples", step * args.batch_size * world)
+            logger.dumpkvs()
+        if step % args.save_interval == 0 or step == stop:
+            save(log_dir, step, classifier, opt, state, options, logger)
+    logger.log(f"done: {step} steps, checkpoints in {log_dir}")
+    dist_util.cleanup()
+
+
+def save(log_dir, step, classifier, opt, state, options, logger):
+    """modelNNNNNN.pt and optNNNNNN.pt as the original writes them, plus the state file; atomic."""
+    rank_state = ckpt.rank_state(state["data"])
+    if state["val"] is not None:
+        rank_state["val_data"] = state["val"].state_dict()
+    ranks = dist_util.all_gather_objects(rank_state)
+    if dist_util.is_main():
+        sampler = state["sampler"]
+        extra = {
+            "world_size": dist_util.get_world_size(),
+            "ranks": ranks,
+            "scaler": state["mixed"].scaler.state_dict() if state["mixed"].scaler is not None else None,
+            "sampler": sampler.state_dict() if sampler is not None and hasattr(sampler, "state_dict") else None,
+            "config": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))},
+        }
+        ckpt.write_checkpoint(log_dir, step, classifier.state_dict(), {}, opt.state_dict(), extra)
+        logger.log(f"saved checkpoint at step {step} in {log_dir}")
+    dist_util.barrier()
+
+
+def resume(args, log_dir, classifier, opt, state, logger):
+    """The step to continue from: the newest intact checkpoint in the log dir (--resume auto),
+    or --resume_checkpoint (the original's flag: its optimizer file beside it when present)."""
+    if args.resume_checkpoint:
+        path = args.resume_checkpoint
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume_checkpoint {path}: no such file")
+        try:
+            step = ckpt.parse_step(path)
+        except ValueError:
+            step = 0
+        directory = os.path.dirname(path) or "."
+        full = ckpt.load_state_file(os.path.join(directory, ckpt.state_name(step)))
+        files = ckpt.read_training_files(directory, step, [], ckpt.read_file, model_file=os.path.basename(path),
+                                         partial=True, log=logger.log)
+    elif args.resume == "auto":
+        found = ckpt.find_latest_checkpoint(log_dir, verify=True, log=logger.log)
+        if found is None:
+            return 0
+        step, full = found
+        directory = log_dir
+        files = ckpt.read_training_files(directory, step, [], ckpt.read_file, log=logger.log)
+    else:
+        if ckpt.find_latest_checkpoint(log_dir) is not None:
+            raise ValueError(f"--resume none, but {log_dir} already holds a checkpoint: "
+                             "continue it with --resume auto, or choose a new --log_dir")
+        return 0
+    ckpt.check_state_dict_matches(classifier, files["model"], what=f"classifier checkpoint at step {step}")
+    classifier.load_state_dict(files["model"], strict=True)
+    if files["opt"] is not None:
+        opt.load_state_dict(files["opt"])
+    ranks = (full or {}).get("ranks") or []
+    if len(ranks) == dist_util.get_world_size():
+        mine = ranks[dist_util.get_rank()]
+        ckpt.set_rank_state(mine, state["data"])
+        if state["val"] is not None and "val_data" in mine:
+            state["val"].load_state_dict(mine["val_data"])
+        if full.get("scaler") is not None and state["mixed"].scaler is not None:
+            state["mixed"].scaler.load_state_dict(full["scaler"])
+        if full.get("sampler") is not None and hasattr(state["sampler"], "load_state_dict"):
+            state["sampler"].load_state_dict(full["sampler"])
+    else:
+        logger.log(f"WARNING: no matching state file for step {step}: weights and optimizer are restored, "
+                   "RNG and data order start afresh")
+    logger.log(f"resumed from step {step} in {directory}")
+    return step
+
+
+def create_argparser():
+    defaults = dict(
+        data_dir="",
+        val_data_dir="",
+        noised=True,
+        iterations=150000,
+        lr=3e-4,
+        weight_decay=0.0,
+        anneal_lr=False,
+        batch_size=4,
+        microbatch=-1,
+        schedule_sampler="uniform",
+        resume_checkpoint="",
+        log_interval=10,
+        eval_interval=5,
+        save_interval=10000,
+        log_dir="",
+        resume="auto",
+        seed=0,
+        precision="auto",
+        random_flip=False,
+        stop_at=0,
+    )
+    help_text = {
+        "data_dir": "labelled training images: a folder (class = file-name prefix) or an .npz with arr_1",
+        "val_data_dir": "labelled validation images; one batch every --eval_interval steps",
+        "noised": "train on images noised by the diffusion at uniformly drawn timesteps (False: clean, t = 0)",
+        "iterations": "total optimizer steps",
+        "anneal_lr": "decay the lr linearly to 0 over --iterations",
+        "microbatch": "split each batch into pieces of this size (-1: off); the update is the same",
+        "schedule_sampler": "timestep sampler for --noised: uniform (the original's), ...",
+        "resume_checkpoint": "a modelNNNNNN.pt to start from (its optNNNNNN.pt too, when beside it)",
+        "eval_interval": "steps between validation batches",
+        "log_dir": "where logs and checkpoints go (default $OPENAI_LOGDIR, else runs/classifier)",
+        "resume": "auto: continue from the newest intact checkpoint in --log_dir; none: start afresh",
+        "stop_at": "leave the run at this step with a checkpoint; --anneal_lr keeps --iterations (0: off)",
+        "seed": "seed of weights, data order, timesteps and noise",
+        "precision": "fp32, bf16, fp16 or auto (bf16 on GPUs that have it, else fp32)",
+        "random_flip": "random horizontal flips of training images (the original flipped; off "
+                       "by default here, as flips change some classes, e.g. digits)",
+        "image_size": "image side length in pixels",
+        "classifier_use_fp16": "fp16 autocast with loss scaling (= --precision fp16)",
+        "classifier_width": "base channel count of the classifier",
+        "classifier_depth": "residual blocks per resolution",
+        "classifier_attention_resolutions": "comma-separated resolutions (in pixels) with attention",
+        "classifier_use_scale_shift_norm": "FiLM-like scale/shift timestep conditioning",
+        "classifier_resblock_updown": "downsample with residual blocks",
+        "classifier_pool": "the head: attention, adaptive, spatial or spatial_v2",
+        "classifier_channel_mult": "channel multipliers per level; empty = by image size (64, 128, 256, 512; 32)",
+        "classifier_num_head_channels": "channels per attention head",
+        "classifier_num_classes": "number of logits (at least the number of classes in the data)",
+    }
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dict_to_argparser(parser, defaults, help_text)
+    add_dict_to_argparser(parser, classifier_and_diffusion_defaults(), help_text)
+    add_dict_to_argparser(parser, CLASSIFIER_EXTRA_DEFAULTS, help_text)
+    return parser
+
+
+if __name__ == "__main__":
+    run_main(main)

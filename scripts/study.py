@@ -1,0 +1,601 @@
+"""
+A multi-seed study: does a method train faster than the baseline, and by how much?
+
+Trains variants x seeds with scripts/image_train.py (one subprocess per run, one thread
+each), evaluates the EMA model at fixed steps and summarises over seeds:
+
+  * held-out loss at uniform timesteps on a fixed batch with fixed timesteps and noise
+    (deterministic): the epsilon-MSE (unweighted, whatever the run's loss weighting) and an
+    unbiased one-timestep estimate of the VLB in bits/dim (prior + T x mean L_t);
+  * FID of the EMA model (DDIM samples, the bundled Inception network) at the FID steps;
+  * per variant and step: mean and 95% t-interval over seeds; steps to reach the baseline's
+    final mean (per-seed linear interpolation of each curve, t-interval over seeds) and the
+    speed-up (baseline steps / those steps).
+
+Resumable: each run's evaluations are written to OUT/runs/VARIANT_seedS.json as they are
+made; a run whose file holds every evaluation is skipped (training and all), a partly
+trained run resumes from its newest checkpoint (image_train.py --resume auto). Kill the
+study and run the same command again; copy OUT to another machine and it continues there.
+
+    python scripts/study.py --preset cpu                       # the main table
+    python scripts/study.py --preset cpu --sweeps              # + the CLTS / MD sweeps
+    python scripts/study.py --preset cpu --summarize_only      # tables and plot from OUT
+    python scripts/study.py --preset cpu --plan                # print the runs, run nothing
+
+Outputs in OUT (default docs/study/PRESET): runs/*.json (one per run), summary.json,
+summary.md, curves.png (mean with 95% bands).
+"""
+
+import argparse
+import json
+import math
+import shlex
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+MAIN_VARIANTS = ("baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal")
+# Sweeps: (name, base variant, option, values); each run is the base variant plus --option value.
+SWEEPS = (
+    ("clts_sigma", "all", "clts_sigma", (0.05, 0.1, 0.2, 0.5, 1.0)),
+    ("clts_mu", "all", "clts_mu", (0.1, 0.3, 0.5, 0.7)),
+    ("md_beta_min", "md_lrc", "md_beta_min", (0.3, 0.5, 0.7)),
+)
+
+# cpu: the demo digits on a CPU, one thread per run. Small batch and a high lr so that the
+# 1.2M-parameter demo model gets many updates in little time (docs/results.md says why).
+_CPU_STEPS = 300
+PRESETS = {
+    "cpu": dict(
+        experiment="demo",
+        data="data/demo/mnist_demo.npz",
+        holdout=500,  # the last 500 digits are held out of training
+        steps=_CPU_STEPS,
+        eval_steps=tuple(range(_CPU_STEPS // 5, _CPU_STEPS + 1, _CPU_STEPS // 5)),
+        # The bundled Inception network runs at ~3 images/s on one CPU thread: FID with a
+        # measurable seed spread does not fit the cpu budget; --fid_steps turns it on.
+        fid_steps=(),
+        train_flags=["--batch_size", "8", "--lr", "1e-3", "--ema_rate", "0.99",
+                     "--clts_target_steps", str(_CPU_STEPS // 5)],
+        seeds=(0, 1, 2),
+        sweep_seeds=(0, 1),
+        heldout_images=256,
+        heldout_repeats=1,
+        fid_samples=100,
+        fid_respacing="ddim25",
+        fid_batch=100,
+        ref_images=500,
+        launcher=[],
+        device="cpu",
+    ),
+    # One GPU in under 8 minutes: the demo model at batch 32 for 4,000 steps.
+    "gpu": dict(
+        experiment="demo",
+        data="data/demo/mnist_demo.npz",
+        holdout=500,
+        steps=4000,
+        eval_steps=(500, 1000, 1500, 2000, 2500, 3000, 3500, 4000),
+        fid_steps=(1000, 2000, 4000),
+        train_flags=["--batch_size", "32", "--lr", "3e-4", "--clts_target_steps", "800",
+                     "--data_on_device", "True"],
+        seeds=(0, 1, 2),
+        sweep_seeds=(0, 1),
+        heldout_images=500,
+        heldout_repeats=4,
+        fid_samples=1000,
+        fid_respacing="ddim25",
+        fid_batch=500,
+        ref_images=4500,
+        launcher=[],
+        device="cuda",
+    ),
+    # The paper's CIFAR-10 setting on 8 GPUs (configs/cifar10_*.json): 500k steps each run.
+    "paper": dict(
+        experiment="cifar10",
+        data="data/cifar10/train",
+        holdout=0,
+        heldout_source="data/cifar10/test",
+        heldout_image_size=32,
+        steps=500000,
+        eval_steps=tuple(range(50000, 500001, 50000)),
+        fid_steps=(100000, 200000, 300000, 400000, 500000),
+        train_flags=[],
+        seeds=(0, 1, 2),
+        sweep_seeds=(0, 1),
+        heldout_images=1000,
+        heldout_repeats=1,
+        fid_samples=10000,
+        fid_respacing="250",
+        fid_batch=500,
+        ref_images=50000,
+        launcher=["torchrun", "--standalone", "--nproc_per_node", "8"],
+        device="cuda",
+    ),
+}
+# The paper's ImageNet-128 setting (configs/imagenet128_*.json), 8 GPUs; held out: the
+# validation images (prepared like the training set, datasets/README.md).
+PRESETS["paper_imagenet128"] = dict(
+    PRESETS["paper"], experiment="imagenet128", data="data/imagenet128/train.npz",
+    heldout_source="data/imagenet128/val.npz", heldout_image_size=None, steps=4360000,
+    eval_steps=tuple(range(250000, 4360001, 250000)) + (4360000,),
+    fid_steps=(1000000, 2000000, 3000000, 4360000))
+
+METRICS = ("heldout_mse", "heldout_vlb_bpd", "fid")
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def t_quantile(q, df):
+    """The q quantile of Student's t with df degrees of freedom."""
+    try:
+        from scipy import stats
+
+        return float(stats.t.ppf(q, df))
+    except ImportError:  # pragma: no cover - scipy is in the dev requirements
+        # Cornish-Fisher expansion around the normal quantile (good to ~1e-3 for df >= 2).
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(q)
+        g1 = (z**3 + z) / 4
+        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+        return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def mean_interval(values, level=0.95):
+    """
+    Mean and two-sided t-interval of the mean over independent values (seeds).
+
+    :return: dict(mean, lo, hi, n, sd); lo = hi = mean when n < 2 (no interval).
+    """
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    n = len(v)
+    if n == 0:
+        return dict(mean=None, lo=None, hi=None, n=0, sd=None)
+    mean = float(v.mean())
+    if n < 2:
+        return dict(mean=mean, lo=None, hi=None, n=1, sd=None)
+    sd = float(v.std(ddof=1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return dict(mean=mean, lo=mean - half, hi=mean + half, n=n, sd=sd)
+
+
+def steps_to_target(steps, values, target):
+    """
+    The first step at which a decreasing-is-better curve reaches `target`, by linear
+    interpolation between evaluations; None if it never does. A curve already at or below
+    the target at its first evaluation gives that step (nothing earlier was measured).
+    """
+    steps = [float(s) for s in steps]
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        if v <= target:
+            if i == 0 or values[i - 1] is None:
+                return steps[i]
+            v0 = values[i - 1]
+            return steps[i - 1] + (v0 - target) / (v0 - v) * (steps[i] - steps[i - 1])
+    return None
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+def run_plan(preset, variants, seeds, sweeps, sweep_seeds):
+    """A list of (name, config file, extra flags, seed) for the study."""
+    exp = preset["experiment"]
+    runs = []
+    for variant in variants:
+        for seed in seeds:
+            runs.append((variant, f"configs/{exp}_{variant}.json", [], seed))
+    for sweep, base, option, values in SWEEPS:
+        if sweep not in sweeps:
+            continue
+        for value in values:
+            name = f"{base}_{option}={value}"
+            for seed in sweep_seeds:
+                runs.append((name, f"configs/{exp}_{base}.json", [f"--{option}", str(value)], seed))
+    return runs
+
+
+def prepare_data(preset, out_data):
+    """The training split and the held-out images (numpy uint8 NHWC) of a preset."""
+    holdout = preset["holdout"]
+    if not holdout:
+        source = preset.get("heldout_source")
+        if not source:
+            return preset["data"], None
+        from improved_diffusion.fid import load_reference_images
+
+        return preset["data"], np.asarray(load_reference_images(source, preset.get("heldout_image_size"))[: preset["heldout_images"]])
+    src = os.path.join(ROOT, preset["data"])  # an absolute path stays as it is
+    if not os.path.exists(src):
+        raise SystemExit(f"study: {preset['data']} is missing: python datasets/mnist_demo.py --out data/demo --image_size 16")
+    os.makedirs(out_data, exist_ok=True)
+    train_path = os.path.join(out_data, f"train_minus_last{holdout}.npz")
+    data = np.load(src)
+    images, labels = data["arr_0"], data["arr_1"] if "arr_1" in data else None
+    if not os.path.exists(train_path):
+        arrays = [images[:-holdout]] + ([labels[:-holdout]] if labels is not None else [])
+        tmp = train_path + ".tmp.npz"
+        np.savez(tmp, *arrays)
+        os.replace(tmp, train_path)
+    return train_path, images[-holdout:]
+
+
+def reference_stats(preset, train_path, out_data):
+    path = os.path.join(out_data, f"ref_stats_{preset['ref_images']}.npz")
+    if not os.path.exists(path):
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts/fid.py"), "ref", "--source", train_path,
+                        "--max_images", str(preset["ref_images"]), "--out", path], check=True, cwd=ROOT,
+                       env=_env())
+    return path
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env["PYTHONPATH"] = ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_file(out, name, seed):
+    return os.path.join(out, "runs", f"{name}_seed{seed}.json")
+
+
+def load_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_done(record, preset):
+    if not record:
+        return False
+    ev = record.get("evals", {})
+    for step in preset["eval_steps"]:
+        e = ev.get(str(step))
+        if not e or "heldout_mse" not in e:
+            return False
+        if step in preset["fid_steps"] and "fid" not in e:
+            return False
+    return True
+
+
+def train(preset, config_file, flags, seed, log_dir, train_path, save_interval):
+    cmd = list(preset["launcher"] or [sys.executable]) + [
+        os.path.join(ROOT, "scripts/image_train.py"), "--config", config_file, "--data_dir", train_path,
+        "--log_dir", log_dir, "--seed", str(seed), "--total_steps", str(preset["steps"]),
+        "--save_interval", str(save_interval), "--log_interval", str(save_interval), "--eval_interval", "0",
+        "--keep_checkpoints", "0",
+    ] + preset["train_flags"] + flags
+    with open(os.path.join(log_dir, "study_train.out"), "a") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training failed ({proc.returncode}): {' '.join(cmd)}; see {log_dir}/study_train.out")
+
+
+def same_as_base(config_file, flags, out, seed, preset):
+    """The finished record of the base variant when `flags` only repeat its config's values."""
+    if not flags:
+        return None
+    from improved_diffusion import config as options
+
+    values = options.read_options_file(os.path.join(ROOT, config_file))
+    for opt, value in zip(flags[::2], flags[1::2]):
+        key = opt.lstrip("-")
+        if key not in values or str(values[key]) != value:
+            return None
+    base = os.path.basename(config_file)[: -len(".json")].split("_", 1)[1]
+    record = load_json(run_file(out, base, seed))
+    return record if run_done(record, preset) else None
+
+
+def heldout_metrics(model, diffusion, images, n_images, repeats, device, seed=1234):
+    """Held-out epsilon-MSE and the one-timestep VLB estimate (bits/dim) on fixed inputs."""
+    import torch
+
+    from improved_diffusion.analysis import fixed_loss_inputs
+
+    x = np.asarray(images[:n_images])
+    x = np.concatenate([x] * repeats)
+    x0, t, noise = fixed_loss_inputs(diffusion, x, len(x), seed=seed, device=device)
+    mses, vbs = [], []
+    with torch.no_grad():
+        for s in range(0, len(x0), 256):
+            xb, tb, nb = x0[s:s + 256], t[s:s + 256], noise[s:s + 256]
+            x_t = diffusion.q_sample(xb, tb, noise=nb)
+            out = model(x_t, diffusion._scale_timesteps(tb)).float()
+            eps = out[:, : xb.shape[1]]
+            mses.append(((eps.double() - nb.double()) ** 2).mean(dim=(1, 2, 3)))
+            p_out = diffusion._p_mean_variance_from_output(out, x_t, tb, clip_denoised=False)
+            vbs.append(diffusion._vb_terms_from_p(p_out, xb, x_t, tb)["output"].double())
+            prior = diffusion._prior_bpd(xb).double().mean()
+    mse = torch.cat(mses).mean().item()
+    vlb = (torch.cat(vbs).mean() * diffusion.num_timesteps + prior).item()
+    return mse, vlb
+
+
+def evaluate_run(preset, log_dir, record, heldout, ref_stats, extractor_cache, rec_path):
+    import torch
+
+    from improved_diffusion import config as options
+    from improved_diffusion.analysis import load_model_and_diffusion
+    from improved_diffusion.fid import fid_of_samples, load_inception
+    from improved_diffusion.sampling import sample_images, to_uint8  # noqa: F401
+    from improved_diffusion.script_util import create_diffusion_from_options
+
+    torch.set_num_threads(1)
+    device = preset["device"]
+    cfg = load_json(os.path.join(log_dir, "config.json"))
+    flags = {k: cfg[k] for k in options.names(*options.MODEL_GROUPS) if k in cfg}
+    rate = cfg["ema_rate"].split(",")[0]
+    for step in preset["eval_steps"]:
+        e = record["evals"].setdefault(str(step), {})
+        need_fid = step in preset["fid_steps"] and "fid" not in e
+        if "heldout_mse" in e and not need_fid:
+            continue
+        path = os.path.join(log_dir, f"ema_{rate}_{step:06d}.pt")
+        model, diffusion, _ = load_model_and_diffusion(path, flags, device=device)
+        if "heldout_mse" not in e and heldout is not None:
+            e["heldout_mse"], e["heldout_vlb_bpd"] = heldout_metrics(
+                model, diffusion, heldout, preset["heldout_images"], preset["heldout_repeats"], device)
+        if need_fid:
+            if "net" not in extractor_cache:
+                extractor_cache["net"] = load_inception(device=device)
+            sampler = create_diffusion_from_options(flags, timestep_respacing=preset["fid_respacing"])
+            images, _ = sample_images(model, sampler, num_samples=preset["fid_samples"], batch_size=preset["fid_batch"],
+                                   image_size=flags["image_size"], device=device, seed=10_000 + step,
+                                   use_ddim=preset["fid_respacing"].startswith("ddim"), progress=False)
+            e["fid"] = float(fid_of_samples(np.asarray(images), ref_stats, extractor_cache["net"], device=device))
+        write_json(rec_path, record)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(preset, records, level=0.95):
+    """Per variant, step and metric: mean and t-interval over seeds; steps to target."""
+    by_variant = {}
+    for rec in records:
+        by_variant.setdefault(rec["variant"], []).append(rec)
+    out = {"level": level, "steps": preset["steps"], "eval_steps": list(preset["eval_steps"]),
+           "fid_steps": list(preset["fid_steps"]), "variants": {}}
+    for variant, recs in by_variant.items():
+        v = {"seeds": sorted(r["seed"] for r in recs), "metrics": {}}
+        for metric in METRICS:
+            per_step = {}
+            for step in preset["eval_steps"]:
+                vals = [r["evals"].get(str(step), {}).get(metric) for r in recs]
+                if any(x is not None for x in vals):
+                    per_step[str(step)] = mean_interval(vals, level)
+            if per_step:
+                v["metrics"][metric] = per_step
+        out["variants"][variant] = v
+    base = by_variant.get("baseline")
+    if base:
+        final = str(preset["steps"])
+        for metric in ("heldout_mse", "heldout_vlb_bpd"):
+            target = out["variants"]["baseline"]["metrics"].get(metric, {}).get(final, {}).get("mean")
+            if target is None:
+                continue
+            for variant, recs in by_variant.items():
+                per_seed = []
+                for r in recs:
+                    steps = [s for s in preset["eval_steps"] if r["evals"].get(str(s), {}).get(metric) is not None]
+                    vals = [r["evals"][str(s)][metric] for s in steps]
+                    per_seed.append(steps_to_target(steps, vals, target))
+                reached = [s for s in per_seed if s is not None]
+                stt = mean_interval(reached, level) if len(reached) == len(per_seed) else dict(
+                    mean=None, lo=None, hi=None, n=len(reached), sd=None)
+                stt.update(target=target, per_seed=per_seed, reached=len(reached), of=len(per_seed))
+                if stt["mean"]:
+                    stt["speedup"] = preset["steps"] / stt["mean"]
+                    stt["speedup_lo"] = preset["steps"] / stt["hi"] if stt["hi"] else None
+                    stt["speedup_hi"] = preset["steps"] / stt["lo"] if stt["lo"] and stt["lo"] > 0 else None
+                out["variants"][variant].setdefault("steps_to_baseline_final", {})[metric] = stt
+    return out
+
+
+def _fmt(m, digits=4):
+    if not m or m.get("mean") is None:
+        return "-"
+    if m.get("lo") is None:
+        return f"{m['mean']:.{digits}g}"
+    return f"{m['mean']:.{digits}g} [{m['lo']:.{digits}g}, {m['hi']:.{digits}g}]"
+
+
+def markdown(summary):
+    final = str(summary["steps"])
+    lines = [f"Mean over seeds [95% t-interval]; final step {final}.", "",
+             "| variant | seeds | held-out eps-MSE | held-out VLB (bits/dim) | FID | steps to baseline's final MSE | speed-up (MSE) |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, v in summary["variants"].items():
+        m = v["metrics"]
+        stt = v.get("steps_to_baseline_final", {}).get("heldout_mse", {})
+        if stt.get("mean") is not None:
+            steps = _fmt(stt, 3)
+            sp = f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
+                                           if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
+        else:
+            steps = f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds" if stt else "-"
+            sp = "-"
+        lines.append(f"| {variant} | {len(v['seeds'])} | {_fmt(m.get('heldout_mse', {}).get(final))} | "
+                     f"{_fmt(m.get('heldout_vlb_bpd', {}).get(final))} | {_fmt(m.get('fid', {}).get(final), 4)} | "
+                     f"{steps} | {sp} |")
+    lines += ["", "Held-out eps-MSE per step:", "",
+              "| variant | " + " | ".join(str(s) for s in summary["eval_steps"]) + " |",
+              "|---|" + "---|" * len(summary["eval_steps"])]
+    for variant, v in summary["variants"].items():
+        m = v["metrics"].get("heldout_mse", {})
+        lines.append(f"| {variant} | " + " | ".join(_fmt(m.get(str(s)), 3) for s in summary["eval_steps"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary, path, variants=None):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("study: matplotlib is not installed; no plot")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in zip(axes, ("heldout_mse", "heldout_vlb_bpd"),
+                                 ("held-out eps-MSE", "held-out VLB (bits/dim)")):
+        for variant, v in summary["variants"].items():
+            if variants and variant not in variants:
+                continue
+            m = v["metrics"].get(metric)
+            if not m:
+                continue
+            steps = sorted(int(s) for s in m)
+            mean = [m[str(s)]["mean"] for s in steps]
+            line, = ax.plot(steps, mean, label=variant, marker="o", ms=3)
+            if all(m[str(s)]["lo"] is not None for s in steps):
+                ax.fill_between(steps, [m[str(s)]["lo"] for s in steps], [m[str(s)]["hi"] for s in steps],
+                                color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label}: mean over seeds, 95% t-band")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--out", default="", help="summaries (default docs/study/PRESET)")
+    p.add_argument("--runs_dir", default="", help="training runs (default runs/study/PRESET)")
+    p.add_argument("--variants", default=",".join(MAIN_VARIANTS), help="comma-separated; empty: none")
+    p.add_argument("--seeds", default="", help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--sweeps", nargs="?", const="all", default="",
+                   help="also run sweeps: all, or comma-separated of " + ", ".join(s[0] for s in SWEEPS))
+    p.add_argument("--sweep_seeds", default="", help="seeds of the sweeps (default: the preset's)")
+    p.add_argument("--steps", type=int, default=0, help="override the preset's steps (eval steps scale along)")
+    p.add_argument("--fid_steps", default="", help="comma-separated steps with FID (default: the preset's; "
+                   "'none': no FID)")
+    p.add_argument("--fid_samples", type=int, default=0, help="samples per FID (default: the preset's)")
+    p.add_argument("--data", default="", help="the data .npz (default: the preset's)")
+    p.add_argument("--holdout", type=int, default=-1, help="images held out at the end of --data (default: the preset's)")
+    p.add_argument("--summarize_only", action="store_true")
+    p.add_argument("--plan", action="store_true", help="print the runs and stop")
+    p.add_argument("--extra_flags", default="", help="extra image_train.py flags for every run (tests)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="keep a finished run's checkpoints")
+    args = p.parse_args(argv)
+
+    preset = dict(PRESETS[args.preset])
+    if args.steps:
+        old = preset["steps"]
+        preset["steps"] = args.steps
+        preset["eval_steps"] = tuple(sorted({max(1, round(s * args.steps / old)) for s in preset["eval_steps"]}))
+        preset["fid_steps"] = tuple(sorted({max(1, round(s * args.steps / old)) for s in preset["fid_steps"]}))
+    if args.fid_steps:
+        preset["fid_steps"] = () if args.fid_steps == "none" else tuple(int(s) for s in args.fid_steps.split(","))
+        preset["eval_steps"] = tuple(sorted(set(preset["eval_steps"]) | set(preset["fid_steps"])))
+    if args.fid_samples:
+        preset["fid_samples"] = args.fid_samples
+        preset["fid_batch"] = min(preset["fid_batch"], args.fid_samples)
+    if args.data:
+        preset["data"] = args.data
+    if args.holdout >= 0:
+        preset["holdout"] = args.holdout
+        preset["heldout_images"] = min(preset["heldout_images"], args.holdout)
+    if args.extra_flags:
+        preset["train_flags"] = preset["train_flags"] + shlex.split(args.extra_flags)
+    out = args.out or os.path.join("docs", "study", args.preset)
+    runs_dir = args.runs_dir or os.path.join("runs", "study", args.preset)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
+    sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")] if args.sweep_seeds else list(preset["sweep_seeds"])
+    sweeps = [s[0] for s in SWEEPS] if args.sweeps == "all" else [s for s in args.sweeps.split(",") if s]
+    variants = [v for v in args.variants.split(",") if v]
+    missing = [v for v in variants if not os.path.exists(os.path.join(ROOT, "configs", f"{preset['experiment']}_{v}.json"))]
+    if missing:
+        print(f"study: no configs/{preset['experiment']}_VARIANT.json for {', '.join(missing)}: left out")
+        variants = [v for v in variants if v not in missing]
+    plan = run_plan(preset, variants, seeds, sweeps, sweep_seeds)
+    if args.plan:
+        for name, cfg, flags, seed in plan:
+            print(f"{name}\tseed {seed}\t{cfg} {' '.join(flags)}")
+        return 0
+
+    if not args.summarize_only:
+        train_path, heldout = prepare_data(preset, os.path.join(runs_dir, "data"))
+        ref = reference_stats(preset, train_path, os.path.join(runs_dir, "data")) if preset["fid_steps"] else None
+        save_interval = math.gcd(*preset["eval_steps"])
+        cache = {}
+        for i, (name, cfg, flags, seed) in enumerate(plan):
+            rec_path = run_file(out, name, seed)
+            record = load_json(rec_path)
+            if run_done(record, preset):
+                print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: done, skipped", flush=True)
+                continue
+            same = same_as_base(cfg, flags, out, seed, preset)
+            if same is not None:  # a sweep point at the base config's own value: the same run
+                same.update(variant=name, flags=flags, same_as=f"{same['variant']}_seed{seed}")
+                write_json(rec_path, same)
+                print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: identical to {same['same_as']}, reused", flush=True)
+                continue
+            record = record or {"variant": name, "seed": seed, "config": cfg, "flags": flags,
+                                "steps": preset["steps"], "preset": args.preset, "evals": {}}
+            log_dir = os.path.join(runs_dir, f"{name}_seed{seed}")
+            os.makedirs(log_dir, exist_ok=True)
+            t0 = time.time()
+            final = os.path.join(log_dir, f"state{preset['steps']:06d}.pt")
+            if not os.path.exists(final):
+                train(preset, cfg, flags, seed, log_dir, train_path, save_interval)
+            t1 = time.time()
+            evaluate_run(preset, log_dir, record, heldout, ref, cache, rec_path)
+            record["train_seconds"] = record.get("train_seconds", 0) + round(t1 - t0, 1)
+            record["eval_seconds"] = record.get("eval_seconds", 0) + round(time.time() - t1, 1)
+            write_json(rec_path, record)
+            if not args.keep_checkpoints:
+                for f in os.listdir(log_dir):
+                    if f.endswith(".pt"):
+                        os.remove(os.path.join(log_dir, f))
+            e = record["evals"][str(preset["steps"])]
+            print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: mse {e.get('heldout_mse'):.4f} "
+                  f"vlb {e.get('heldout_vlb_bpd'):.3f} fid {e.get('fid', float('nan')):.1f} "
+                  f"({t1 - t0:.0f} s train, {time.time() - t1:.0f} s eval)", flush=True)
+
+    records = [r for r in (load_json(os.path.join(out, "runs", f)) for f in sorted(os.listdir(os.path.join(out, "runs")))
+                           if f.endswith(".json")) if r and run_done(r, preset)] if os.path.isdir(os.path.join(out, "runs")) else []
+    summary = summarize(preset, records)
+    summary["preset"] = args.preset
+    write_json(os.path.join(out, "summary.json"), summary)
+    with open(os.path.join(out, "summary.md"), "w") as f:
+        f.write(markdown(summary))
+    plot(summary, os.path.join(out, "curves.png"), variants=set(MAIN_VARIANTS) & set(summary["variants"]) or None)
+    swept = [v for v in summary["variants"] if "=" in v]
+    if swept:
+        plot(summary, os.path.join(out, "sweeps.png"), variants=set(swept) | {"baseline"})
+    print(f"study: {len(records)} runs summarised in {out}/summary.json, summary.md, curves.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

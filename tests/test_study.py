@@ -1,0 +1,150 @@
+"""
+scripts/study.py: its statistics against independent computations, and a tiny study end to
+end that is killed, resumed and skips what is done.
+"""
+
+import importlib.util
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "scripts", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = load_study()
+
+
+@pytest.mark.parametrize("values", [[1.0, 2.0, 4.0], [0.5, 0.51, 0.49, 0.7, 0.3], [10.0, 10.5]])
+def test_t_interval_matches_scipy(values):
+    from scipy import stats
+
+    m = study.mean_interval(values)
+    lo, hi = stats.t.interval(0.95, len(values) - 1, loc=np.mean(values), scale=stats.sem(values))
+    assert m["mean"] == pytest.approx(np.mean(values))
+    assert m["lo"] == pytest.approx(lo, rel=1e-10)
+    assert m["hi"] == pytest.approx(hi, rel=1e-10)
+    assert m["n"] == len(values)
+
+
+def test_t_interval_edge_cases():
+    assert study.mean_interval([]) == dict(mean=None, lo=None, hi=None, n=0, sd=None)
+    one = study.mean_interval([3.0, None])
+    assert one["mean"] == 3.0 and one["lo"] is None
+    assert study.t_quantile(0.975, 2) == pytest.approx(4.302652729911275)
+
+
+def test_steps_to_target_on_synthetic_curves():
+    steps = [100, 200, 300, 400]
+    # a straight line 1 - s/1000: reaches 0.75 at s = 250 exactly
+    line = [1 - s / 1000 for s in steps]
+    assert study.steps_to_target(steps, line, 0.75) == pytest.approx(250.0)
+    # an exponential decay sampled coarsely: linear interpolation between the bracketing points
+    curve = [math.exp(-s / 200) for s in steps]
+    target = 0.3
+    i = next(k for k, v in enumerate(curve) if v <= target)
+    expect = steps[i - 1] + (curve[i - 1] - target) / (curve[i - 1] - curve[i]) * (steps[i] - steps[i - 1])
+    assert study.steps_to_target(steps, curve, target) == pytest.approx(expect)
+    assert study.steps_to_target(steps, line, 0.1) is None  # never reached
+    assert study.steps_to_target(steps, line, 0.95) == 100  # already there at the first evaluation
+    # non-monotone: the first crossing counts
+    assert study.steps_to_target(steps, [1.0, 0.4, 0.9, 0.3], 0.5) == pytest.approx(100 + 0.5 / 0.6 * 100)
+
+
+def test_summary_speedup_on_synthetic_runs():
+    preset = dict(steps=400, eval_steps=(100, 200, 300, 400), fid_steps=())
+    records = []
+    for seed, noise in enumerate([0.0, 0.01, -0.01]):
+        # baseline: 1 - s/1000 (final 0.6); fast: 1 - s/500 (reaches 0.6 at s = 200)
+        records.append(dict(variant="baseline", seed=seed, evals={
+            str(s): {"heldout_mse": 1 - s / 1000 + noise, "heldout_vlb_bpd": 2.0} for s in preset["eval_steps"]}))
+        records.append(dict(variant="fast", seed=seed, evals={
+            str(s): {"heldout_mse": 1 - s / 500, "heldout_vlb_bpd": 2.0} for s in preset["eval_steps"]}))
+    summary = study.summarize(preset, records)
+    fast = summary["variants"]["fast"]["steps_to_baseline_final"]["heldout_mse"]
+    assert fast["mean"] == pytest.approx(200.0)
+    assert fast["speedup"] == pytest.approx(2.0)
+    assert fast["reached"] == fast["of"] == 3
+    base = summary["variants"]["baseline"]["metrics"]["heldout_mse"]["400"]
+    assert base["mean"] == pytest.approx(0.6)
+    assert "| fast | 3 |" in study.markdown(summary)
+
+
+def tiny_data(path, n=48):
+    rng = np.random.default_rng(0)
+    images = (rng.random((n, 16, 16, 3)) > 0.5).astype(np.uint8) * 255
+    np.savez(path, images, np.zeros(n, dtype=np.int64))
+    return path
+
+
+TINY = ("--num_channels 32 --channel_mult 1 --num_res_blocks 1 --attention_resolutions '' "
+        "--diffusion_steps 20 --batch_size 4")
+
+
+def study_cmd(tmp_path, data):
+    return [sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--preset", "cpu", "--steps", "4",
+            "--variants", "baseline,speed", "--seeds", "0,1", "--data", str(data), "--holdout", "8",
+            "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"), "--extra_flags", TINY]
+
+
+def test_tiny_study_killed_and_resumed(tmp_path):
+    data = tiny_data(tmp_path / "d.npz")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = study_cmd(tmp_path, data)
+    first = tmp_path / "out" / "runs" / "baseline_seed0.json"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    def finished():
+        try:
+            return "train_seconds" in json.loads(first.read_text())  # written when a run is complete
+        except (FileNotFoundError, json.JSONDecodeError):
+            return False
+
+    while not finished() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the study and its training run, killed mid-way (as Ctrl-C would)
+    out, _ = proc.communicate()
+    assert first.exists(), out
+    rec = json.loads(first.read_text())
+    assert set(rec["evals"]) == {"1", "2", "3", "4"}
+    assert not (tmp_path / "out" / "runs" / "speed_seed1.json").exists()
+
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "baseline seed 0: done, skipped" in done.stdout
+    runs = sorted(os.listdir(tmp_path / "out" / "runs"))
+    assert runs == ["baseline_seed0.json", "baseline_seed1.json", "speed_seed0.json", "speed_seed1.json"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary["variants"]) == {"baseline", "speed"}
+    m = summary["variants"]["speed"]["metrics"]["heldout_mse"]["4"]
+    assert m["n"] == 2 and m["lo"] <= m["mean"] <= m["hi"]
+    assert "steps_to_baseline_final" in summary["variants"]["speed"]
+    assert (tmp_path / "out" / "summary.md").exists()
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("done, skipped") == 4, again.stdout
+    # the same records from the same evaluations: nothing was retrained
+    assert json.loads(first.read_text()) == rec
+
+
+def test_plan_lists_main_table_and_sweeps(capsys):
+    assert study.main(["--plan", "--sweeps", "clts_sigma"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 9 * 3 + 5 * 2
+    assert any(line.startswith("all_clts_sigma=0.05\tseed 1\tconfigs/demo_all.json --clts_sigma 0.05") for line in lines)
+    variants = {line.split("\t")[0] for line in lines}
+    assert {"baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal"} <= variants
