@@ -20,6 +20,7 @@ Which launcher started us is read from the environment, first match wins:
 4. anything else: one process, no process group (all helpers below still work).
 """
 
+import atexit
 import io
 import itertools
 import os
@@ -274,6 +275,10 @@ def setup_dist(backend=None):
         hint = f"; start the job's {tasks} tasks with srun to train on all of them" if tasks not in ("", "1") else ""
         print(f"distributed: plain python in SLURM job {os.environ['SLURM_JOB_ID']} (no srun step): "
               f"world size 1{hint}", flush=True)
+    if dist.is_initialized():
+        # Tear the group down before interpreter exit (and before mpi4py finalises MPI):
+        # gloo's threads still running at exit can abort the process after its work is done.
+        atexit.register(cleanup)
 
 
 def _url_host(host):

@@ -5,6 +5,7 @@ and `scripts/benchmark.py` share, so that the benchmark times what training runs
 `opts` is a dict of option values (`vars(args)` of a parser made from `config.py`).
 """
 
+import dataclasses
 import random
 
 import numpy as np
@@ -36,33 +37,21 @@ def momentum_schedule(opts):
 
 
 def train_config(opts, device, progress=True):
-    """The TrainConfig of `opts` (its constructor checks the values it holds)."""
-    return TrainConfig(
-        batch_size=opts["batch_size"],
-        microbatch=opts["microbatch"],
-        lr=opts["lr"],
-        weight_decay=opts["weight_decay"],
-        lr_anneal_steps=opts["lr_anneal_steps"],
-        lr_warmup_steps=opts["lr_warmup_steps"],
+    """
+    The TrainConfig of `opts` (its constructor checks the values it holds): every field named
+    like an option takes that option's value, so a new option needs no line here; the few
+    below are converted (0 means "none", a rate list, "auto" resolved, the MD schedule).
+    """
+    values = {f.name: opts[f.name] for f in dataclasses.fields(TrainConfig) if f.name in opts}
+    values.update(
         total_steps=opts["total_steps"] or None,
         stop_at=opts["stop_at"] or None,
         ema_rate=parse_ema_rates(opts["ema_rate"]),
-        ema_warmup=opts["ema_warmup"],
-        log_interval=opts["log_interval"],
-        save_interval=opts["save_interval"],
-        keep_checkpoints=opts["keep_checkpoints"],
         precision=precision.resolve(opts["precision"], device, use_fp16=opts["use_fp16"]),
-        fp16_scale_growth=opts["fp16_scale_growth"],
-        grad_clip=opts["grad_clip"],
-        max_nonfinite_steps=opts["max_nonfinite_steps"],
-        adam_beta2=opts["adam_beta2"],
         momentum=momentum_schedule(opts),
-        channels_last=opts["channels_last"],
-        compile=opts["compile"],
-        optimizer_impl=opts["optimizer_impl"],
-        eval_interval=opts["eval_interval"],
         progress=progress,
     )
+    return TrainConfig(**values)
 
 
 def schedule_sampler(opts, diffusion):

@@ -374,7 +374,8 @@ def evaluate_run(preset, log_dir, record, heldout, ref_stats, extractor_cache, r
 def summarize(preset, records, level=0.95):
     """Per variant, step and metric: mean and t-interval over seeds; steps to target."""
     by_variant = {}
-    for rec in records:
+    order = {v: i for i, v in enumerate(MAIN_VARIANTS)}
+    for rec in sorted(records, key=lambda r: (order.get(r["variant"], len(order)), r["variant"], r["seed"])):
         by_variant.setdefault(rec["variant"], []).append(rec)
     out = {"level": level, "steps": preset["steps"], "eval_steps": list(preset["eval_steps"]),
            "fid_steps": list(preset["fid_steps"]), "variants": {}}
@@ -392,25 +393,43 @@ def summarize(preset, records, level=0.95):
     base = by_variant.get("baseline")
     if base:
         final = str(preset["steps"])
-        for metric in ("heldout_mse", "heldout_vlb_bpd"):
-            target = out["variants"]["baseline"]["metrics"].get(metric, {}).get(final, {}).get("mean")
-            if target is None:
-                continue
-            for variant, recs in by_variant.items():
-                per_seed = []
-                for r in recs:
-                    steps = [s for s in preset["eval_steps"] if r["evals"].get(str(s), {}).get(metric) is not None]
-                    vals = [r["evals"][str(s)][metric] for s in steps]
-                    per_seed.append(steps_to_target(steps, vals, target))
-                reached = [s for s in per_seed if s is not None]
-                stt = mean_interval(reached, level) if len(reached) == len(per_seed) else dict(
-                    mean=None, lo=None, hi=None, n=len(reached), sd=None)
-                stt.update(target=target, per_seed=per_seed, reached=len(reached), of=len(per_seed))
-                if stt["mean"]:
-                    stt["speedup"] = preset["steps"] / stt["mean"]
-                    stt["speedup_lo"] = preset["steps"] / stt["hi"] if stt["hi"] else None
-                    stt["speedup_hi"] = preset["steps"] / stt["lo"] if stt["lo"] and stt["lo"] > 0 else None
-                out["variants"][variant].setdefault("steps_to_baseline_final", {})[metric] = stt
+        # Paired by seed (a seed fixes the initial weights and the data order of every variant):
+        # variant - baseline at the final step, mean and t-interval over the common seeds.
+        base_final = {r["seed"]: r["evals"].get(final, {}) for r in base}
+        for variant, recs in by_variant.items():
+            for metric in METRICS:
+                diffs = [r["evals"].get(final, {}).get(metric) - base_final[r["seed"]][metric]
+                         for r in recs if r["seed"] in base_final
+                         and r["evals"].get(final, {}).get(metric) is not None
+                         and base_final[r["seed"]].get(metric) is not None]
+                if diffs:
+                    out["variants"][variant].setdefault("final_minus_baseline", {})[metric] = mean_interval(diffs, level)
+        # Steps to reach the baseline's mean at its final step, and at the evaluation before it
+        # (which faster variants can reach within the run): per-seed interpolation, t-interval.
+        targets = [("steps_to_baseline_final", preset["steps"])]
+        if len(preset["eval_steps"]) > 1:
+            targets.append(("steps_to_baseline_previous", preset["eval_steps"][-2]))
+        for key, target_step in targets:
+            for metric in ("heldout_mse", "heldout_vlb_bpd"):
+                target = out["variants"]["baseline"]["metrics"].get(metric, {}).get(str(target_step), {}).get("mean")
+                if target is None:
+                    continue
+                for variant, recs in by_variant.items():
+                    per_seed = []
+                    for r in recs:
+                        steps = [s for s in preset["eval_steps"] if r["evals"].get(str(s), {}).get(metric) is not None]
+                        vals = [r["evals"][str(s)][metric] for s in steps]
+                        per_seed.append(steps_to_target(steps, vals, target))
+                    reached = [s for s in per_seed if s is not None]
+                    stt = mean_interval(reached, level) if len(reached) == len(per_seed) else dict(
+                        mean=None, lo=None, hi=None, n=len(reached), sd=None)
+                    stt.update(target=target, target_step=target_step, per_seed=per_seed, reached=len(reached),
+                               of=len(per_seed))
+                    if stt["mean"]:
+                        stt["speedup"] = target_step / stt["mean"]
+                        stt["speedup_lo"] = target_step / stt["hi"] if stt["hi"] else None
+                        stt["speedup_hi"] = target_step / stt["lo"] if stt["lo"] and stt["lo"] > 0 else None
+                    out["variants"][variant].setdefault(key, {})[metric] = stt
     return out
 
 
@@ -424,12 +443,15 @@ def _fmt(m, digits=4):
 
 def markdown(summary):
     final = str(summary["steps"])
-    lines = [f"Mean over seeds [95% t-interval]; final step {final}.", "",
-             "| variant | seeds | held-out eps-MSE | held-out VLB (bits/dim) | FID | steps to baseline's final MSE | speed-up (MSE) |",
-             "|---|---|---|---|---|---|---|"]
+    prev = summary["eval_steps"][-2] if len(summary["eval_steps"]) > 1 else summary["steps"]
+    lines = [f"Mean over seeds [95% t-interval]; final step {final}; P = {prev} (the baseline's "
+             f"mean at step P is the target; speed-up = P / steps).", "",
+             "| variant | seeds | held-out eps-MSE | minus baseline (paired) | held-out VLB (bits/dim) | FID | "
+             "steps to baseline's step-P MSE | speed-up (MSE) |",
+             "|---|---|---|---|---|---|---|---|"]
     for variant, v in summary["variants"].items():
         m = v["metrics"]
-        stt = v.get("steps_to_baseline_final", {}).get("heldout_mse", {})
+        stt = v.get("steps_to_baseline_previous", {}).get("heldout_mse", {})
         if stt.get("mean") is not None:
             steps = _fmt(stt, 3)
             sp = f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
@@ -437,7 +459,8 @@ def markdown(summary):
         else:
             steps = f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds" if stt else "-"
             sp = "-"
-        lines.append(f"| {variant} | {len(v['seeds'])} | {_fmt(m.get('heldout_mse', {}).get(final))} | "
+        diff = v.get("final_minus_baseline", {}).get("heldout_mse")
+        lines.append(f"| {variant} | {len(v['seeds'])} | {_fmt(m.get('heldout_mse', {}).get(final))} | {_fmt(diff, 2)} | "
                      f"{_fmt(m.get('heldout_vlb_bpd', {}).get(final))} | {_fmt(m.get('fid', {}).get(final), 4)} | "
                      f"{steps} | {sp} |")
     lines += ["", "Held-out eps-MSE per step:", "",

@@ -9,8 +9,8 @@
 #   configs/NAME_VARIANT.json, each an overlay of the experiment's base config, trained with
 #   --config that file. A config .json of your own (or a NAME with only configs/NAME.json) gets
 #   the demo's variants as flags on top of it: the method switches of configs/demo_VARIANT.json.
-# --variants LIST   comma-separated variants to run (default: all of the experiment's:
-#                   baseline,md,md_lrc,clts,all)
+# --variants LIST   comma-separated variants to run (default: the paper's five,
+#                   baseline,md,md_lrc,clts,all; rivals such as p2,speed,lognormal,minsnr when named)
 # --sweep KEY=VALS  one run per value of --KEY (clts_mu, clts_sigma, clts_target_steps, seed, any
 #                   image_train.py option) on top of --base VARIANT (default all);
 #                   --with_baseline adds a baseline run

@@ -6,7 +6,8 @@ The variants of an experiment, for the launch scripts: the config files are thei
     # md<TAB>/repo/configs/cifar10_md.json<TAB>
     # ...
 
-prints one line per variant (all of them, or those named): its name, the --config file that
+prints one line per variant (the paper's five by default, or those named: rivals such as p2
+or speed only when named): its name, the --config file that
 trains it, and flags to add to that file (space-separated; usually none).
 
 - EXPERIMENT a name (cifar10, imagenet128, demo): its variants are the files
@@ -78,9 +79,10 @@ def variants(experiment):
 
 
 def select(experiment, names=None):
-    """[(variant, config, flags)] of the comma-separated `names` (default: all)."""
+    """[(variant, config, flags)] of the comma-separated `names` (default: the paper's five;
+    the rivals, e.g. demo_p2.json, run when named)."""
     known = variants(experiment)
-    wanted = [n for n in (names or "").split(",") if n] or list(known)
+    wanted = [n for n in (names or "").split(",") if n] or [v for v in known if v in ORDER] or list(known)
     for n in wanted:
         if n not in known:
             raise VariantError(f"unknown variant '{n}' (choose from: {', '.join(known)})")
