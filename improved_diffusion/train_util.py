@@ -9,6 +9,7 @@ averaged exactly, so `--microbatch` never changes the update; mixed precision is
 loss or gradient skips the step, and too many in a row stop the run with a clear message.
 """
 
+import inspect
 import os
 import sys
 import time
@@ -199,9 +200,9 @@ class TrainLoop:
             self.ddp_model = DDP(
                 self.model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False,
                 bucket_cap_mb=128,
                 find_unused_parameters=False,
+                **_no_buffer_sync(),
             )
         else:
             self.ddp_model = self.model
@@ -577,6 +578,14 @@ class TrainLoop:
         ]
         if changed:
             self.logger.log("WARNING: options differ from the checkpoint's run: " + ", ".join(changed))
+
+
+def _no_buffer_sync():
+    """DDP's keyword for "do not sync buffers in forward" (the UNet has none to sync): newer
+    torch renamed `broadcast_buffers` and warns once per rank about the old name."""
+    if "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
 
 
 def make_adamw(params, config, device):

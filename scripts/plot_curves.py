@@ -81,7 +81,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="run directories")
-    parser.add_argument("--out", default="curves.png", help="output PNG")
+    parser.add_argument("--out", default="", help="output PNG (default: curves.png in the first run's folder)")
     parser.add_argument("--names", default="", help="comma-separated run names "
                                                     "(default: directory names)")
     parser.add_argument("--smooth", type=float, default=0.9,
@@ -101,8 +101,9 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    plot(runs, args.out, smooth=args.smooth, loss_key=args.loss_key, fid_key=args.fid_key)
-    print(args.out)
+    out = args.out or os.path.join(args.log_dirs[0], "curves.png")
+    plot(runs, out, smooth=args.smooth, loss_key=args.loss_key, fid_key=args.fid_key)
+    print(out)
 
 
 if __name__ == "__main__":

@@ -277,3 +277,7 @@ def test_plot_curves_writes_png(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main([str(tmp_path / "missing"), "--out", str(out)])
     assert "no progress.csv" in capsys.readouterr().err
+    # Without --out the plot goes into the first run's folder, not the current one.
+    script.main(runs)
+    assert Image.open(tmp_path / "baseline" / "curves.png").format == "PNG"
+    assert capsys.readouterr().out.strip() == str(tmp_path / "baseline" / "curves.png")
