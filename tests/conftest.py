@@ -8,3 +8,20 @@ import sys
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
+
+# End-to-end modules (subprocess training runs, mpiexec, kills): `pytest -m "not slow"` runs
+# the quick rest (scripts/test.sh passes its arguments on to pytest).
+SLOW_MODULES = {"test_train", "test_run_dir", "test_slurm", "test_warmup", "test_gpu_check", "test_study",
+                "test_run_config", "test_gan", "test_classifier", "test_guidance", "test_super_res"}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: an end-to-end test (training runs in subprocesses)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
