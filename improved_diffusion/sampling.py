@@ -251,6 +251,19 @@ def _gather_strided(local, num_samples, world_size):
     return out
 
 
+def write_samples(out, arrays, grid=None, grid_size=64, log=print):
+    """Write the sample arrays to `out` (.npz, atomically: a reader never sees half a file) and,
+    unless `grid` is None, the first `grid_size` images of arrays[0] as a PNG grid."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = out + ".tmp.npz"
+    np.savez(tmp, *arrays)
+    os.replace(tmp, out)
+    log(f"saving to {out}")
+    if grid is not None and grid_size > 0:
+        save_grid(arrays[0][:grid_size], grid)
+        log(f"grid of {min(len(arrays[0]), grid_size)} images: {grid}")
+
+
 def save_grid(images, path, nrow=None, padding=2):
     """
     Save uint8 [N x H x W x C] images as one PNG grid.

@@ -476,7 +476,7 @@ class TrainLoop:
             return
         if resume == "auto":
             ckpt.refuse_if_diverged(self.log_dir)
-            found = ckpt.find_latest_checkpoint(self.log_dir, verify=True, log=self.logger.log)
+            found = self._find_verified(self.log_dir)
             if found is None:
                 self.logger.log(f"no intact checkpoint in {self.log_dir}: starting from step 0")
                 return
@@ -485,7 +485,7 @@ class TrainLoop:
             return
         path = resume
         if os.path.isdir(path):
-            found = ckpt.find_latest_checkpoint(path, verify=True, log=self.logger.log)
+            found = self._find_verified(path)
             if found is None:
                 raise FileNotFoundError(f"--resume {path}: no intact checkpoint (stateNNNNNN.pt with its files) in this directory")
             self._load_checkpoint(path, *found)
@@ -495,6 +495,12 @@ class TrainLoop:
         self._load_given_file(path)
         if dist_util.is_main():
             ckpt.clear_diverged(self.log_dir)  # continuing from a chosen checkpoint is that choice
+
+    def _find_verified(self, directory):
+        """The newest checkpoint whose checksums verify: rank 0 reads every file once (not once
+        per rank) and tells the others."""
+        found = ckpt.find_latest_checkpoint(directory, verify=True, log=self.logger.log) if dist_util.is_main() else None
+        return dist_util.broadcast_object(found)
 
     def _load_given_file(self, path):
         """

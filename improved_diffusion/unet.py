@@ -366,6 +366,38 @@ class AttentionBlock(nn.Module):
         return x + h.transpose(1, 2).reshape(batch, channels, *spatial)
 
 
+def _encoder(in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+             resblock_updown, conv_resample, dims, res_block, attention):
+    """
+    The encoder that UNetModel and EncoderUNetModel share (the originals' `input_blocks`).
+
+    :param res_block: (ch_in, ch_out, **kwargs) -> a ResBlock of the caller's settings.
+    :param attention: ch -> an AttentionBlock of the caller's settings.
+    :return: (input_blocks, the width of every activation they produce in order, the
+              final width, the final downsampling factor).
+    """
+    ch = int(channel_mult[0] * model_channels)
+    blocks = nn.ModuleList([TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))])
+    widths, ds = [ch], 1
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = [res_block(ch, int(mult * model_channels))]
+            ch = int(mult * model_channels)
+            if ds in attention_resolutions:
+                layers.append(attention(ch))
+            blocks.append(TimestepEmbedSequential(*layers))
+            widths.append(ch)
+        if level != len(channel_mult) - 1:
+            if resblock_updown:
+                down = res_block(ch, ch, down=True)
+            else:
+                down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
+            blocks.append(TimestepEmbedSequential(down))
+            widths.append(ch)
+            ds *= 2
+    return blocks, widths, ch, ds
+
+
 class UNetModel(nn.Module):
     """
     The full UNet with attention and timestep embedding.
@@ -497,28 +529,10 @@ class UNetModel(nn.Module):
 
         # Encoder. `skip_chans` records the width of every activation that the
         # decoder will concatenate back, in order.
-        ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+        self.input_blocks, skip_chans, ch, ds = _encoder(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+            resblock_updown, conv_resample, dims, res_block, lambda c: attention(c, num_heads),
         )
-        skip_chans = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention(ch, num_heads))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_chans.append(ch)
-            if level != len(channel_mult) - 1:
-                if resblock_updown:
-                    down = res_block(ch, ch, down=True)
-                else:
-                    down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                skip_chans.append(ch)
-                ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
             res_block(ch, ch),
@@ -907,28 +921,10 @@ class EncoderUNetModel(nn.Module):
 
         # The encoder of UNetModel; `widths` lists the channels of every activation
         # that the spatial heads average.
-        ch = int(channel_mult[0] * model_channels)
-        self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(conv_nd(dims, in_channels, ch, 3, padding=1))]
+        self.input_blocks, widths, ch, ds = _encoder(
+            in_channels, model_channels, channel_mult, num_res_blocks, attention_resolutions,
+            resblock_updown, conv_resample, dims, res_block, attention,
         )
-        widths = [ch]
-        ds = 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = [res_block(ch, int(mult * model_channels))]
-                ch = int(mult * model_channels)
-                if ds in attention_resolutions:
-                    layers.append(attention(ch))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                widths.append(ch)
-            if level != len(channel_mult) - 1:
-                if resblock_updown:
-                    down = res_block(ch, ch, down=True)
-                else:
-                    down = Downsample(ch, conv_resample, dims=dims, out_channels=ch)
-                self.input_blocks.append(TimestepEmbedSequential(down))
-                widths.append(ch)
-                ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
             res_block(ch, ch), attention(ch), res_block(ch, ch)

@@ -26,7 +26,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,7 +36,7 @@ from improved_diffusion.sampling import (
     read_run_config,
     run_overrides,
     sample_images,
-    save_grid,
+    write_samples,
 )
 from improved_diffusion.script_util import (
     CLASSIFIER_EXTRA_DEFAULTS,
@@ -193,14 +192,8 @@ def main(argv=None):
         shape = "x".join(str(d) for d in images.shape)
         out = args.out if args.out.endswith(".npz") else os.path.join(
             args.out or os.path.dirname(os.path.abspath(args.model_path)), f"samples_{shape}.npz")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        np.savez(out + ".tmp.npz", images, labels)
-        os.replace(out + ".tmp.npz", out)
-        log(f"saving to {out}")
-        if args.grid != "none" and args.grid_size > 0:
-            grid = args.grid or out[: -len(".npz")] + "_grid.png"
-            save_grid(images[: args.grid_size], grid)
-            log(f"grid of {min(len(images), args.grid_size)} images: {grid}")
+        grid = None if args.grid == "none" else args.grid or out[: -len(".npz")] + "_grid.png"
+        write_samples(out, [images, labels], grid, args.grid_size, log)
         log(json.dumps({"out": out, "num_samples": len(images), "seconds": round(seconds, 2)}))
     dist_util.barrier()
     log("sampling complete")

@@ -38,7 +38,6 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from improved_diffusion import config, dist_util, precision
@@ -48,7 +47,7 @@ from improved_diffusion.sampling import (
     load_model_weights,
     run_overrides,
     sample_images,
-    save_grid,
+    write_samples,
 )
 from improved_diffusion.script_util import (
     NUM_CLASSES,
@@ -174,15 +173,7 @@ def main(argv=None):
     if rank == 0:
         shape_str = "x".join(str(d) for d in images.shape)
         out, grid = output_paths(args, shape_str)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        arrays = [images] if labels is None else [images, labels]
-        tmp = out + ".tmp.npz"
-        np.savez(tmp, *arrays)
-        os.replace(tmp, out)
-        log(f"saving to {out}")
-        if grid is not None:
-            save_grid(images[: args.grid_size], grid)
-            log(f"grid of {min(len(images), args.grid_size)} images: {grid}")
+        write_samples(out, [images] if labels is None else [images, labels], grid, args.grid_size, log)
         log(json.dumps({"out": out, "num_samples": len(images), "seconds": round(seconds, 2),
                         "images_per_second": round(len(images) / max(seconds, 1e-9), 2)}))
     dist_util.barrier()

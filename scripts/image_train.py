@@ -153,7 +153,7 @@ def make_evaluator(args, precision, device, num_classes, logger=None):
         raise ValueError(f"--eval_metrics {args.eval_metrics} needs --eval_num_samples of at least {fewest}")
     # Fail now, not after hours of training: the file must hold what every metric needs.
     reference = metrics.load_reference(args.eval_ref_stats, wanted)
-    model_opts = {k: v for k, v in training.model_options(vars(args)).items()}
+    model_opts = training.model_options(vars(args))
     eval_diffusion = create_diffusion_from_options(model_opts, timestep_respacing=args.eval_respacing)
     extractor = {}
 

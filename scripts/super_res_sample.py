@@ -27,7 +27,7 @@ from improved_diffusion.sampling import (
     load_model_weights,
     run_overrides,
     sample_seed,
-    save_grid,
+    write_samples,
     to_uint8,
 )
 from improved_diffusion.script_util import (
@@ -124,15 +124,9 @@ def main(argv=None):
         shape_str = "x".join(str(d) for d in result.shape)
         out = args.out if args.out.endswith(".npz") else os.path.join(
             args.out or os.path.dirname(os.path.abspath(args.model_path)), f"samples_{shape_str}.npz")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         arrays = [result] if labels is None else [result, labels[np.arange(args.num_samples) % len(images)]]
-        np.savez(out + ".tmp.npz", *arrays)
-        os.replace(out + ".tmp.npz", out)
-        log(f"saving to {out}")
-        if args.grid != "none" and args.grid_size > 0:
-            grid = args.grid or out[: -len(".npz")] + "_grid.png"
-            save_grid(result[: args.grid_size], grid)
-            log(f"grid: {grid}")
+        grid = None if args.grid == "none" else args.grid or out[: -len(".npz")] + "_grid.png"
+        write_samples(out, arrays, grid, args.grid_size, log)
         log(json.dumps({"out": out, "num_samples": len(result)}))
     dist_util.barrier()
     log("sampling complete")
