@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 GROUPS = ("model", "diffusion", "train", "methods", "eval", "gpu", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
 # Values that a constructor checks (TrainConfig, MomentumSchedule, CLTSSampler) have no check
 # here: image_train.py builds those before reading data, so they still fail early, once.
@@ -178,6 +179,8 @@ OPTIONS = [
     _o("data_on_device", False, "copy the data set to the GPU once; batches are gathered and flipped there", "gpu"),
     _o("channels_last", False, "channels-last memory format (faster convolutions on GPUs)", "gpu"),
     _o("compile", False, "torch.compile the model", "gpu"),
+    _o("compile_mode", "default", "torch.compile mode with --compile: default, reduce-overhead (CUDA graphs: "
+       "fewer kernel launches), max-autotune-no-cudagraphs, max-autotune", "gpu", choices=COMPILE_MODES),
     _o("optimizer_impl", "auto", "AdamW kernel: auto (fused where torch has it, else foreach), fused, foreach, single",
        "gpu", choices=OPTIMIZER_IMPLS),
     _o("cudnn_benchmark", False, "let cuDNN time its convolution algorithms for each shape (CUDA; "

@@ -64,6 +64,7 @@ class TrainConfig:
     momentum: MomentumSchedule = field(default_factory=MomentumSchedule)
     channels_last: bool = _default("channels_last")
     compile: bool = _default("compile")
+    compile_mode: str = _default("compile_mode")
     optimizer_impl: str = _default("optimizer_impl")
     eval_interval: int = _default("eval_interval")
     progress: bool = True  # a progress bar on interactive terminals
@@ -206,7 +207,9 @@ class TrainLoop:
             )
         else:
             self.ddp_model = self.model
-        self.train_model = torch.compile(self.ddp_model) if config.compile else self.ddp_model
+        self.train_model = (
+            torch.compile(self.ddp_model, mode=config.compile_mode) if config.compile else self.ddp_model
+        )
 
     # Names kept from the first layout of this class (tests and user code read them).
     @property
@@ -300,6 +303,8 @@ class TrainLoop:
 
     def run_step(self, batch, cond):
         """One optimizer update at global step `self.step`."""
+        if self.config.compile:  # CUDA graphs (reduce-overhead) may reuse last step's buffers now
+            torch.compiler.cudagraph_mark_step_begin()
         sched = self.schedules(self.step)  # MD, LRC and CLTS, set before anything is drawn
         for group in self.opt.param_groups:
             group["lr"], group["betas"] = sched["lr"], (sched["beta1"], group["betas"][1])

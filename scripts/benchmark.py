@@ -475,7 +475,7 @@ def time_sample_images(candidate, num_samples, seed):
     kwargs = dict(batch_size=candidate.sample_batch, image_size=opts["image_size"], device=device, seed=seed,
                   use_ddim=True, class_cond=opts["class_cond"], num_classes=NUM_CLASSES, progress=False,
                   rank=0, world_size=1, autocast_dtype=dtype)
-    model = candidate.loop.model
+    model = candidate.loop.train_model  # compiled with --compile (the warm-up call compiles it)
     sample_images(model, candidate.ddim, num_samples=min(num_samples, candidate.sample_batch), **kwargs)  # warm-up
     synchronize(device)
     start = time.perf_counter()
@@ -722,7 +722,7 @@ def main(argv=None):
         },
     }
 
-    settings = {k: opts[k] for k in ("precision", "channels_last", "compile", "optimizer_impl")}
+    settings = {k: opts[k] for k in ("precision", "channels_last", "compile", "compile_mode", "optimizer_impl")}
     if not parts:
         runs = []
     elif args.compare:
@@ -763,6 +763,12 @@ def _fmt(value, digits=3):
     return str(value)
 
 
+def compile_label(settings):
+    """False, True, or the mode when it is not torch.compile's default."""
+    mode = settings.get("compile_mode", "default")
+    return str(settings["compile"]) if not settings["compile"] or mode == "default" else mode
+
+
 def format_table(result, labels):
     flops = result["flops"]
     lines = [
@@ -780,7 +786,7 @@ def format_table(result, labels):
         run = result[label]
         s, train, sample = run["settings"], run.get("train", {}), run.get("sample", {})
         rows.append((
-            label, s["precision"], str(s["channels_last"]), str(s["compile"]), s.get("optimizer_kernel", s["optimizer_impl"]),
+            label, s["precision"], str(s["channels_last"]), compile_label(s), s.get("optimizer_kernel", s["optimizer_impl"]),
             str(train.get("batch_size", "-")),
             f"{_fmt(train.get('ms_per_step'))} ({_fmt(train.get('ms_per_step_iqr'), 2)})" if train else "-",
             _fmt(train.get("images_per_s")), _fmt(train.get("achieved_tflops")),

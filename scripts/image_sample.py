@@ -22,7 +22,9 @@ labels from the run's `data_num_classes` unless `--num_classes` is given.
 Classifier-free guidance (a model trained with `--class_dropout_prob 0.1`, say):
 `--guidance_scale 2`. Classifier guidance: scripts/classifier_sample.py.
 
-DDIM with 50 steps: `--use_ddim True --timestep_respacing ddim50 [--eta 0.0]`
+DDIM with 50 steps: `--use_ddim True --timestep_respacing ddim50 [--eta 0.0]`. On a GPU,
+`--precision bf16 --compile True --batch_size 1000` is the fast way to 10k samples (25 s for
+the CIFAR-10 model on an H200, compilation aside; docs/benchmarks.md).
 (`ddim50` without `--use_ddim True` runs ordinary ancestral sampling on those 50 steps).
 
 Sample i is drawn with its own seed (see improved_diffusion/sampling.py), so a given
@@ -148,6 +150,8 @@ def main(argv=None):
             raise ValueError("--guidance_scale needs a class-conditional model (--class_cond True)")
         model = ClassifierFreeGuidance(model, args.guidance_scale)
         log(f"classifier-free guidance with scale {args.guidance_scale}")
+    if args.compile:  # pays off at large batches on a GPU (docs/benchmarks.md: 3.4x on an H200)
+        model = torch.compile(model, mode=args.compile_mode)
     autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
 
     log(f"sampling {args.num_samples} images with seed {args.seed}...")
@@ -220,7 +224,7 @@ def create_argparser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_dict_to_argparser(parser, defaults, help_text)
-    config.add_options(parser, ["config", "precision"])
+    config.add_options(parser, ["config", "precision", "compile", "compile_mode"])
     config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
                        "(default: the training run's config.json beside --model_path)")
     return parser
