@@ -685,7 +685,8 @@ def fixed_batch_from_args(args, diffusion, device):
     if args.timestep_respacing:
         print(f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
               "the respaced process (leave it empty to analyse the training objective)", file=sys.stderr)
-    data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
+    data = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond,
+                              image_channels=args.image_channels)
     if args.batch_size > len(data.images):
         print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds "
               f"{len(data.images)} images; the batch is all {len(data.images)}", file=sys.stderr)

@@ -270,6 +270,19 @@ MODEL_FLAGS_HINT = (
 )
 
 
+def _image_channels_mismatch(model, own, state, key="input_blocks.0.0.weight"):
+    """One line naming both image-channel counts when the first convolution says they differ."""
+    channels = getattr(model, "in_channels", None)
+    if key not in own or key not in state or not isinstance(channels, int) or state[key].ndim < 2:
+        return None
+    per_channel = own[key].shape[1] // channels  # 2 for a super-resolution model (image + low_res)
+    theirs = state[key].shape[1] // per_channel
+    if theirs == channels:
+        return None
+    return (f"the checkpoint is for {theirs}-channel images, the model for {channels} "
+            f"(--image_channels {channels}); pass --image_channels {theirs}")
+
+
 def check_state_dict_matches(model, state, what="checkpoint"):
     """Raise CheckpointMismatchError listing every missing, unexpected and mis-shaped key."""
     own = model.state_dict()
@@ -283,6 +296,9 @@ def check_state_dict_matches(model, state, what="checkpoint"):
     if not (missing or unexpected or shapes):
         return
     lines = [f"{what} does not fit the model built from the given flags ({MODEL_FLAGS_HINT}):"]
+    channels = _image_channels_mismatch(model, own, state)
+    if channels:
+        lines.insert(0, channels)
     for title, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
         if items:
             more = f" ... and {len(items) - 20} more" if len(items) > 20 else ""

@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 GROUPS = ("model", "diffusion", "train", "methods", "eval", "gpu", "run")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+IMAGE_CHANNELS = (1, 3, 4)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
 # Values that a constructor checks (TrainConfig, MomentumSchedule, CLTSSampler) have no check
@@ -95,6 +96,8 @@ OPTIONS = [
     # original dict's), plus guided-diffusion's model keys at values that keep the
     # improved-diffusion architecture
     _o("image_size", 64, "image side length in pixels", "model", check=positive),
+    _o("image_channels", 3, "channels of the images: 1 (grey), 3 (RGB) or 4 (RGBA); the data, the model's "
+       "input and output and the samples all have this many", "model", choices=IMAGE_CHANNELS, in_defaults=False),
     _o("num_channels", 128, "base channel count of the UNet", "model", check=positive),
     _o("num_res_blocks", 2, "residual blocks per resolution", "model", check=positive),
     _o("num_heads", 4, "attention heads (used when num_head_channels is -1)", "model", check=positive),

@@ -154,19 +154,20 @@ class FeatureExtractor(nn.Module):
     @torch.no_grad()
     def forward(self, images, spatial=False):
         """
-        :param images: uint8 [N x H x W x 3].
+        :param images: uint8 [N x H x W x C], C 3 (RGB), 1 (grey: fed as three equal
+                       channels) or 4 (RGBA: the alpha channel is dropped).
         :param spatial: also return the spatial features.
         :return: float64 [N x D] pooled features; with ``spatial``, a pair (pooled, spatial
                  [N x 2023] float64, or None when the network gives no spatial features).
         """
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
             raise ValueError(
-                "FeatureExtractor expects uint8 images shaped [N, H, W, 3], got "
+                "FeatureExtractor expects uint8 images shaped [N, H, W, C] with C 1, 3 or 4, got "
                 f"{images.dtype} {tuple(images.shape)}"
             )
-        x = images.to(self.device).permute(0, 3, 1, 2).to(torch.float32)
+        x = as_rgb(images).to(self.device).permute(0, 3, 1, 2).to(torch.float32)
         x = resize_bilinear_tf(x, self.input_size)
         x = x / 128.0 - 1.0
         spatial_map = None
@@ -197,6 +198,15 @@ class FeatureExtractor(nn.Module):
             if name == "mixed_5":  # the input of mixed_6
                 spatial_map = self.layers.mixed_6.conv(x)
         return x, spatial_map
+
+
+def as_rgb(images):
+    """uint8 NHWC images as RGB, the network's input: grey repeated into three channels, the
+    alpha channel of RGBA dropped (as PIL's RGBA -> RGB conversion does)."""
+    channels = images.shape[-1]
+    if channels == 1:
+        return images.expand(*images.shape[:-1], 3) if torch.is_tensor(images) else np.repeat(images, 3, axis=-1)
+    return images[..., :3] if channels == 4 else images
 
 
 def load_inception(path=None, device="cpu"):
@@ -465,7 +475,8 @@ def _check_statistics(mu, sigma, path, feature_dim=None):
 
 def load_reference_images(source, image_size=None, progress=None):
     """
-    Reference images as uint8 [N x H x W x 3].
+    Reference images as uint8 [N x H x W x C] (C 1, 3 or 4, as stored; the feature
+    extractor takes each).
 
     :param source: a folder of images or an .npz whose ``arr_0`` holds uint8 NHWC images
                    (as written by image_sample.py and the prep scripts in ``datasets/``).
@@ -480,7 +491,7 @@ def load_reference_images(source, image_size=None, progress=None):
     if image_size is not None:
         from . import image_datasets
 
-        images = image_datasets.load_image_dataset(source, image_size, progress=progress).images
+        images = image_datasets.load_image_dataset(source, image_size, image_channels=None, progress=progress).images
         return np.asarray(images)
     if os.path.isdir(source):
         raise ValueError(
@@ -496,9 +507,11 @@ def load_reference_images(source, image_size=None, progress=None):
             images = data["arr_0"]
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise ValueError(f"could not read {source} as .npz: {exc}") from exc
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+    if images.ndim == 3:  # grey (N, H, W)
+        images = images[..., None]
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ValueError(
-            f"{source}: expected uint8 images shaped [N, H, W, 3] in arr_0, got "
+            f"{source}: expected uint8 images shaped [N, H, W, C] (C 1, 3 or 4) in arr_0, got "
             f"{images.dtype} {images.shape}"
         )
     return images

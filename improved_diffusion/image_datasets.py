@@ -1,7 +1,8 @@
 """
 Image data held in host memory as uint8, and the batch streams that feed training.
 
-The whole data set is decoded once into a ``(N, H, W, 3)`` uint8 array. Batches stay uint8
+The whole data set is decoded once into a ``(N, H, W, C)`` uint8 array, C the image channels
+(1 grey, 3 RGB, 4 RGBA; ``--image_channels``). Batches stay uint8
 until they reach the accelerator, where :func:`to_model_input` scales them to [-1, 1], so
 only a quarter of the float32 bytes cross the bus.
 
@@ -11,7 +12,7 @@ Two sources are understood:
   ``.webp``, any case). As in the original code, the class of a file is the part of its
   name before the first underscore (``truck_00042.png``, ``n01440764_2708.JPEG``) and class
   indices follow the sorted class names;
-* an ``.npz`` file holding ``arr_0`` (or ``images``): uint8 NHWC, and optionally ``arr_1``
+* an ``.npz`` file holding ``arr_0`` (or ``images``): uint8 NHWC (grey also NHW), and optionally ``arr_1``
   (or ``labels``): one integer class per image. This is the format that the prep scripts
   in ``datasets/`` and the sampling scripts write. An uncompressed ``.npz`` (``np.savez``)
   is memory-mapped, so several ranks on one machine share the page cache instead of each
@@ -36,6 +37,8 @@ from PIL import Image
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = ("gif", "jpeg", "jpg", "png", "webp")
+# The PIL mode that image files are converted to, by number of image channels.
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
 # Above this many files, decoding shows a progress bar (when ``progress`` is left at None).
 _PROGRESS_THRESHOLD = 1000
@@ -82,11 +85,18 @@ def center_crop_arr(pil_image, image_size):
     return arr[top : top + image_size, left : left + image_size]
 
 
-def load_image_file(path, image_size):
-    """
-    Decode one image file to an RGB uint8 array of shape (image_size, image_size, 3).
+def _check_channels(channels):
+    if channels not in PIL_MODES:
+        raise ValueError(f"image_channels must be 1 (grey), 3 (RGB) or 4 (RGBA), got {channels!r}")
 
-    Grayscale, palette, RGBA (alpha dropped) and other modes are converted to RGB.
+
+def load_image_file(path, image_size, channels=3):
+    """
+    Decode one image file to a uint8 array of shape (image_size, image_size, channels).
+
+    Files are converted as PIL converts modes: with 3 channels grey, palette and RGBA
+    (alpha dropped) become RGB, as in the original; with 1, colour becomes grey (ITU-R 601
+    luma); with 4, an alpha channel is added where there is none (opaque).
 
     :raises ImageDecodeError: naming ``path`` when the file is unreadable, truncated or
                               corrupt.
@@ -99,12 +109,13 @@ def load_image_file(path, image_size):
             image.verify()
         with Image.open(path) as image:
             image.load()
-            rgb = image.convert("RGB")
+            converted = image.convert(PIL_MODES[channels])
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(
             f"cannot read image file {path!r}: {type(exc).__name__}: {exc}"
         ) from exc
-    return np.ascontiguousarray(center_crop_arr(rgb, image_size), dtype=np.uint8)
+    arr = center_crop_arr(converted, image_size)
+    return np.ascontiguousarray(arr.reshape(image_size, image_size, channels), dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,7 +127,7 @@ class ImageDataset:
     """
     A whole image data set as one uint8 array, with optional integer class labels.
 
-    :param images: uint8 array (N, H, W, 3) (a ``np.memmap`` is fine).
+    :param images: uint8 array (N, H, W, C), C in 1, 3, 4 (a ``np.memmap`` is fine).
     :param labels: None, or an integer array (N,) of class indices >= 0.
     :param class_names: optional list of names; ``class_names[k]`` is the name of class k.
     """
@@ -124,9 +135,9 @@ class ImageDataset:
     def __init__(self, images, labels=None, class_names=None):
         if not isinstance(images, np.ndarray):
             raise TypeError(f"images must be a numpy array, got {type(images).__name__}")
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in PIL_MODES:
             raise ValueError(
-                "images must be a uint8 array of shape (N, H, W, 3), got "
+                "images must be a uint8 array of shape (N, H, W, C) with C 1, 3 or 4, got "
                 f"dtype {images.dtype} and shape {tuple(images.shape)}"
             )
         if labels is not None:
@@ -154,6 +165,11 @@ class ImageDataset:
         return self.images.shape[1]
 
     @property
+    def channels(self):
+        """Channels of the images: 1 (grey), 3 (RGB) or 4 (RGBA)."""
+        return self.images.shape[-1]
+
+    @property
     def num_classes(self):
         """Number of classes (largest label + 1), or None for an unlabelled data set."""
         if self.labels is None:
@@ -170,7 +186,7 @@ class ImageDataset:
 
 
 def load_image_dataset(
-    data_dir, image_size, class_cond=False, *, num_workers=0, progress=None, mmap=True
+    data_dir, image_size, class_cond=False, *, image_channels=3, num_workers=0, progress=None, mmap=True
 ):
     """
     Load a folder of images or an ``.npz`` file into an :class:`ImageDataset`.
@@ -188,7 +204,13 @@ def load_image_dataset(
     :param num_workers: processes used to decode a folder (0: decode in this process).
     :param progress: show a progress bar while decoding; None shows one above 1000 files.
     :param mmap: memory-map an uncompressed ``.npz`` instead of reading it into memory.
+    :param image_channels: 1, 3 or 4. Image files are converted to it; an ``.npz`` must
+                           hold images with this many channels (grey may be NHW), else
+                           ValueError naming both counts. None: an ``.npz``'s own count
+                           (folders: 3), for tools that take whatever the data is.
     """
+    if image_channels is not None:
+        _check_channels(image_channels)
     if not data_dir:
         raise ValueError("unspecified data directory (data_dir is empty)")
     data_dir = os.fspath(data_dir)
@@ -198,9 +220,9 @@ def load_image_dataset(
     if not os.path.exists(data_dir):
         raise FileNotFoundError(f"data_dir {data_dir!r} does not exist")
     if os.path.isdir(data_dir):
-        return _load_folder(data_dir, image_size, class_cond, num_workers, progress)
+        return _load_folder(data_dir, image_size, class_cond, num_workers, progress, image_channels or 3)
     if data_dir.lower().endswith(".npz"):
-        return _load_npz(data_dir, image_size, class_cond, progress, mmap)
+        return _load_npz(data_dir, image_size, class_cond, progress, mmap, image_channels)
     raise ValueError(f"data_dir {data_dir!r} is neither a folder of images nor an .npz file")
 
 
@@ -236,9 +258,8 @@ def _class_labels_from_names(paths, data_dir):
 # Process-pool entry points. They live at module level in an importable module so that
 # multiprocessing can hand them to workers under every start method (fork, spawn, ...).
 def decode_task(task):
-    """``load_image_file(*task)`` for ``task = (path, image_size)``."""
-    path, image_size = task
-    return load_image_file(path, image_size)
+    """``load_image_file(*task)`` for ``task = (path, image_size[, channels])``."""
+    return load_image_file(*task)
 
 
 def decode_and_save_task(task):
@@ -248,20 +269,20 @@ def decode_and_save_task(task):
     return out_path
 
 
-def decode_image_files(paths, image_size, *, num_workers=0, progress=None, desc="decoding"):
+def decode_image_files(paths, image_size, *, channels=3, num_workers=0, progress=None, desc="decoding"):
     """
-    Decode and resize image files into one uint8 array (len(paths), S, S, 3).
+    Decode and resize image files into one uint8 array (len(paths), S, S, channels).
 
     :raises ImageDecodeError: naming the first file that cannot be read.
     """
-    out = np.empty((len(paths), image_size, image_size, 3), dtype=np.uint8)
+    out = np.empty((len(paths), image_size, image_size, channels), dtype=np.uint8)
     show = len(paths) > _PROGRESS_THRESHOLD if progress is None else progress
     bar = tqdm(total=len(paths), desc=desc, unit="img", disable=not show)
     try:
         if num_workers and num_workers > 0 and len(paths) > 1:
             import multiprocessing
 
-            tasks = [(p, image_size) for p in paths]
+            tasks = [(p, image_size, channels) for p in paths]
             chunk = max(1, min(256, len(paths) // (4 * num_workers)))
             with multiprocessing.Pool(num_workers) as pool:
                 for i, arr in enumerate(pool.imap(decode_task, tasks, chunksize=chunk)):
@@ -269,14 +290,14 @@ def decode_image_files(paths, image_size, *, num_workers=0, progress=None, desc=
                     bar.update(1)
         else:
             for i, path in enumerate(paths):
-                out[i] = load_image_file(path, image_size)
+                out[i] = load_image_file(path, image_size, channels)
                 bar.update(1)
     finally:
         bar.close()
     return out
 
 
-def _load_folder(data_dir, image_size, class_cond, num_workers, progress):
+def _load_folder(data_dir, image_size, class_cond, num_workers, progress, channels):
     paths = list_image_files(data_dir)
     if not paths:
         exts = ", ".join("." + e for e in IMAGE_EXTENSIONS)
@@ -288,7 +309,7 @@ def _load_folder(data_dir, image_size, class_cond, num_workers, progress):
     if class_cond:
         labels, class_names = _class_labels_from_names(paths, data_dir)
     images = decode_image_files(
-        paths, image_size, num_workers=num_workers, progress=progress, desc=data_dir
+        paths, image_size, channels=channels, num_workers=num_workers, progress=progress, desc=data_dir
     )
     return ImageDataset(images, labels, class_names)
 
@@ -323,7 +344,7 @@ def _npz_member_memmap(path, member):
     )
 
 
-def _load_npz(path, image_size, class_cond, progress, mmap):
+def _load_npz(path, image_size, class_cond, progress, mmap, channels):
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -355,14 +376,19 @@ def _load_npz(path, image_size, class_cond, progress, mmap):
         raise ValueError(
             f"images in {path!r} (key {image_key!r}) must be uint8 (0-255), got {images.dtype}"
         )
-    if images.ndim == 4 and images.shape[-1] == 1:
-        images = images[..., 0]
-    if images.ndim == 3:  # grayscale (N, H, W)
-        images = np.repeat(images[..., None], 3, axis=-1)
-    if images.ndim != 4 or images.shape[-1] != 3:
+    if images.ndim == 3:  # grey (N, H, W)
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] not in PIL_MODES:
         raise ValueError(
-            f"images in {path!r} (key {image_key!r}) must have shape (N, H, W, 3) "
-            f"(NHWC), got {tuple(images.shape)}"
+            f"images in {path!r} (key {image_key!r}) must have shape (N, H, W, C) "
+            f"(NHWC, C = 1, 3 or 4; grey may be (N, H, W)), got {tuple(images.shape)}"
+        )
+    if channels is None:
+        channels = images.shape[-1]
+    if images.shape[-1] != channels:
+        raise ValueError(
+            f"images in {path!r} have {images.shape[-1]} channel(s) but --image_channels is "
+            f"{channels}: pass --image_channels {images.shape[-1]} to train on them as they are"
         )
     if len(images) == 0:
         raise ValueError(f"no images in .npz file {path!r} (key {image_key!r} is empty)")
@@ -379,9 +405,11 @@ def _load_npz(path, image_size, class_cond, progress, mmap):
             )
     if images.shape[1:3] != (image_size, image_size):
         show = len(images) > _PROGRESS_THRESHOLD if progress is None else progress
-        resized = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
+        resized = np.empty((len(images), image_size, image_size, channels), dtype=np.uint8)
         for i in tqdm(range(len(images)), desc=f"resizing {path}", disable=not show):
-            resized[i] = center_crop_arr(Image.fromarray(np.asarray(images[i])), image_size)
+            image = np.asarray(images[i])
+            image = Image.fromarray(image[..., 0] if channels == 1 else image)
+            resized[i] = center_crop_arr(image, image_size).reshape(image_size, image_size, channels)
         images = resized
     return ImageDataset(images, labels)
 
@@ -409,7 +437,7 @@ class BatchStream:
     seed, world size and flip/shuffle settings; ``position`` counts images, so the batch
     size may change on resume.
 
-    Each item is ``(images, cond)``: ``images`` a contiguous uint8 tensor (B, 3, H, W) on
+    Each item is ``(images, cond)``: ``images`` a contiguous uint8 tensor (B, C, H, W) on
     the CPU, ``cond`` ``{"y": int64 tensor (B,)}`` when the data set has labels, else ``{}``.
 
     With ``device`` set, the whole data set is copied once to that device as uint8 NCHW and
@@ -524,7 +552,7 @@ class BatchStream:
             self._position = stop
             return images, cond
         source = self.dataset.images
-        batch = np.empty((len(indices), 3) + source.shape[1:3], dtype=np.uint8)
+        batch = np.empty((len(indices), source.shape[3]) + source.shape[1:3], dtype=np.uint8)
         # One image at a time: transposing HWC -> CHW per image stays in cache and is
         # several times faster than transposing the whole gathered batch at once.
         for j, (index, flip) in enumerate(zip(indices, flips)):
@@ -643,6 +671,7 @@ def load_data(
     random_crop=False,
     random_flip=True,
     seed=0,
+    image_channels=3,
 ):
     """
     For a dataset, create a generator over (images, kwargs) pairs, forever.
@@ -663,6 +692,7 @@ def load_data(
                         False.
     :param random_flip: if True, randomly flip the images for augmentation.
     :param seed: seed of the shuffling and flipping (the same on every rank).
+    :param image_channels: 1 (grey), 3 (RGB) or 4 (RGBA).
     """
     if random_crop:
         raise ValueError(
@@ -670,7 +700,8 @@ def load_data(
         )
     rank, world_size = _dist_rank_and_size()
     dataset = load_image_dataset(
-        data_dir, image_size, class_cond=class_cond, progress=None if rank == 0 else False
+        data_dir, image_size, class_cond=class_cond, image_channels=image_channels,
+        progress=None if rank == 0 else False,
     )
     stream = BatchStream(
         dataset,

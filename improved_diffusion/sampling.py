@@ -114,7 +114,7 @@ def sample_images(
     rank=None,
     world_size=None,
     autocast_dtype=None,
-    in_channels=3,
+    in_channels=None,
 ):
     """
     Sample ``num_samples`` images, split over ranks, gathered on every rank.
@@ -141,7 +141,7 @@ def sample_images(
     :param rank: this process's rank; None: from torch.distributed (0 if not initialised).
     :param world_size: number of ranks; None: from torch.distributed (1 if not initialised).
     :param autocast_dtype: e.g. torch.bfloat16 to run the model under autocast; None: fp32.
-    :param in_channels: image channels (3 for RGB).
+    :param in_channels: image channels; None: the model's (:func:`image_channels_of`).
     :return: (images uint8 [N x H x W x C] numpy, labels int64 [N] numpy or None).
     """
     if num_samples < 1 or batch_size < 1:
@@ -157,6 +157,8 @@ def sample_images(
             "dist_util.setup_dist() first"
         )
     device = torch.device(device)
+    if in_channels is None:
+        in_channels = image_channels_of(model)
     indices = list(range(rank, num_samples, world_size))
     sample_fn = diffusion.ddim_sample_loop if use_ddim else diffusion.p_sample_loop
     extra = {"eta": eta} if use_ddim else {}
@@ -211,6 +213,15 @@ def sample_images(
         if class_cond:
             labels = _gather_strided(labels, num_samples, world_size)
     return images, labels
+
+
+def image_channels_of(model):
+    """Image channels of a UNet, also inside a wrapper (DDP, torch.compile, guidance): the
+    ``in_channels`` of the first module that has one; 3 when none has."""
+    for module in model.modules():
+        if isinstance(getattr(module, "in_channels", None), int):
+            return module.in_channels
+    return 3
 
 
 def _autocast(device, dtype):

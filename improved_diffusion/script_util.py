@@ -39,7 +39,7 @@ SR_CHANNEL_MULT = {
 }
 
 # Options accepted by the factories beside the defaults' keys (docs/design.md).
-_EXTRA_OPTIONS = ("min_snr_gamma", "p2_gamma", "p2_k", "class_dropout_prob")
+_EXTRA_OPTIONS = ("min_snr_gamma", "p2_gamma", "p2_k", "class_dropout_prob", "image_channels")
 
 
 def model_and_diffusion_defaults():
@@ -102,8 +102,8 @@ def create_model_and_diffusion(**kwargs):
     Build the UNet and the (spaced) diffusion from flat flags.
 
     Takes the keys of `model_and_diffusion_defaults()` (missing ones take their
-    default) plus `min_snr_gamma`, `p2_gamma`, `p2_k` and `class_dropout_prob`; any
-    other key raises TypeError.
+    default) plus `min_snr_gamma`, `p2_gamma`, `p2_k`, `class_dropout_prob` and
+    `image_channels`; any other key raises TypeError.
 
     :return: a tuple (model, diffusion).
     """
@@ -131,6 +131,7 @@ def create_model_and_diffusion(**kwargs):
         use_fp16=opts["use_fp16"],
         use_new_attention_order=opts["use_new_attention_order"],
         class_dropout_prob=opts["class_dropout_prob"],
+        image_channels=opts["image_channels"],
     )
     return model, diffusion
 
@@ -222,18 +223,19 @@ def create_model(
     use_new_attention_order=False,
     num_classes=None,
     class_dropout_prob=0.0,
+    image_channels=3,
 ):
     """
-    Build a UNetModel for 3-channel images from the flags (guided-diffusion's
-    signature and defaults).
+    Build a UNetModel from the flags (guided-diffusion's signature and defaults).
 
     :param channel_mult: "" to choose by image size, or e.g. "1,2,2,2".
     :param attention_resolutions: resolutions in pixels, e.g. "32,16,8".
-    :param learn_sigma: if True, output 6 channels (mean and variance).
+    :param learn_sigma: if True, output 2 x image_channels (mean and variance).
     :param class_cond: if True, condition on `num_classes` labels.
     :param num_classes: classes of a class-conditional model; default NUM_CLASSES.
     :param class_dropout_prob: classifier-free guidance training (UNetModel); > 0
         adds the null-label row.
+    :param image_channels: 1 (grey), 3 (RGB) or 4 (RGBA).
     Other parameters are those of UNetModel.
     """
     channel_mult = parse_channel_mult(channel_mult, image_size)
@@ -244,9 +246,9 @@ def create_model(
         num_classes = NUM_CLASSES
     return UNetModel(
         image_size=image_size,
-        in_channels=3,
+        in_channels=image_channels,
         model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
+        out_channels=(2 * image_channels if learn_sigma else image_channels),
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_ds,
         dropout=dropout,
@@ -269,7 +271,7 @@ def sr_create_model_and_diffusion(**kwargs):
     Build the super-resolution UNet and its diffusion from flat flags.
 
     Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`, `p2_gamma`,
-    `p2_k`, and `channel_mult` (not an original flag: "" picks guided-diffusion's
+    `p2_k`, `image_channels` and `channel_mult` (not an original flag: "" picks guided-diffusion's
     multipliers by `large_size`, which exist for 64, 256 and 512 only).
 
     :return: a tuple (model, diffusion).
@@ -297,6 +299,7 @@ def sr_create_model_and_diffusion(**kwargs):
         resblock_updown=opts["resblock_updown"],
         use_fp16=opts["use_fp16"],
         channel_mult=opts["channel_mult"],
+        image_channels=opts["image_channels"],
     )
     return model, diffusion
 
@@ -320,6 +323,7 @@ def sr_create_model(
     use_fp16=False,
     num_classes=None,
     channel_mult="",
+    image_channels=3,
 ):
     """
     Build a SuperResModel that upsamples `small_size` images to `large_size`.
@@ -339,9 +343,9 @@ def sr_create_model(
         num_classes = NUM_CLASSES
     return SuperResModel(
         image_size=large_size,
-        in_channels=3,
+        in_channels=image_channels,
         model_channels=num_channels,
-        out_channels=(6 if learn_sigma else 3),
+        out_channels=(2 * image_channels if learn_sigma else image_channels),
         num_res_blocks=num_res_blocks,
         attention_resolutions=attention_ds,
         dropout=dropout,

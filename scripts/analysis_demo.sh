@@ -30,28 +30,30 @@ the first and last checkpoint of one run (A's model at STEPS/4 and STEPS; GAN_se
 GAN_STEPS/4 and GAN_STEPS) and between the two GAN seeds; Hessian spectra of A and of
 GAN_seed0's generator and discriminator losses; side-by-side figures and the Table-1 style
 table (OUT/contrast_table.md). About 30 minutes on 2 CPU cores; run it again and models
-already trained are reused. Needs scripts/demo.sh to have run first (.venv,
-data/demo/mnist_demo.npz, DEMO_RUN's checkpoints).
+already trained are reused. Needs scripts/demo.sh to have run first (.venv, the demo
+digits, DEMO_RUN's checkpoints); A's steps, EMA rate and data are read from
+DEMO_RUN/train/config.json, so B, C and D are trained exactly as A was.
 
 Arguments (relative paths are relative to the repository root, where the script runs):
   DEMO_RUN   the OUT folder of scripts/demo.sh: model "A" is
-             DEMO_RUN/train/ema_0.995_<STEPS>.pt                     (runs/demo)
+             DEMO_RUN/train/ema_<RATE>_<STEPS>.pt                    (runs/demo)
   OUT        where the contrast models and the results go            (runs/analysis)
 
 Environment variables (default):
-  STEPS      training steps of B, C and D; also picks A's checkpoint, so it must equal
-             the STEPS the demo was run with                         (1000)
+  STEPS      training steps of B, C and D; also picks A's checkpoint
+                                        (the demo run's total_steps)
   GAN_STEPS  training steps of each DCGAN                            (1000)
   SAMPLES    images generated per model for the consistency PSNR     (32)
   INVERTED   1: train and compare D (other data); 0: leave it out    (1)
-  DATA       the demo digits                                         (data/demo/mnist_demo.npz)
+  DATA       the digits B, C, D and the GANs train on, and the analyses use
+                                        (the demo run's data_dir)
   THREADS    threads of each analysis step (training: one per run)   (2)
 
 Outputs: OUT/B_seed1/, OUT/C_arch/, OUT/D_inverted/, OUT/GAN_seed0/, OUT/GAN_seed1/,
 OUT/GAN_w32/ (training runs; their logs in OUT/NAME.log), OUT/consistency/,
 OUT/interpolate/ (A vs B), OUT/interp_*/, OUT/hessian/ (A), OUT/hessian_gan_*/ (JSON and
 PNG), OUT/compare/ (side-by-side figures), OUT/contrast_table.md, OUT/timing.txt, and
-data/demo/mnist_inverted.npz (the inverted digits).
+DATA's inverted digits beside DATA (NAME_inverted.npz).
 EOF
 }
 for arg in "$@"; do
@@ -74,7 +76,16 @@ fail() { echo "analysis_demo.sh: error: $*" >&2; exit 2; }
 cd "$(dirname "$0")/.."
 DEMO=${1:-runs/demo}
 OUT=${2:-runs/analysis}
-STEPS=${STEPS:-1000}
+# Check what the demo must have made before training anything (the training takes minutes).
+[[ -f .venv/bin/activate ]] || fail "no .venv: run scripts/demo.sh (or scripts/install.sh) first"
+[[ -f "$DEMO/train/config.json" ]] || fail "$DEMO/train/config.json not found: is DEMO_RUN ($DEMO) the OUT folder of scripts/demo.sh?"
+# What model A was trained with: its steps, its (first) EMA rate and its data, from its config.json.
+demo_option() {
+  python3 -c "import json, sys; print(str(json.load(open(sys.argv[1])).get(sys.argv[2], '')).split(',')[0])" \
+    "$DEMO/train/config.json" "$1" || fail "cannot read $DEMO/train/config.json"
+}
+STEPS=${STEPS:-$(demo_option total_steps)}
+EMA_RATE=$(demo_option ema_rate)
 GAN_STEPS=${GAN_STEPS:-1000}
 SAMPLES=${SAMPLES:-32}
 INVERTED=${INVERTED:-1}
@@ -84,15 +95,13 @@ THREADS=${THREADS:-2}
 [[ "$SAMPLES" =~ ^[1-9][0-9]*$ ]] || fail "SAMPLES must be a positive whole number, got '$SAMPLES'"
 [[ "$INVERTED" == 0 || "$INVERTED" == 1 ]] || fail "INVERTED must be 0 or 1, got '$INVERTED'"
 [[ "$THREADS" =~ ^[1-9][0-9]*$ ]] || fail "THREADS must be a positive whole number, got '$THREADS'"
-DATA=${DATA:-data/demo/mnist_demo.npz}
-INVERTED_DATA=data/demo/mnist_inverted.npz
-A_CKPT=$(printf "%s/train/ema_0.995_%06d.pt" "$DEMO" "$STEPS")
+DATA=${DATA:-$(demo_option data_dir)}
+INVERTED_DATA=${DATA%.npz}_inverted.npz
+A_CKPT=$(printf "%s/train/ema_%s_%06d.pt" "$DEMO" "$EMA_RATE" "$STEPS")
 A_EARLY=$(printf "%s/train/model%06d.pt" "$DEMO" $((STEPS / 4)))
 A_LATE=$(printf "%s/train/model%06d.pt" "$DEMO" "$STEPS")
-# Check what the demo must have made before training anything (the training takes minutes).
-[[ -f .venv/bin/activate ]] || fail "no .venv: run scripts/demo.sh (or scripts/install.sh) first"
+[[ -n "$EMA_RATE" ]] || fail "$DEMO/train/config.json names no ema_rate: is it a run of scripts/image_train.py?"
 [[ -f "$DATA" ]] || fail "$DATA not found: run scripts/demo.sh first"
-[[ -f "$DEMO/train/config.json" ]] || fail "$DEMO/train/config.json not found: is DEMO_RUN ($DEMO) the OUT folder of scripts/demo.sh?"
 [[ -f "$A_CKPT" ]] || fail "$A_CKPT not found: model A must be trained for STEPS=$STEPS steps (set STEPS to the demo's, or run scripts/demo.sh)"
 [[ -f "$A_EARLY" ]] || fail "$A_EARLY not found: the demo saves every STEPS/4 steps; is STEPS the demo's?"
 . .venv/bin/activate
@@ -108,7 +117,7 @@ fi
 
 train() {  # name, extra flags... (skipped when its last checkpoint exists)
   local name=$1; shift
-  if [ -f "$(printf "%s/%s/ema_0.995_%06d.pt" "$OUT" "$name" "$STEPS")" ]; then echo "== $name: trained"; return; fi
+  if [ -f "$(printf "%s/%s/ema_%s_%06d.pt" "$OUT" "$name" "$EMA_RATE" "$STEPS")" ]; then echo "== $name: trained"; return; fi
   echo "== train $name"
   python scripts/image_train.py --config configs/demo.json --data_dir "$DATA" --log_dir "$OUT/$name" \
     --total_steps "$STEPS" --clts_target_steps $((STEPS / 5)) --save_interval "$STEPS" --log_interval 100 "$@" \
@@ -136,7 +145,7 @@ gans &
 wait
 stamp "D and the GANs trained"
 
-ema() { printf "%s/ema_0.995_%06d.pt" "$1" "$STEPS"; }
+ema() { printf "%s/ema_%s_%06d.pt" "$1" "$EMA_RATE" "$STEPS"; }
 ganckpt() { printf "%s/gan%06d.pt" "$1" "$2"; }
 FLAGS=$(python scripts/launch/config_flags.py "$DEMO/train")
 export OMP_NUM_THREADS=$THREADS

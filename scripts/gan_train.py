@@ -29,7 +29,7 @@ from improved_diffusion.sampling import save_grid
 from improved_diffusion.script_util import add_dict_to_argparser, run_main
 
 # Options that fix the networks' shapes: a run cannot continue with other values.
-ARCH_KEYS = ("latent_dim", "g_width", "d_width", "image_size")
+ARCH_KEYS = ("latent_dim", "g_width", "d_width", "image_size", "channels")
 # Options that change the training itself: continuing with other values is allowed, with a note.
 TRAIN_KEYS = ("data_dir", "seed", "batch_size", "lr", "beta1", "beta2")
 
@@ -61,13 +61,13 @@ def main(argv=None):
     device = dist_util.dev()
     log = Logger(args.log_dir, tensorboard=False)
 
-    data = load_image_dataset(args.data_dir, args.image_size or _native_size(args.data_dir))
+    # The images' own channel count (grey, RGB, RGBA): the GAN is built for what the data is.
+    data = load_image_dataset(args.data_dir, args.image_size or _native_size(args.data_dir), image_channels=None)
     image_size = data.images.shape[1]
     gan.num_levels(image_size)
     options = vars(args).copy()
-    options["image_size"] = image_size
-    arch = {k: options[k] for k in ("latent_dim", "g_width", "d_width", "image_size")}
-    arch["channels"] = 3
+    options["image_size"], options["channels"] = image_size, data.channels
+    arch = {k: options[k] for k in ARCH_KEYS}
     check_run_config(args.log_dir, options, log)
 
     # Seed, networks, optimizers and the data stream: all reproducible from --seed.

@@ -181,7 +181,7 @@ def gan_loss(args, device):
     from improved_diffusion.image_datasets import load_image_dataset
 
     generator, discriminator, arch = gan.load_gan(args.model_path, device)
-    data = load_image_dataset(args.data_dir, arch["image_size"])
+    data = load_image_dataset(args.data_dir, arch["image_size"], image_channels=arch.get("channels", 3))
     if args.batch_size > len(data.images):
         print(f"note: --batch_size {args.batch_size} but {args.data_dir} holds {len(data.images)} images; "
               f"the batch is all {len(data.images)}", file=sys.stderr)

@@ -79,7 +79,7 @@ def main(argv=None):
     try:
         load_model_weights(model, args.model_path)
         dataset = load_image_dataset(
-            args.data_dir, args.image_size, class_cond=args.class_cond,
+            args.data_dir, args.image_size, class_cond=args.class_cond, image_channels=args.image_channels,
             progress=None if rank == 0 else False,
         )
     except (FileNotFoundError, ValueError) as exc:

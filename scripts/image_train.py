@@ -119,19 +119,21 @@ def start(args, opts, train_config, device, rank, world):
     training.apply_device_settings(opts, device)
     model, diffusion = training.build_model(opts, device)
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
-    dataset = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond)
+    dataset = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond,
+                                 image_channels=args.image_channels)
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
-    if rank == 0:
-        facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
-        with open(os.path.join(args.log_dir, "config.json"), "w") as f:
-            json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
     evaluator = None
     if args.eval_interval:
         evaluator = make_evaluator(args, train_config.precision, device, dataset.num_classes, logger)
-    return training.build_loop(
+    loop = training.build_loop(
         opts, model, diffusion, dataset, device, rank=rank, world_size=world, log_dir=args.log_dir,
         logger=logger, resume=args.resume_checkpoint or args.resume, evaluator=evaluator, run_config=resolved,
     )
+    if rank == 0:  # only once the checkpoint has been found to fit these options
+        facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
+        with open(os.path.join(args.log_dir, "config.json"), "w") as f:
+            json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
+    return loop
 
 
 def make_evaluator(args, precision, device, num_classes, logger=None):

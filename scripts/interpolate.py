@@ -134,7 +134,7 @@ def gan_interpolation(args, alphas, device):
                          "and cannot be interpolated")
     raw_b = read_file(gan.strip_prefix(args.model_b), "--model_b")
     nets_b = {k: raw_b[k] for k in analysis.GAN_PLAYERS}
-    data = load_image_dataset(args.data_dir, arch["image_size"])
+    data = load_image_dataset(args.data_dir, arch["image_size"], image_channels=arch.get("channels", 3))
     real, z = analysis.fixed_gan_inputs(data.images, args.batch_size, arch["latent_dim"], args.seed, device)
     curves = analysis.gan_interpolation_losses(generator, discriminator, nets_a, nets_b, alphas, real, z)
     endpoints = analysis.gan_interpolation_losses(generator, discriminator, nets_a, nets_b, [0.0, 1.0], real, z)

@@ -113,10 +113,15 @@ def test_npz_loading_memmap_compressed_keys_and_resize(tmp_path):
     ds = load_image_dataset(named, 16, class_cond=True)
     assert np.array_equal(ds.images, images) and ds.labels.tolist() == labels.tolist()
 
-    gray = tmp_path / "gray.npz"
+    gray = tmp_path / "gray.npz"  # grey as (N, H, W): read as (N, H, W, 1) with image_channels=1
     np.savez(gray, arr_0=images[..., 0])
-    ds = load_image_dataset(gray, 16)
-    assert np.array_equal(ds.images, np.repeat(images[..., :1], 3, axis=-1))
+    ds = load_image_dataset(gray, 16, image_channels=1)
+    assert ds.channels == 1 and np.array_equal(ds.images, images[..., :1])
+    with pytest.raises(ValueError, match=r"1 channel\(s\) but --image_channels is 3"):
+        load_image_dataset(gray, 16)
+    resized = load_image_dataset(gray, 8, image_channels=1).images
+    assert resized.shape == (6, 8, 8, 1)
+    assert np.array_equal(resized[2, ..., 0], center_crop_arr(Image.fromarray(images[2, ..., 0]), 8))
 
     ds = load_image_dataset(plain, 8)
     expected = center_crop_arr(Image.fromarray(images[2]), 8)
@@ -173,8 +178,14 @@ def test_bad_npz_contents(tmp_path):
         load_image_dataset(floats, 8)
     four = tmp_path / "four_channels.npz"
     np.savez(four, arr_0=np.zeros((2, 8, 8, 4), np.uint8))
-    with pytest.raises(ValueError, match=r"four_channels.npz.*\(N, H, W, 3\)"):
+    with pytest.raises(ValueError, match=r"four_channels.npz.*4 channel\(s\) but --image_channels is 3"):
         load_image_dataset(four, 8)
+    two = tmp_path / "two_channels.npz"
+    np.savez(two, arr_0=np.zeros((2, 8, 8, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"two_channels.npz.*\(N, H, W, C\)"):
+        load_image_dataset(two, 8, image_channels=None)
+    with pytest.raises(ValueError, match="image_channels must be 1 .* got 2"):
+        load_image_dataset(four, 8, image_channels=2)
     other = tmp_path / "other_key.npz"
     np.savez(other, pixels=np.zeros((2, 8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="other_key.npz.*arr_0"):

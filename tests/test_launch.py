@@ -665,6 +665,10 @@ def test_analysis_demo_checks_the_demo_run_before_training(tmp_path):
     (repo / "runs" / "demo" / "train").mkdir(parents=True)
     (repo / "runs" / "demo" / "train" / "config.json").write_text("{}")
     proc, before, after = run_top(tmp_path, "analysis_demo.sh", [], {"STEPS": "500"})
+    assert proc.returncode == 2 and "config.json names no ema_rate" in proc.stderr
+    (repo / "runs" / "demo" / "train" / "config.json").write_text(json.dumps(
+        {"total_steps": 1000, "ema_rate": "0.995,0.9999", "data_dir": "data/demo/mnist_demo.npz"}))
+    proc, before, after = run_top(tmp_path, "analysis_demo.sh", [], {"STEPS": "500"})
     assert proc.returncode == 2 and "runs/demo/train/ema_0.995_000500.pt not found" in proc.stderr
     assert "STEPS=500" in proc.stderr
     assert after == before and not (repo / "runs" / "analysis").exists()
