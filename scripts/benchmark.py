@@ -279,7 +279,7 @@ def count_flops(fn):
 
 def model_inputs(model_opts, batch, device, generator=None):
     size = model_opts["image_size"]
-    x = torch.randn(batch, 3, size, size, device=device, generator=generator)
+    x = torch.randn(batch, model_opts["image_channels"], size, size, device=device, generator=generator)
     t = torch.randint(0, model_opts["diffusion_steps"], (batch,), device=device, generator=generator)
     kwargs = {}
     if model_opts["class_cond"]:
@@ -323,7 +323,7 @@ def build(opts, device):
     model, diffusion = training.build_model(opts, device)
     rng = np.random.default_rng(opts["seed"])
     n_images, size = opts["batch_size"] * 4, opts["image_size"]
-    images = rng.integers(0, 256, size=(n_images, size, size, 3), dtype=np.uint8)
+    images = rng.integers(0, 256, size=(n_images, size, size, opts["image_channels"]), dtype=np.uint8)
     labels = rng.integers(0, NUM_CLASSES, size=n_images) if opts["class_cond"] else None
     logger = Logger(None, stdout=False, tensorboard=False)
     return training.build_loop(opts, model, diffusion, ImageDataset(images, labels), device, logger=logger,
