@@ -279,7 +279,7 @@ def count_flops(fn):
 
 def model_inputs(model_opts, batch, device, generator=None):
     size = model_opts["image_size"]
-    x = torch.randn(batch, model_opts["image_channels"], size, size, device=device, generator=generator)
+    x = torch.randn(batch, model_opts.get("image_channels", 3), size, size, device=device, generator=generator)
     t = torch.randint(0, model_opts["diffusion_steps"], (batch,), device=device, generator=generator)
     kwargs = {}
     if model_opts["class_cond"]:

@@ -61,8 +61,11 @@ PRESETS = {
         # The bundled Inception network runs at ~3 images/s on one CPU thread: FID with a
         # measurable seed spread does not fit the cpu budget; --fid_steps turns it on.
         fid_steps=(),
+        # The session-3 demo configuration: configs/demo.json has since become the grey,
+        # x0-predicting demo; these flags give back what this preset's results were run with.
         train_flags=["--batch_size", "8", "--lr", "1e-3", "--ema_rate", "0.99",
-                     "--clts_target_steps", str(_CPU_STEPS // 5)],
+                     "--clts_target_steps", str(_CPU_STEPS // 5),
+                     "--image_channels", "3", "--predict_xstart", "False", "--random_flip", "True"],
         seeds=(0, 1, 2),
         sweep_seeds=(0, 1),
         heldout_images=256,
@@ -74,15 +77,16 @@ PRESETS = {
         launcher=[],
         device="cpu",
     ),
-    # One GPU in under 8 minutes: the demo model at batch 32 for 4,000 steps.
+    # One GPU in under 8 minutes: the demo (configs/demo.json, grey digits) for 4,000 steps.
     "gpu": dict(
         experiment="demo",
-        data="data/demo/mnist_demo.npz",
+        data="data/demo/mnist_demo_grey.npz",
         holdout=500,
+        holdout_split="every",
         steps=4000,
         eval_steps=(500, 1000, 1500, 2000, 2500, 3000, 3500, 4000),
         fid_steps=(1000, 2000, 4000),
-        train_flags=["--batch_size", "32", "--lr", "3e-4", "--clts_target_steps", "800",
+        train_flags=["--clts_target_steps", "800",
                      "--data_on_device", "True"],
         seeds=(0, 1, 2),
         sweep_seeds=(0, 1),
@@ -118,6 +122,19 @@ PRESETS = {
         device="cuda",
     ),
 }
+# digits: the demo as the README's first command trains it (configs/demo.json: the grey
+# digits at its batch size, lr and number of steps, past the blob regime), one thread per
+# run. Held out: every tenth digit (all ten classes). Sample quality comes from a small digit
+# classifier (scripts/digit_score.py) instead of Inception (about 3 images/s per CPU thread):
+# the share of samples it recognises, and the Frechet distance in its feature space
+# ("digit-FID", against the training digits).
+with open(os.path.join(ROOT, "configs", "demo.json")) as _f:
+    _DEMO_STEPS = int(json.load(_f)["total_steps"])
+PRESETS["digits"] = dict(
+    PRESETS["cpu"], data="data/demo/mnist_demo_grey.npz", holdout=500, holdout_split="every",
+    steps=_DEMO_STEPS, eval_steps=tuple(round(_DEMO_STEPS * k / 5) for k in range(1, 6)),
+    quality_steps=tuple(round(_DEMO_STEPS * k / 5) for k in range(1, 6)), quality_samples=300,
+    quality_respacing="ddim25", train_flags=[], heldout_images=500)
 # The paper's ImageNet-128 setting (configs/imagenet128_*.json), 8 GPUs; held out: the
 # validation images (prepared like the training set, datasets/README.md).
 PRESETS["paper_imagenet128"] = dict(
@@ -126,7 +143,9 @@ PRESETS["paper_imagenet128"] = dict(
     eval_steps=tuple(range(250000, 4360001, 250000)) + (4360000,),
     fid_steps=(1000000, 2000000, 3000000, 4360000))
 
-METRICS = ("heldout_mse", "heldout_vlb_bpd", "fid")
+METRICS = ("heldout_mse", "heldout_vlb_bpd", "fid", "digit_fid", "recognisable")
+# Lower is better for these; the steps to reach the baseline's value are computed for each.
+TARGET_METRICS = ("heldout_mse", "heldout_vlb_bpd", "digit_fid")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -217,17 +236,28 @@ def prepare_data(preset, out_data):
         return preset["data"], np.asarray(load_reference_images(source, preset.get("heldout_image_size"))[: preset["heldout_images"]])
     src = os.path.join(ROOT, preset["data"])  # an absolute path stays as it is
     if not os.path.exists(src):
-        raise SystemExit(f"study: {preset['data']} is missing: python datasets/mnist_demo.py --out data/demo --image_size 16")
+        grey = " --channels 1" if "grey" in os.path.basename(preset["data"]) else ""
+        raise SystemExit(f"study: {preset['data']} is missing: python datasets/mnist_demo.py --out data/demo "
+                         f"--image_size 16{grey}")
     os.makedirs(out_data, exist_ok=True)
-    train_path = os.path.join(out_data, f"train_minus_last{holdout}.npz")
     data = np.load(src)
     images, labels = data["arr_0"], data["arr_1"] if "arr_1" in data else None
+    # "last": the last `holdout` images (the cpu preset's split; the demo file is sorted by
+    # class, so those are all nines, a class its runs never see). "every": every
+    # (N / holdout)-th image, so the held-out digits cover every class.
+    if preset.get("holdout_split", "last") == "every":
+        keep = np.ones(len(images), bool)
+        keep[np.linspace(0, len(images) - 1, holdout).round().astype(int)] = False
+        train_path = os.path.join(out_data, f"train_minus_every{len(images) // holdout}th.npz")
+    else:
+        keep = np.arange(len(images)) < len(images) - holdout
+        train_path = os.path.join(out_data, f"train_minus_last{holdout}.npz")
     if not os.path.exists(train_path):
-        arrays = [images[:-holdout]] + ([labels[:-holdout]] if labels is not None else [])
+        arrays = [images[keep]] + ([labels[keep]] if labels is not None else [])
         tmp = train_path + ".tmp.npz"
         np.savez(tmp, *arrays)
         os.replace(tmp, train_path)
-    return train_path, images[-holdout:]
+    return train_path, images[~keep]
 
 
 def reference_stats(preset, train_path, out_data):
@@ -276,6 +306,8 @@ def run_done(record, preset):
             return False
         if step in preset["fid_steps"] and "fid" not in e:
             return False
+        if step in preset.get("quality_steps", ()) and "digit_fid" not in e:
+            return False
     return True
 
 
@@ -313,6 +345,7 @@ def heldout_metrics(model, diffusion, images, n_images, repeats, device, seed=12
     import torch
 
     from improved_diffusion.analysis import fixed_loss_inputs
+    from improved_diffusion.gaussian_diffusion import ModelMeanType
 
     x = np.asarray(images[:n_images])
     x = np.concatenate([x] * repeats)
@@ -324,6 +357,8 @@ def heldout_metrics(model, diffusion, images, n_images, repeats, device, seed=12
             x_t = diffusion.q_sample(xb, tb, noise=nb)
             out = model(x_t, diffusion._scale_timesteps(tb)).float()
             eps = out[:, : xb.shape[1]]
+            if diffusion.model_mean_type == ModelMeanType.START_X:  # the noise that x_0 implies
+                eps = diffusion._predict_eps_from_xstart(x_t, tb, eps)
             mses.append(((eps.double() - nb.double()) ** 2).mean(dim=(1, 2, 3)))
             p_out = diffusion._p_mean_variance_from_output(out, x_t, tb, clip_denoised=False)
             vbs.append(diffusion._vb_terms_from_p(p_out, xb, x_t, tb)["output"].double())
@@ -350,7 +385,8 @@ def evaluate_run(preset, log_dir, record, heldout, ref_stats, extractor_cache, r
     for step in preset["eval_steps"]:
         e = record["evals"].setdefault(str(step), {})
         need_fid = step in preset["fid_steps"] and "fid" not in e
-        if "heldout_mse" in e and not need_fid:
+        need_quality = step in preset.get("quality_steps", ()) and "digit_fid" not in e
+        if "heldout_mse" in e and not need_fid and not need_quality:
             continue
         path = os.path.join(log_dir, f"ema_{rate}_{step:06d}.pt")
         model, diffusion, _ = load_model_and_diffusion(path, flags, device=device)
@@ -365,7 +401,45 @@ def evaluate_run(preset, log_dir, record, heldout, ref_stats, extractor_cache, r
                                    image_size=flags["image_size"], device=device, seed=10_000 + step,
                                    use_ddim=preset["fid_respacing"].startswith("ddim"), progress=False)
             e["fid"] = float(fid_of_samples(np.asarray(images), ref_stats, extractor_cache["net"], device=device))
+        if need_quality:
+            sampler = create_diffusion_from_options(flags, timestep_respacing=preset["quality_respacing"])
+            images, _ = sample_images(model, sampler, num_samples=preset["quality_samples"],
+                                      batch_size=preset["quality_samples"], image_size=flags["image_size"],
+                                      device=device, seed=20_000 + step,
+                                      use_ddim=preset["quality_respacing"].startswith("ddim"), progress=False)
+            e.update(digit_quality(images, preset, extractor_cache))
         write_json(rec_path, record)
+
+
+def digit_quality(images, preset, cache, threshold=0.9):
+    """The share of `images` the digit classifier recognises (top class a digit with
+    probability >= threshold) and the Frechet distance of their classifier features to the
+    training digits' (digit-FID)."""
+    import torch
+
+    from improved_diffusion.fid import compute_statistics, frechet_distance
+
+    if "digits" not in cache:
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+        import digit_score
+
+        net = digit_score.load_or_train(os.path.join(ROOT, preset["data"]), log=lambda *a: None)[0]
+        captured = []
+        net.fc1.register_forward_hook(lambda module, inputs, output: captured.append(torch.relu(output)))
+
+        def features(x):
+            captured.clear()
+            classes, probs = digit_score.classify(net, x)
+            return classes, probs, torch.cat(captured).double().numpy()
+
+        train = np.load(cache["train_path"])["arr_0"]
+        cache["digits"] = (features, compute_statistics(features(train)[2]), digit_score.NOT_A_DIGIT)
+    features, (mu_ref, sigma_ref), not_a_digit = cache["digits"]
+    classes, probs, feats = features(np.asarray(images))
+    mu, sigma = compute_statistics(feats)
+    recognised = (classes != not_a_digit) & (probs >= threshold)
+    return {"digit_fid": float(frechet_distance(mu, sigma, mu_ref, sigma_ref)),
+            "recognisable": float(recognised.mean())}
 
 
 # --------------------------------------------------------------------------- summary
@@ -410,7 +484,7 @@ def summarize(preset, records, level=0.95):
         if len(preset["eval_steps"]) > 1:
             targets.append(("steps_to_baseline_previous", preset["eval_steps"][-2]))
         for key, target_step in targets:
-            for metric in ("heldout_mse", "heldout_vlb_bpd"):
+            for metric in TARGET_METRICS:
                 target = out["variants"]["baseline"]["metrics"].get(metric, {}).get(str(target_step), {}).get("mean")
                 if target is None:
                     continue
@@ -449,6 +523,7 @@ def markdown(summary):
              "| variant | seeds | held-out eps-MSE | minus baseline (paired) | held-out VLB (bits/dim) | FID | "
              "steps to baseline's step-P MSE | speed-up (MSE) |",
              "|---|---|---|---|---|---|---|---|"]
+    quality = any("digit_fid" in v["metrics"] for v in summary["variants"].values())
     for variant, v in summary["variants"].items():
         m = v["metrics"]
         stt = v.get("steps_to_baseline_previous", {}).get("heldout_mse", {})
@@ -463,6 +538,21 @@ def markdown(summary):
         lines.append(f"| {variant} | {len(v['seeds'])} | {_fmt(m.get('heldout_mse', {}).get(final))} | {_fmt(diff, 2)} | "
                      f"{_fmt(m.get('heldout_vlb_bpd', {}).get(final))} | {_fmt(m.get('fid', {}).get(final), 4)} | "
                      f"{steps} | {sp} |")
+    if quality:
+        lines += ["", "Sample quality from the digit classifier (scripts/digit_score.py), final step:", "",
+                  "| variant | digit-FID | minus baseline (paired) | recognisable | minus baseline (paired) | "
+                  "steps to baseline's step-P digit-FID | speed-up (digit-FID) |", "|---|---|---|---|---|---|---|"]
+        for variant, v in summary["variants"].items():
+            m, d = v["metrics"], v.get("final_minus_baseline", {})
+            stt = v.get("steps_to_baseline_previous", {}).get("digit_fid", {})
+            steps = _fmt(stt, 3) if stt.get("mean") is not None else (
+                f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds" if stt else "-")
+            sp = (f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
+                                             if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
+                  if stt.get("mean") is not None else "-")
+            lines.append(f"| {variant} | {_fmt(m.get('digit_fid', {}).get(final), 3)} | {_fmt(d.get('digit_fid'), 2)} | "
+                         f"{_fmt(m.get('recognisable', {}).get(final), 3)} | {_fmt(d.get('recognisable'), 2)} | "
+                         f"{steps} | {sp} |")
     lines += ["", "Held-out eps-MSE per step:", "",
               "| variant | " + " | ".join(str(s) for s in summary["eval_steps"]) + " |",
               "|---|" + "---|" * len(summary["eval_steps"])]
@@ -481,9 +571,11 @@ def plot(summary, path, variants=None):
     except ImportError:
         print("study: matplotlib is not installed; no plot")
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, metric, label in zip(axes, ("heldout_mse", "heldout_vlb_bpd"),
-                                 ("held-out eps-MSE", "held-out VLB (bits/dim)")):
+    panels = [("heldout_mse", "held-out eps-MSE"), ("heldout_vlb_bpd", "held-out VLB (bits/dim)")]
+    if any("digit_fid" in v["metrics"] for v in summary["variants"].values()):
+        panels += [("digit_fid", "digit-FID (classifier features)"), ("recognisable", "recognisable samples")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    for ax, (metric, label) in zip(axes, panels):
         for variant, v in summary["variants"].items():
             if variants and variant not in variants:
                 continue
@@ -523,6 +615,8 @@ def main(argv=None):
     p.add_argument("--fid_steps", default="", help="comma-separated steps with FID (default: the preset's; "
                    "'none': no FID)")
     p.add_argument("--fid_samples", type=int, default=0, help="samples per FID (default: the preset's)")
+    p.add_argument("--quality_samples", type=int, default=0,
+                   help="samples per digit-classifier evaluation (default: the preset's)")
     p.add_argument("--data", default="", help="the data .npz (default: the preset's)")
     p.add_argument("--holdout", type=int, default=-1, help="images held out at the end of --data (default: the preset's)")
     p.add_argument("--summarize_only", action="store_true")
@@ -537,12 +631,16 @@ def main(argv=None):
         preset["steps"] = args.steps
         preset["eval_steps"] = tuple(sorted({max(1, round(s * args.steps / old)) for s in preset["eval_steps"]}))
         preset["fid_steps"] = tuple(sorted({max(1, round(s * args.steps / old)) for s in preset["fid_steps"]}))
+        preset["quality_steps"] = tuple(sorted({max(1, round(s * args.steps / old))
+                                                for s in preset.get("quality_steps", ())}))
     if args.fid_steps:
         preset["fid_steps"] = () if args.fid_steps == "none" else tuple(int(s) for s in args.fid_steps.split(","))
         preset["eval_steps"] = tuple(sorted(set(preset["eval_steps"]) | set(preset["fid_steps"])))
     if args.fid_samples:
         preset["fid_samples"] = args.fid_samples
         preset["fid_batch"] = min(preset["fid_batch"], args.fid_samples)
+    if args.quality_samples:
+        preset["quality_samples"] = args.quality_samples
     if args.data:
         preset["data"] = args.data
     if args.holdout >= 0:
@@ -570,7 +668,7 @@ def main(argv=None):
         train_path, heldout = prepare_data(preset, os.path.join(runs_dir, "data"))
         ref = reference_stats(preset, train_path, os.path.join(runs_dir, "data")) if preset["fid_steps"] else None
         save_interval = math.gcd(*preset["eval_steps"])
-        cache = {}
+        cache = {"train_path": train_path}
         for i, (name, cfg, flags, seed) in enumerate(plan):
             rec_path = run_file(out, name, seed)
             record = load_json(rec_path)
@@ -603,6 +701,8 @@ def main(argv=None):
             e = record["evals"][str(preset["steps"])]
             print(f"[{i + 1}/{len(plan)}] {name} seed {seed}: mse {e.get('heldout_mse'):.4f} "
                   f"vlb {e.get('heldout_vlb_bpd'):.3f} fid {e.get('fid', float('nan')):.1f} "
+                  f"digit-fid {e.get('digit_fid', float('nan')):.2f} "
+                  f"recognisable {e.get('recognisable', float('nan')):.2f} "
                   f"({t1 - t0:.0f} s train, {time.time() - t1:.0f} s eval)", flush=True)
 
     records = [r for r in (load_json(os.path.join(out, "runs", f)) for f in sorted(os.listdir(os.path.join(out, "runs")))

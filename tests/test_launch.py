@@ -611,7 +611,7 @@ def run_top(tmp_path, name, args, extra_env=None):
 
 
 @pytest.mark.parametrize("script,names", [
-    ("demo.sh", ["OUT", "STEPS", "EVAL_SAMPLES", "REF_IMAGES", "PYTHON", "runs/demo", "1000", "OUT/report/"]),
+    ("demo.sh", ["OUT", "STEPS", "EVAL_SAMPLES", "REF_IMAGES", "PYTHON", "runs/demo", "2500", "OUT/report/", "OUT/timing.json"]),
     ("analysis_demo.sh", ["DEMO_RUN", "OUT", "STEPS", "SAMPLES", "runs/demo", "runs/analysis", "OUT/consistency/"]),
     ("install.sh", ["PYTHON", ".venv", "python3"]),
     ("test.sh", ["OMP_NUM_THREADS", "PYTHON", "pytest"]),

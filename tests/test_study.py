@@ -148,3 +148,28 @@ def test_plan_lists_main_table_and_sweeps(capsys):
     assert any(line.startswith("all_clts_sigma=0.05\tseed 1\tconfigs/demo_all.json --clts_sigma 0.05") for line in lines)
     variants = {line.split("\t")[0] for line in lines}
     assert {"baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal"} <= variants
+
+
+def test_digits_preset_scores_samples_with_the_digit_classifier(tmp_path):
+    """The digits preset: held-out digits from every class, and sample quality (digit-FID and
+    the recognised share) at each quality step, summarised over seeds."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), 6)
+    images = (rng.random((60, 8, 8, 1)) > 0.6).astype(np.uint8) * 255
+    data = tmp_path / "grey.npz"
+    np.savez(data, images, labels)
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--preset", "digits", "--steps", "2",
+           "--variants", "baseline", "--seeds", "0,1", "--data", str(data), "--holdout", "10",
+           "--quality_samples", "6", "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs"),
+           "--extra_flags", TINY + " --image_channels 1 --image_size 8 --diffusion_steps 50"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    train = np.load(tmp_path / "runs" / "data" / "train_minus_every6th.npz")
+    assert len(train["arr_0"]) == 50 and np.bincount(train["arr_1"], minlength=10).min() == 5  # every class held out once
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    metrics = summary["variants"]["baseline"]["metrics"]
+    for step in ("1", "2"):
+        assert metrics["digit_fid"][step]["n"] == 2 and metrics["digit_fid"][step]["mean"] >= 0
+        assert 0 <= metrics["recognisable"][step]["mean"] <= 1
+    assert "digit-FID" in (tmp_path / "out" / "summary.md").read_text()
