@@ -2,11 +2,11 @@
 Write the demo's report from a finished run.
 
     python scripts/demo_report.py runs/demo --data data/demo/mnist_demo_grey.npz \
-        [--seconds 610 --stages install=170,data=3,ref=60,train=300,sample=12,report=20 --record_time]
+        [--seconds 620 --stages install=95,data=1,reference=60,train=377,sample=30,score=54 --record_time]
 
 Reads RUN/train/progress.csv and config.json, RUN/report/samples.npz (image_sample.py),
-RUN/report/digits.json (scripts/digit_score.py, when present) and 64 real digits from --data;
-writes into RUN/report/:
+RUN/report/digits.json (scripts/digit_score.py) and fid.json (scripts/fid.py fid --out), when
+present, and 64 real digits from --data; writes into RUN/report/:
 
 - `samples_vs_real.png`: the first 64 samples beside 64 real digits, both enlarged 4x
   (nearest neighbour, so every pixel stays a square),
@@ -196,8 +196,8 @@ def main():
     stages = parse_stages(args.stages)
     timing = recorded_time(args.run, args.seconds, stages, args.record_time)
     digits = read_json(os.path.join(report_dir, "digits.json"))
-
     fid = read_json(os.path.join(report_dir, "fid.json"))
+
     samples_vs_real(samples, real_digits(args.data), os.path.join(report_dir, "samples_vs_real.png"), args.sampling)
     curves(rows, os.path.join(report_dir, "curves.png"))
 

@@ -134,7 +134,7 @@ def train_classifier(images, labels):
     n_neg = len(x) // 4
     steps = EPOCHS * -(-(len(x) + n_neg) // BATCH)
     schedule = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=steps)
-    for epoch in range(EPOCHS):
+    for _ in range(EPOCHS):
         xs = torch.cat([x, negatives(x, labels[train_idx], n_neg, gen)])
         ys = torch.cat([y, torch.full((n_neg,), NOT_A_DIGIT)])
         order = torch.randperm(len(xs), generator=gen)
@@ -184,9 +184,9 @@ def load_or_train(data_path, log=print):
     if labels is None or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{data_path!r}: needs digit labels 0-9 in arr_1 (datasets/mnist_demo.py writes them)")
     path, digest = classifier_path(data_path, images), data_hash(images, labels)
-    model = DigitNet()
     cached = torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
     if cached is not None and cached.get("data_sha1") == digest and cached.get("recipe") == RECIPE:
+        model = DigitNet()
         model.load_state_dict(cached["model"])
         model.eval()
         heldout_idx = split(labels)[1]
