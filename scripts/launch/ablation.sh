@@ -28,7 +28,7 @@
 # Environment: train.sh's (NGPUS, LAUNCHER, GLOBAL_BATCH, REF_STATS, EVAL_INTERVAL, EVAL_SAMPLES,
 #   EVAL_BATCH, EVAL_RESPACING, INCEPTION, ...), and
 #   DATA_DIR      training data  (cifar10: data/cifar10/train, imagenet128: data/imagenet128/train.npz,
-#                                 demo: data/demo/mnist_demo.npz)
+#                                 demo: data/demo/mnist_demo_grey.npz)
 #   REF_STATS     FID reference  (cifar10: data/cifar10_ref.npz, imagenet128: data/imagenet128_ref.npz,
 #                                 demo: data/demo/ref_stats_N.npz of scripts/demo.sh if present);
 #                 empty: no FID

@@ -87,10 +87,10 @@ experiment_defaults() {
             [[ -d "$DATA_DIR" ]] && size_flag=" --image_size 128"  # a folder needs it; an .npz is used as is
             REF_HINT="python scripts/fid.py ref --source $DATA_DIR$size_flag --out $REPO/data/imagenet128_ref.npz (or guided-diffusion's VIRTUAL_imagenet128_labeled.npz)" ;;
         demo)
-            : "${DATA_DIR=$REPO/data/demo/mnist_demo.npz}"
+            : "${DATA_DIR=$REPO/data/demo/mnist_demo_grey.npz}"  # configs/demo.json trains grey digits
             if [[ -z "${REF_STATS+set}" ]]; then
-                # what scripts/demo.sh writes (ref_stats_N.npz; the largest N), if it has run
-                REF_STATS="$(ls "$REPO"/data/demo/ref_stats_*.npz 2>/dev/null | sort -V | tail -n 1 || true)"
+                # what scripts/demo.sh writes (ref_stats_grey_N.npz; the largest N), if it has run
+                REF_STATS="$(ls "$REPO"/data/demo/ref_stats_grey_*.npz 2>/dev/null | sort -V | tail -n 1 || true)"
             fi
             : "${NGPUS=1}"
             DATA_HINT="python datasets/mnist_demo.py --image_size 16 --out $REPO/data/demo"
