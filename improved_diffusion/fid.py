@@ -201,12 +201,11 @@ class FeatureExtractor(nn.Module):
 
 
 def as_rgb(images):
-    """uint8 NHWC images as RGB, the network's input: grey repeated into three channels, the
+    """A uint8 NHWC tensor as RGB, the network's input: grey repeated into three channels, the
     alpha channel of RGBA dropped (as PIL's RGBA -> RGB conversion does)."""
-    channels = images.shape[-1]
-    if channels == 1:
-        return images.expand(*images.shape[:-1], 3) if torch.is_tensor(images) else np.repeat(images, 3, axis=-1)
-    return images[..., :3] if channels == 4 else images
+    if images.shape[-1] == 1:
+        return images.expand(*images.shape[:-1], 3)
+    return images[..., :3]
 
 
 def load_inception(path=None, device="cpu"):

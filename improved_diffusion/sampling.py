@@ -277,13 +277,22 @@ def write_samples(out, arrays, grid=None, grid_size=64, log=print):
 
 def save_grid(images, path, nrow=None, padding=2):
     """
-    Save uint8 [N x H x W x C] images as one PNG grid.
+    Save uint8 [N x H x W x C] images as one PNG grid (grey as RGB, RGBA as it is).
 
     :param nrow: images per row; None: about sqrt(N).
     :param padding: black pixels between images.
     """
     from PIL import Image
 
+    grid = make_grid(images, nrow, padding)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def make_grid(images, nrow=None, padding=2):
+    """uint8 [N x H x W x C] images as one uint8 grid image, `nrow` per row (None: about
+    sqrt(N)), black `padding` pixels between them; grey becomes RGB."""
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) == 0:
         raise ValueError(
@@ -303,9 +312,7 @@ def save_grid(images, path, nrow=None, padding=2):
         y = padding + row * (h + padding)
         x = padding + col * (w + padding)
         grid[y : y + h, x : x + w] = images[k]
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    Image.fromarray(grid).save(path)
+    return grid
 
 
 def load_model_weights(model, path):

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from improved_diffusion.logger import progress_series, read_progress
+from improved_diffusion.sampling import make_grid
 from improved_diffusion.script_util import run_main
 
 SCALE = 4  # enlargement of the grids in samples_vs_real.png
@@ -63,18 +64,8 @@ def recorded_time(run, seconds=None, stages=(), record=False):
 
 
 def grid(images, nrow=8, padding=2):
-    """uint8 (N, H, W, C) -> one RGB grid image (N <= nrow^2), black between the images."""
-    images = np.asarray(images)
-    if images.shape[-1] == 1:
-        images = np.repeat(images, 3, axis=-1)
-    n, h, w, _ = images.shape
-    rows = -(-n // nrow)
-    out = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, 3), np.uint8)
-    for k in range(n):
-        row, col = divmod(k, nrow)
-        y, x = padding + row * (h + padding), padding + col * (w + padding)
-        out[y:y + h, x:x + w] = images[k, ..., :3]
-    return out
+    """uint8 (N, H, W, C) -> one RGB grid image, `nrow` per row, black between the images."""
+    return make_grid(images, nrow, padding)[..., :3]
 
 
 def real_digits(data_path, n=GRID, seed=0):
