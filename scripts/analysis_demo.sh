@@ -10,8 +10,8 @@
 # each for the same number of steps: "B" the same configuration with seed 1, "C" another
 # architecture (two resolution levels instead of three), "D" the same configuration on other
 # data (the digits with inverted colours); and three DCGANs (scripts/gan_train.py): seeds 0
-# and 1, and seed 0 at half the width. About 30 minutes on 2 CPU cores; run it again and the
-# models already trained are reused.
+# and 1, and seed 0 at half the width. About 20 minutes on 2 CPU cores (docs/analysis.md);
+# run it again and the models already trained are reused.
 set -euo pipefail
 
 usage() {
@@ -29,8 +29,8 @@ diffusion models, same latents for the GANs); 1-D loss interpolation between A a
 the first and last checkpoint of one run (A's model at STEPS/4 and STEPS; GAN_seed0's at
 GAN_STEPS/4 and GAN_STEPS) and between the two GAN seeds; Hessian spectra of A and of
 GAN_seed0's generator and discriminator losses; side-by-side figures and the Table-1 style
-table (OUT/contrast_table.md). About 30 minutes on 2 CPU cores; run it again and models
-already trained are reused. Needs scripts/demo.sh to have run first (.venv, the demo
+table (OUT/contrast_table.md). About 20 minutes on 2 CPU cores (20.2 measured, see
+docs/analysis.md); run it again and models already trained are reused. Needs scripts/demo.sh to have run first (.venv, the demo
 digits, DEMO_RUN's checkpoints); A's steps, EMA rate and data are read from
 DEMO_RUN/train/config.json, so B, C and D are trained exactly as A was.
 

@@ -23,7 +23,8 @@ study and run the same command again; copy OUT to another machine and it continu
     python scripts/study.py --preset cpu --plan                # print the runs, run nothing
 
 Outputs in OUT (default docs/study/PRESET): runs/*.json (one per run), summary.json,
-summary.md, curves.png (mean with 95% bands).
+summary.md, curves.png (the paper's modules: mean with 95% bands), rivals.png (the rival
+methods beside the baseline) and sweeps.png.
 """
 
 import argparse
@@ -40,7 +41,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-MAIN_VARIANTS = ("baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal")
+PAPER_VARIANTS = ("baseline", "md", "md_lrc", "clts", "all")
+MAIN_VARIANTS = PAPER_VARIANTS + ("minsnr", "p2", "speed", "lognormal")
 # Sweeps: (name, base variant, option, values); each run is the base variant plus --option value.
 SWEEPS = (
     ("clts_sigma", "all", "clts_sigma", (0.05, 0.1, 0.2, 0.5, 1.0)),
@@ -122,19 +124,22 @@ PRESETS = {
         device="cuda",
     ),
 }
-# digits: the demo as the README's first command trains it (configs/demo.json: the grey
-# digits at its batch size, lr and number of steps, past the blob regime), one thread per
-# run. Held out: every tenth digit (all ten classes). Sample quality comes from a small digit
-# classifier (scripts/digit_score.py) instead of Inception (about 3 images/s per CPU thread):
-# the share of samples it recognises, and the Frechet distance in its feature space
-# ("digit-FID", against the training digits).
+# digits: the demo model and optimiser of the README's first command (configs/demo.json: grey
+# digits, x0-prediction, batch 32, lr 2e-3, EMA 0.995) for half its steps, one thread per run:
+# at 1,250 steps the demo's samples are strokes and half of them recognisable digits (past
+# the blob regime), and 9 variants x 3 seeds fit about 90 minutes of a 2-core machine.
+# CLTS ramps over a fifth of the run, as in the demo. Held out: every tenth digit (all ten
+# classes). Sample quality comes from a small digit classifier (scripts/digit_score.py)
+# instead of Inception (about 3 images/s per CPU thread): the share of samples it recognises,
+# and the Frechet distance in its feature space ("digit-FID", against the training digits).
 with open(os.path.join(ROOT, "configs", "demo.json")) as _f:
-    _DEMO_STEPS = int(json.load(_f)["total_steps"])
+    _DIGITS_STEPS = int(json.load(_f)["total_steps"]) // 2
 PRESETS["digits"] = dict(
     PRESETS["cpu"], data="data/demo/mnist_demo_grey.npz", holdout=500, holdout_split="every",
-    steps=_DEMO_STEPS, eval_steps=tuple(round(_DEMO_STEPS * k / 5) for k in range(1, 6)),
-    quality_steps=tuple(round(_DEMO_STEPS * k / 5) for k in range(1, 6)), quality_samples=300,
-    quality_respacing="ddim25", train_flags=[], heldout_images=500)
+    steps=_DIGITS_STEPS, eval_steps=tuple(round(_DIGITS_STEPS * k / 5) for k in range(1, 6)),
+    quality_steps=tuple(round(_DIGITS_STEPS * k / 5) for k in range(1, 6)), quality_samples=300,
+    quality_respacing="ddim25", train_flags=["--clts_target_steps", str(_DIGITS_STEPS // 5)],
+    heldout_images=500)
 # The paper's ImageNet-128 setting (configs/imagenet128_*.json), 8 GPUs; held out: the
 # validation images (prepared like the training set, datasets/README.md).
 PRESETS["paper_imagenet128"] = dict(
@@ -528,7 +533,7 @@ def markdown(summary):
         m = v["metrics"]
         stt = v.get("steps_to_baseline_previous", {}).get("heldout_mse", {})
         if stt.get("mean") is not None:
-            steps = _fmt(stt, 3)
+            steps = _fmt(stt, 4)
             sp = f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
                                            if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
         else:
@@ -545,7 +550,7 @@ def markdown(summary):
         for variant, v in summary["variants"].items():
             m, d = v["metrics"], v.get("final_minus_baseline", {})
             stt = v.get("steps_to_baseline_previous", {}).get("digit_fid", {})
-            steps = _fmt(stt, 3) if stt.get("mean") is not None else (
+            steps = _fmt(stt, 4) if stt.get("mean") is not None else (
                 f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds" if stt else "-")
             sp = (f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
                                              if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
@@ -574,8 +579,11 @@ def plot(summary, path, variants=None):
     panels = [("heldout_mse", "held-out eps-MSE"), ("heldout_vlb_bpd", "held-out VLB (bits/dim)")]
     if any("digit_fid" in v["metrics"] for v in summary["variants"].values()):
         panels += [("digit_fid", "digit-FID (classifier features)"), ("recognisable", "recognisable samples")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5))
+    cols = 2 if len(panels) == 4 else len(panels)
+    fig, axes = plt.subplots(len(panels) // cols, cols, figsize=(6 * cols, 4.5 * len(panels) // cols), squeeze=False)
+    axes = axes.ravel()
     for ax, (metric, label) in zip(axes, panels):
+        shown = []
         for variant, v in summary["variants"].items():
             if variants and variant not in variants:
                 continue
@@ -584,10 +592,13 @@ def plot(summary, path, variants=None):
                 continue
             steps = sorted(int(s) for s in m)
             mean = [m[str(s)]["mean"] for s in steps]
+            shown += mean
             line, = ax.plot(steps, mean, label=variant, marker="o", ms=3)
             if all(m[str(s)]["lo"] is not None for s in steps):
                 ax.fill_between(steps, [m[str(s)]["lo"] for s in steps], [m[str(s)]["hi"] for s in steps],
                                 color=line.get_color(), alpha=0.15)
+        if shown and min(shown) > 0 and max(shown) / min(shown) > 5:  # early steps would flatten the rest
+            ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
         ax.set_title(f"{label}: mean over seeds, 95% t-band")
@@ -599,6 +610,21 @@ def plot(summary, path, variants=None):
 
 
 # --------------------------------------------------------------------------- main
+
+
+def with_steps(preset, steps):
+    """The preset for runs of `steps` steps: evaluations and the CLTS ramp keep their share of the run."""
+    old = preset["steps"]
+
+    def scale(values):
+        return tuple(sorted({max(1, round(s * steps / old)) for s in values}))
+
+    flags = list(preset["train_flags"])
+    for i in range(len(flags) - 1):
+        if flags[i] == "--clts_target_steps":
+            flags[i + 1] = str(max(1, round(int(flags[i + 1]) * steps / old)))
+    return dict(preset, steps=steps, eval_steps=scale(preset["eval_steps"]), fid_steps=scale(preset["fid_steps"]),
+                quality_steps=scale(preset.get("quality_steps", ())), train_flags=flags)
 
 
 def main(argv=None):
@@ -627,12 +653,7 @@ def main(argv=None):
 
     preset = dict(PRESETS[args.preset])
     if args.steps:
-        old = preset["steps"]
-        preset["steps"] = args.steps
-        preset["eval_steps"] = tuple(sorted({max(1, round(s * args.steps / old)) for s in preset["eval_steps"]}))
-        preset["fid_steps"] = tuple(sorted({max(1, round(s * args.steps / old)) for s in preset["fid_steps"]}))
-        preset["quality_steps"] = tuple(sorted({max(1, round(s * args.steps / old))
-                                                for s in preset.get("quality_steps", ())}))
+        preset = with_steps(preset, args.steps)
     if args.fid_steps:
         preset["fid_steps"] = () if args.fid_steps == "none" else tuple(int(s) for s in args.fid_steps.split(","))
         preset["eval_steps"] = tuple(sorted(set(preset["eval_steps"]) | set(preset["fid_steps"])))
@@ -712,11 +733,15 @@ def main(argv=None):
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(summary))
-    plot(summary, os.path.join(out, "curves.png"), variants=set(MAIN_VARIANTS) & set(summary["variants"]) or None)
+    # Two figures, so that the bands stay readable: the paper's modules, and the rivals beside the baseline.
+    plot(summary, os.path.join(out, "curves.png"), variants=set(PAPER_VARIANTS) & set(summary["variants"]) or None)
+    rivals = (set(MAIN_VARIANTS) - set(PAPER_VARIANTS)) & set(summary["variants"])
+    if rivals:
+        plot(summary, os.path.join(out, "rivals.png"), variants=rivals | {"baseline"})
     swept = [v for v in summary["variants"] if "=" in v]
     if swept:
         plot(summary, os.path.join(out, "sweeps.png"), variants=set(swept) | {"baseline"})
-    print(f"study: {len(records)} runs summarised in {out}/summary.json, summary.md, curves.png")
+    print(f"study: {len(records)} runs summarised in {out}/summary.json, summary.md and figures")
     return 0
 
 

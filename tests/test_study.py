@@ -150,6 +150,22 @@ def test_plan_lists_main_table_and_sweeps(capsys):
     assert {"baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal"} <= variants
 
 
+def test_digits_preset_scaled_to_other_steps_keeps_its_proportions():
+    digits = study.PRESETS["digits"]
+    with open(os.path.join(ROOT, "configs", "demo.json")) as f:
+        demo_steps = json.load(f)["total_steps"]
+    assert digits["steps"] == demo_steps // 2
+    assert digits["train_flags"] == ["--clts_target_steps", str(digits["steps"] // 5)]  # a fifth, as the demo
+    short = study.with_steps(digits, 50)
+    assert short["steps"] == 50
+    assert short["eval_steps"] == short["quality_steps"] == (10, 20, 30, 40, 50)
+    assert short["train_flags"] == ["--clts_target_steps", "10"]
+    assert digits["train_flags"] == ["--clts_target_steps", str(digits["steps"] // 5)]  # the preset is untouched
+    cpu = study.with_steps(study.PRESETS["cpu"], 600)
+    assert cpu["eval_steps"] == (120, 240, 360, 480, 600)
+    assert cpu["train_flags"][cpu["train_flags"].index("--clts_target_steps") + 1] == "120"
+
+
 def test_digits_preset_scores_samples_with_the_digit_classifier(tmp_path):
     """The digits preset: held-out digits from every class, and sample quality (digit-FID and
     the recognised share) at each quality step, summarised over seeds."""
