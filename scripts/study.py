@@ -597,7 +597,7 @@ def plot(summary, path, variants=None):
             if all(m[str(s)]["lo"] is not None for s in steps):
                 ax.fill_between(steps, [m[str(s)]["lo"] for s in steps], [m[str(s)]["hi"] for s in steps],
                                 color=line.get_color(), alpha=0.15)
-        if shown and min(shown) > 0 and max(shown) / min(shown) > 5:  # early steps would flatten the rest
+        if metric != "recognisable" and shown and min(shown) > 0 and max(shown) / min(shown) > 5:  # early steps flatten the rest
             ax.set_yscale("log")
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
