@@ -134,10 +134,10 @@ PRESETS = {
 # and the Frechet distance in its feature space ("digit-FID", against the training digits).
 with open(os.path.join(ROOT, "configs", "demo.json")) as _f:
     _DIGITS_STEPS = int(json.load(_f)["total_steps"]) // 2
+_DIGITS_EVALS = tuple(round(_DIGITS_STEPS * k / 5) for k in range(1, 6))
 PRESETS["digits"] = dict(
     PRESETS["cpu"], data="data/demo/mnist_demo_grey.npz", holdout=500, holdout_split="every",
-    steps=_DIGITS_STEPS, eval_steps=tuple(round(_DIGITS_STEPS * k / 5) for k in range(1, 6)),
-    quality_steps=tuple(round(_DIGITS_STEPS * k / 5) for k in range(1, 6)), quality_samples=300,
+    steps=_DIGITS_STEPS, eval_steps=_DIGITS_EVALS, quality_steps=_DIGITS_EVALS, quality_samples=300,
     quality_respacing="ddim25", train_flags=["--clts_target_steps", str(_DIGITS_STEPS // 5)],
     heldout_images=500)
 # The paper's ImageNet-128 setting (configs/imagenet128_*.json), 8 GPUs; held out: the
@@ -520,6 +520,16 @@ def _fmt(m, digits=4):
     return f"{m['mean']:.{digits}g} [{m['lo']:.{digits}g}, {m['hi']:.{digits}g}]"
 
 
+def _steps_and_speedup(stt):
+    """The table cells "steps to target" and "speed-up" of one steps-to-target record."""
+    if stt.get("mean") is None:
+        return (f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds"
+                if stt else "-"), "-"
+    interval = (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
+                if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
+    return _fmt(stt, 4), f"{stt['speedup']:.2f}" + interval
+
+
 def markdown(summary):
     final = str(summary["steps"])
     prev = summary["eval_steps"][-2] if len(summary["eval_steps"]) > 1 else summary["steps"]
@@ -531,14 +541,7 @@ def markdown(summary):
     quality = any("digit_fid" in v["metrics"] for v in summary["variants"].values())
     for variant, v in summary["variants"].items():
         m = v["metrics"]
-        stt = v.get("steps_to_baseline_previous", {}).get("heldout_mse", {})
-        if stt.get("mean") is not None:
-            steps = _fmt(stt, 4)
-            sp = f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
-                                           if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
-        else:
-            steps = f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds" if stt else "-"
-            sp = "-"
+        steps, sp = _steps_and_speedup(v.get("steps_to_baseline_previous", {}).get("heldout_mse", {}))
         diff = v.get("final_minus_baseline", {}).get("heldout_mse")
         lines.append(f"| {variant} | {len(v['seeds'])} | {_fmt(m.get('heldout_mse', {}).get(final))} | {_fmt(diff, 2)} | "
                      f"{_fmt(m.get('heldout_vlb_bpd', {}).get(final))} | {_fmt(m.get('fid', {}).get(final), 4)} | "
@@ -549,12 +552,7 @@ def markdown(summary):
                   "steps to baseline's step-P digit-FID | speed-up (digit-FID) |", "|---|---|---|---|---|---|---|"]
         for variant, v in summary["variants"].items():
             m, d = v["metrics"], v.get("final_minus_baseline", {})
-            stt = v.get("steps_to_baseline_previous", {}).get("digit_fid", {})
-            steps = _fmt(stt, 4) if stt.get("mean") is not None else (
-                f"not reached by {stt.get('of', 0) - stt.get('reached', 0)} of {stt.get('of', 0)} seeds" if stt else "-")
-            sp = (f"{stt['speedup']:.2f}" + (f" [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
-                                             if stt.get("speedup_lo") and stt.get("speedup_hi") else "")
-                  if stt.get("mean") is not None else "-")
+            steps, sp = _steps_and_speedup(v.get("steps_to_baseline_previous", {}).get("digit_fid", {}))
             lines.append(f"| {variant} | {_fmt(m.get('digit_fid', {}).get(final), 3)} | {_fmt(d.get('digit_fid'), 2)} | "
                          f"{_fmt(m.get('recognisable', {}).get(final), 3)} | {_fmt(d.get('recognisable'), 2)} | "
                          f"{steps} | {sp} |")
