@@ -10,12 +10,12 @@ every file it lists is there.
 
 The state file records each file's size and SHA-256, and a digest of its own contents, so a
 truncated, zeroed or bit-flipped file of any of the four kinds is found before it is used
-(`damage`), and resuming falls back to the newest checkpoint that verifies.
+(`damage`). Which checkpoint of a run folder to use, saving into it and pruning it are
+run_dir.py's; this module is the format of one checkpoint.
 """
 
 import errno
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 STATE_PATTERN = re.compile(r"^state(\d{6,})\.pt$")
-MODEL_PATTERN = re.compile(r"^model(\d{6,})\.pt$")
+TEMP_PATTERN = re.compile(r"\.pt\.tmp\d+$")  # a write in progress (atomic_save)
 
 
 def model_name(step):
@@ -149,22 +149,6 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-TEMP_PATTERN = re.compile(r"\.pt\.tmp\d+$")
-
-
-def remove_temp_files(log_dir):
-    """Delete the temporary files of writes that a killed run left behind; returns their names."""
-    if not log_dir or not os.path.isdir(log_dir):
-        return []
-    stale = sorted(name for name in os.listdir(log_dir) if TEMP_PATTERN.search(name))
-    for name in stale:
-        try:
-            os.remove(os.path.join(log_dir, name))
-        except FileNotFoundError:
-            pass
-    return stale
-
-
 def parse_step(path):
     """The step in a checkpoint file name (`model001000.pt`, `ema_0.9999_001000.pt`, ...)."""
     m = re.search(r"(\d{6,})\.pt$", os.path.basename(path))
@@ -183,13 +167,6 @@ def load_state_file(path):
     except Exception:
         return None
     return state if isinstance(state, dict) and "step" in state and "files" in state else None
-
-
-def checkpoint_steps(log_dir):
-    """Steps with a state file in `log_dir`, newest first."""
-    if not log_dir or not os.path.isdir(log_dir):
-        return []
-    return sorted((int(m.group(1)) for m in map(STATE_PATTERN.match, os.listdir(log_dir)) if m), reverse=True)
 
 
 def damage(log_dir, step, state=None, verify=True):
@@ -217,47 +194,11 @@ def damage(log_dir, step, state=None, verify=True):
     return None
 
 
-def find_latest_checkpoint(log_dir, verify=False, log=None):
-    """
-    (step, state dict) of the newest intact checkpoint in `log_dir`, or None when none is.
-
-    Intact: a readable state file whose listed files all exist with their recorded sizes, and
-    with `verify` also their checksums. Each damaged checkpoint passed over is reported to `log`.
-    """
-    damaged = []
-    for step in checkpoint_steps(log_dir):
-        state = load_state_file(os.path.join(log_dir, state_name(step)))
-        reason = damage(log_dir, step, state, verify)
-        if reason is None:
-            if damaged and log is not None:
-                for bad_step, why in damaged:
-                    log(f"checkpoint {bad_step:06d} is damaged ({why}); resuming from {step:06d}")
-            return step, state
-        damaged.append((step, reason))
-    if damaged and log is not None:
-        for bad_step, why in damaged:
-            log(f"checkpoint {bad_step:06d} is damaged ({why}); no intact checkpoint is older")
-    return None
-
-
-def files_intact(log_dir, files):
-    for name, entry in files.items():
-        size = entry if isinstance(entry, int) else entry["size"]
-        path = os.path.join(log_dir, name)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
-            return False
-    return True
-
-
-def remove_checkpoint(log_dir, step):
-    """Delete the checkpoint at `step`: its state file first, so it stops counting at once."""
-    state = load_state_file(os.path.join(log_dir, state_name(step)))
-    names = [state_name(step)] + (list(state["files"]) if state else [])
-    for name in names:
-        try:
-            os.remove(os.path.join(log_dir, name))
-        except FileNotFoundError:
-            pass
+def checkpoint_files(directory, step):
+    """The file names of the checkpoint at `step`, its state file first (removing or moving
+    them in this order makes it stop counting at once)."""
+    state = load_state_file(os.path.join(directory, state_name(step)))
+    return [state_name(step)] + (list(state["files"]) if state else [])
 
 
 class CheckpointMismatchError(ValueError):
@@ -307,46 +248,35 @@ def check_state_dict_matches(model, state, what="checkpoint"):
 
 
 # ---------------------------------------------------------------------------------------
-# Writing and reading a whole training checkpoint
+# Writing a checkpoint, and what each rank needs to continue exactly
 # ---------------------------------------------------------------------------------------
 
 
-def write_checkpoint(log_dir, step, model_state, ema_states, opt_state, state):
+def write_checkpoint(directory, step, files, state):
     """
-    Write the checkpoint of `step`: model, one EMA file per {rate: state dict}, optimizer, and
-    last the state file (`state`'s entries, each file's size and SHA-256, and its own digest).
-    On a failed write the files of this step are removed again and CheckpointError says why,
-    how much a checkpoint needs, and which checkpoint is the newest intact one.
+    Write the checkpoint of `step`: each {file name: object} of `files` in order, then last the
+    state file (`state`'s entries, each file's size and SHA-256, and its own digest). On a failed
+    write the files of this step are removed again and CheckpointError says why and how much
+    space a checkpoint needs.
     """
-    os.makedirs(log_dir, exist_ok=True)
-    files = {}
-
-    def write(name, obj):
-        path = os.path.join(log_dir, name)
-        atomic_save(obj, path)
-        files[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
-
+    os.makedirs(directory, exist_ok=True)
+    written = {}
     try:
-        write(model_name(step), model_state)
-        for rate, ema_state in ema_states.items():
-            write(ema_name(rate, step), ema_state)
-        write(opt_name(step), opt_state)
-        full = {"format": 2, "step": step, "files": files, **state}
+        for name, obj in files.items():
+            path = os.path.join(directory, name)
+            atomic_save(obj, path)
+            written[name] = {"size": os.path.getsize(path), "sha256": file_sha256(path)}
+        full = {"format": 2, "step": step, "files": written, **state}
         full["sha256"] = state_digest(full)
-        atomic_save(full, os.path.join(log_dir, state_name(step)))
+        atomic_save(full, os.path.join(directory, state_name(step)))
     except CheckpointError as e:
-        for name in files:
+        for name in written:
             try:
-                os.remove(os.path.join(log_dir, name))
+                os.remove(os.path.join(directory, name))
             except OSError:
                 pass
-        needed = sum(_tensor_bytes(obj) for obj in (model_state, opt_state, *ema_states.values()))
-        latest = find_latest_checkpoint(log_dir)
-        where = f"the newest intact checkpoint is {latest[0]:06d}" if latest else "there is no intact checkpoint yet"
-        raise CheckpointError(
-            f"{e} (a checkpoint needs about {needed / 2**20:,.1f} MiB in {log_dir}; {where}; "
-            "free space and run the same command again to continue from it)"
-        ) from None
+        needed = sum(_tensor_bytes(obj) for obj in files.values())
+        raise CheckpointError(f"{e} (a checkpoint needs about {needed / 2**20:,.1f} MiB in {directory})") from None
 
 
 def _tensor_bytes(obj):
@@ -357,121 +287,6 @@ def _tensor_bytes(obj):
     if isinstance(obj, (list, tuple)):
         return sum(_tensor_bytes(v) for v in obj)
     return 0
-
-
-def prune_checkpoints(log_dir, keep):
-    """Keep only the newest `keep` checkpoints (0: keep all)."""
-    if keep <= 0:
-        return
-    steps = sorted(int(m.group(1)) for m in map(STATE_PATTERN.match, os.listdir(log_dir)) if m)
-    for step in steps[:-keep]:
-        remove_checkpoint(log_dir, step)
-
-
-def read_training_files(directory, step, rates, load, model_file=None, partial=False, log=print):
-    """
-    The state dicts of a training checkpoint: {"model", "ema": [per rate, None if absent],
-    "opt" (None if absent)}. `load(path)` reads one file (every rank reads its own copy).
-    With `partial` (weights named by the user, as the original allowed), a missing EMA or
-    optimizer file is None with a warning; otherwise a missing file is an error naming it.
-    """
-
-    def read(name, what):
-        path = os.path.join(directory, name)
-        if os.path.isfile(path):
-            return load(path, what)
-        if partial and what != "model":
-            log(f"WARNING: no {what} file {name} in {directory}: it starts afresh")
-            return None
-        raise FileNotFoundError(
-            f"cannot resume from step {step} in {directory}: the {what} file {name} is missing "
-            "(pass its model file as --resume PATH to start from those weights, or use a new --log_dir)"
-        )
-
-    return {
-        "model": read(model_file or model_name(step), "model"),
-        "ema": [read(ema_name(rate, step), f"EMA (rate {rate})") for rate in rates],
-        "opt": read(opt_name(step), "optimizer"),
-    }
-
-
-# ---------------------------------------------------------------------------------------
-# A diverged run, and a run continued from an older checkpoint
-# ---------------------------------------------------------------------------------------
-
-DIVERGED = "diverged.json"  # written when a run stops for a non-finite streak
-SUPERSEDED = "superseded"  # newer checkpoints go here when a run continues from an older one
-
-
-def newest_checkpoint_before(log_dir, step):
-    """The newest intact checkpoint at or before `step` (by sizes), or None."""
-    for candidate in checkpoint_steps(log_dir):
-        if candidate <= step and damage(log_dir, candidate, verify=False) is None:
-            return candidate
-    return None
-
-
-def mark_diverged(log_dir, step, streak, before):
-    os.makedirs(log_dir, exist_ok=True)
-    with open(os.path.join(log_dir, DIVERGED), "w") as f:
-        json.dump({"stopped_at": step, "nonfinite_streak": streak, "checkpoint_before_streak": before}, f, indent=2)
-
-
-def diverged_advice(log_dir, before):
-    """What to do after a divergence, with the exact command."""
-    if log_dir is None:
-        return "Lower --lr, use --precision bf16/fp32 or --grad_clip."
-    if before is None:
-        return (f"No checkpoint from before the streak exists in {log_dir}: start again in a new --log_dir with "
-                "other options (a lower --lr, --precision bf16/fp32 or --grad_clip).")
-    config = os.path.join(log_dir, "config.json")
-    return (f"The newest checkpoint from before the streak is {before:06d}. Continue from it with other options, "
-            f"e.g. a lower --lr:\n  python scripts/image_train.py --config {config} --log_dir {log_dir} "
-            f"--resume {os.path.join(log_dir, model_name(before))} --lr LOWER_LR\n"
-            f"(--resume auto refuses this run until then: its newer checkpoints come from the diverging streak)")
-
-
-def refuse_if_diverged(log_dir):
-    """--resume auto in a run that stopped diverging needs an explicit choice of checkpoint."""
-    path = os.path.join(log_dir or "", DIVERGED)
-    if not log_dir or not os.path.isfile(path):
-        return
-    try:
-        with open(path) as f:
-            info = json.load(f)
-        stopped, before = info["stopped_at"], info["checkpoint_before_streak"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise CheckpointError(f"{path} is damaged; remove it to resume this run with --resume auto") from None
-    raise CheckpointError(
-        f"the run in {log_dir} stopped at step {stopped} because it diverged ({path}). "
-        + diverged_advice(log_dir, before)
-    )
-
-
-def clear_diverged(log_dir):
-    try:
-        os.remove(os.path.join(log_dir or "", DIVERGED))
-    except OSError:
-        pass
-
-
-def set_aside_after(log_dir, step):
-    """Move the checkpoints newer than `step` into LOG_DIR/superseded/ (nothing is deleted), so
-    that `--resume auto` can never pick them once this run has continued from `step`."""
-    newer = [s for s in checkpoint_steps(log_dir) if s > step]
-    if not newer:
-        return []
-    target = os.path.join(log_dir, SUPERSEDED)
-    os.makedirs(target, exist_ok=True)
-    for s in newer:
-        state = load_state_file(os.path.join(log_dir, state_name(s)))
-        names = [state_name(s)] + (list(state["files"]) if state else [])  # the state file first
-        for name in names:
-            try:
-                os.replace(os.path.join(log_dir, name), os.path.join(target, name))
-            except FileNotFoundError:
-                pass
-    return newer
 
 
 def rank_state(data):

@@ -17,11 +17,12 @@ and how a run starts and stops: not saved in config.json).
 import argparse
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+
+from . import methods
+from .option import Option, non_negative, open_unit_interval, positive, str2bool  # noqa: F401  (their home was here)
 
 GROUPS = ("model", "diffusion", "train", "methods", "eval", "gpu", "run")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "fp64")
 IMAGE_CHANNELS = (1, 3, 4)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
@@ -32,59 +33,6 @@ OPTIMIZER_IMPLS = ("auto", "fused", "foreach", "single")
 RUN_FACTS = ("data_num_classes",)
 # A --config file may name another one to start from: {"base": "cifar10_baseline.json", ...}.
 BASE_KEY = "base"
-
-
-def str2bool(v):
-    """A command-line boolean ("true"/"false", "yes"/"no", "1"/"0"); argparse names the flag."""
-    if isinstance(v, bool):
-        return v
-    text = str(v).strip().lower()
-    if text in ("yes", "true", "t", "y", "1"):
-        return True
-    if text in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {v!r}")
-
-
-def positive(v):
-    return None if v > 0 else "must be positive"
-
-
-def non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def open_unit_interval(v):
-    return None if 0.0 < v < 1.0 else "must be in (0, 1)"
-
-
-@dataclass(frozen=True)
-class Option:
-    name: str
-    default: Any
-    help: str
-    group: str
-    choices: tuple = ()
-    check: Optional[Callable[[Any], Optional[str]]] = None  # value -> what is wrong, or None
-    # False: a flag beyond the originals' that defaults() leaves out, so that
-    # model_and_diffusion_defaults() keeps their key set (the scripts' parsers and
-    # config.json still have it)
-    in_defaults: bool = True
-
-    @property
-    def parse(self):
-        """The argparse type: from the default (str2bool for booleans)."""
-        if isinstance(self.default, bool):
-            return str2bool
-        return type(self.default)
-
-    def validate(self, value):
-        """ValueError naming the flag when `value` is not acceptable."""
-        if self.choices and value not in self.choices:
-            raise ValueError(f"--{self.name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
-        problem = self.check(value) if self.check else None
-        if problem:
-            raise ValueError(f"--{self.name} {problem}, got {value!r}")
 
 
 def _o(name, default, help, group, **kw):
@@ -126,8 +74,7 @@ OPTIONS = [
     _o("use_new_attention_order", False, "split q/k/v before heads in attention", "model"),
     # ---- training: the original's flags first
     _o("data_dir", "", "image folder (recursive) or .npz of uint8 images to train on", "train"),
-    _o("schedule_sampler", "uniform", "timestep sampler: uniform, loss-second-moment, clts, speed or lognormal", "methods",
-       choices=("uniform", "loss-second-moment", "clts", "speed", "lognormal")),
+    methods.sampler_option(),
     _o("lr", 1e-4, "base learning rate", "train", check=positive),
     _o("weight_decay", 0.0, "AdamW weight decay", "train", check=non_negative),
     _o("lr_anneal_steps", 0, "linear decay of the lr to 0 over this many steps (0: constant)", "train", check=non_negative),
@@ -141,7 +88,7 @@ OPTIONS = [
     _o("fp16_scale_growth", 1e-3, "fp16: the loss scale doubles after 1/this clean steps", "train"),
     _o("total_steps", 0, "stop after this many optimizer steps (0: --lr_anneal_steps, or never)", "train"),
     _o("precision", "auto", "fp32, bf16, fp16 or auto (training: bf16 on GPUs that have it, else fp32; "
-       "sampling: fp32)", "train", choices=PRECISIONS),
+       "sampling: fp32); fp64: a slow float64 reference run whose numbers do not depend on the CPU's kernels", "train", choices=PRECISIONS),
     _o("seed", 0, "seed of weights, data order, timesteps and noise", "train"),
     _o("grad_clip", 0.0, "clip the global gradient norm to this (0: off)", "train", check=non_negative),
     _o("keep_checkpoints", 0, "keep only the newest N checkpoints (0: all)", "train", check=non_negative),
@@ -149,26 +96,9 @@ OPTIONS = [
        "train", check=positive),
     _o("random_flip", True, "random horizontal flips of training images", "train"),
     _o("adam_beta2", 0.999, "Adam's beta2", "train", check=open_unit_interval),
-    # ---- the paper's methods (docs/methods.md) and their rivals
-    _o("clts_mu", 0.3, "CLTS: centre of the Gaussian over t/(T-1)", "methods"),
-    _o("clts_sigma", 1.0, "CLTS: width of the Gaussian over t/(T-1)", "methods"),
-    _o("clts_target_steps", 100000, "CLTS: steps until the Gaussian fully replaces the uniform", "methods"),
-    _o("clts_lambda_max", 1.0, "CLTS: final weight of the Gaussian in the mixture", "methods"),
-    _o("clts_importance_weighting", False, "CLTS: weight losses back to the uniform objective", "methods"),
-    _o("momentum_decay", False, "MD: decay Adam's beta1 over --total_steps (Demon)", "methods"),
-    _o("md_beta_init", 0.9, "MD: beta1 at step 0", "methods"),
-    _o("md_beta_min", 0.5, "MD: floor of beta1", "methods"),
-    _o("lr_compensation", False, "LRC: scale lr by (1 - beta_init) / (1 - beta1)", "methods"),
-    _o("min_snr_gamma", 0.0, "Min-SNR-gamma loss weighting (0: off), for comparison", "methods"),
-    _o("p2_gamma", 0.0, "P2 weighting (Choi et al. 2022): MSE term x 1/(p2_k + SNR_t)^p2_gamma (0: off), for comparison",
-       "methods", check=non_negative),
-    _o("p2_k", 1.0, "P2 weighting: the k in 1/(k + SNR_t)^gamma", "methods", check=positive),
-    _o("speed_tau", 0.7, "SpeeD sampler: boundary tau as a fraction of T; t < tau T is drawn speed_k times as often",
-       "methods", check=lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-    _o("speed_k", 5.0, "SpeeD sampler: probability ratio of timesteps below tau to those above", "methods", check=positive),
-    _o("speed_lambda", 0.6, "SpeeD sampler: loss weights below tau span [1 - lambda, lambda] (change-aware)", "methods"),
-    _o("lognormal_mean", 0.0, "lognormal sampler: mean m of the logit-normal over t/T (SD3)", "methods"),
-    _o("lognormal_std", 1.0, "lognormal sampler: std s of the logit-normal over t/T", "methods", check=positive),
+    # ---- the paper's methods and their rivals: each method declares its own options
+    # (improved_diffusion/methods/, docs/methods.md)
+    *methods.options(),
     # ---- FID during training
     _o("eval_interval", 0, "steps between FID evaluations of the first EMA (0: off)", "eval", check=non_negative),
     _o("eval_num_samples", 1000, "images sampled for each evaluation", "eval", check=positive),

@@ -26,7 +26,7 @@ statistics but without touching the running averages (`batch_statistics`), so a 
 deterministic function of the weights on a fixed batch and fixed latents. Images are
 sampled in eval mode (running averages), so image m depends on its latent alone.
 
-A checkpoint of step N in a run folder (written by `write_gan_checkpoint`):
+A checkpoint of step N in a run folder (`checkpoint_files`, saved by run_dir.RunDir):
 `ganNNNNNN.pt` {"generator", "discriminator": state dicts, "arch": dict}, `gan_optNNNNNN.pt`
 {"generator", "discriminator": optimizer states} and `stateNNNNNN.pt`, the state file of
 improved_diffusion.checkpoint (step, file sizes and SHA-256, RNG states, data position),
@@ -217,26 +217,15 @@ def gan_opt_name(step):
     return f"gan_opt{step:06d}.pt"
 
 
-def write_gan_checkpoint(log_dir, step, generator, discriminator, opt_g, opt_d, arch, state):
-    """
-    Write the checkpoint of `step`: ganNNNNNN.pt (both networks and the arch), gan_optNNNNNN.pt
-    (both optimizers) and last stateNNNNNN.pt (`state`, e.g. RNG states and data position,
-    with each file's size and SHA-256 and its own digest), each written atomically; a
-    checkpoint counts once its state file exists (checkpoint.find_latest_checkpoint).
-    """
-    os.makedirs(log_dir, exist_ok=True)
-    files = {}
-    for name, obj in (
-        (gan_name(step), {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
-                          "arch": dict(arch)}),
-        (gan_opt_name(step), {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()}),
-    ):
-        path = os.path.join(log_dir, name)
-        ckpt.atomic_save(obj, path)
-        files[name] = {"size": os.path.getsize(path), "sha256": ckpt.file_sha256(path)}
-    full = {"format": 2, "kind": "gan", "step": step, "files": files, **state}
-    full["sha256"] = ckpt.state_digest(full)
-    ckpt.atomic_save(full, os.path.join(log_dir, ckpt.state_name(step)))
+def checkpoint_files(step, generator, discriminator, opt_g, opt_d, arch):
+    """{file name: contents} of the checkpoint of `step`, for run_dir.RunDir.save (which adds
+    the state file): ganNNNNNN.pt with both networks and the arch, gan_optNNNNNN.pt with both
+    optimizers."""
+    return {
+        gan_name(step): {"generator": generator.state_dict(), "discriminator": discriminator.state_dict(),
+                         "arch": dict(arch)},
+        gan_opt_name(step): {"generator": opt_g.state_dict(), "discriminator": opt_d.state_dict()},
+    }
 
 
 def strip_prefix(path):

@@ -8,17 +8,20 @@ released checkpoints sample and score the same. Additions of this fork:
 
 * every sampler takes ``randn_like`` so that the caller owns all randomness
   (per-seed noise for the consistency metric and for multi-GPU sampling);
+  the DDPM and DDIM loops are one loop (``_sample_loop``) with two step functions;
 * training losses are computed in float32 even when the model runs under
   bf16/fp16 autocast;
 * optional Min-SNR-gamma weighting of the MSE term (Hang et al., 2023).
 """
 
 import enum
+import functools
 import math
 
 import numpy as np
 import torch
 
+from . import methods
 from .losses import discretized_gaussian_log_likelihood, normal_kl
 from .nn import mean_flat
 
@@ -110,6 +113,16 @@ def _to_fp32(tensor):
     return tensor.float() if tensor.dtype in _HALF_DTYPES else tensor
 
 
+def _loss_weighting(weighting, options):
+    """The diffusion's LossWeighting: the one given, or one from weighting option keywords."""
+    unknown = sorted(set(options) - set(methods.option_names(methods.WEIGHTING)))
+    if unknown:
+        raise TypeError(f"GaussianDiffusion() got unknown keyword(s): {', '.join(unknown)}")
+    if weighting is not None and options:
+        raise TypeError("give loss_weighting or the weighting options (min_snr_gamma, ...), not both")
+    return weighting if weighting is not None else methods.loss_weighting(options)
+
+
 class GaussianDiffusion:
     """
     Training and sampling utilities for a Gaussian diffusion model.
@@ -120,12 +133,12 @@ class GaussianDiffusion:
     :param loss_type: a LossType, the training objective.
     :param rescale_timesteps: if True, the model sees t * 1000 / T as floats,
                               so its inputs span 0..1000 whatever T is.
-    :param min_snr_gamma: if > 0, weight the per-sample MSE term by the
-                          Min-SNR-gamma rule (see min_snr_weights); 0 = off.
-                          Defined for EPSILON and START_X prediction only.
-    :param p2_gamma: if > 0, weight the per-sample MSE term by the P2 rule
-                     1 / (p2_k + SNR_t)^p2_gamma (see p2_weights); 0 = off.
-    :param p2_k: the k of P2 weighting (> 0).
+    :param loss_weighting: the loss weightings of the MSE term
+                           (`methods.LossWeighting`, e.g. Min-SNR-gamma, P2;
+                           improved_diffusion/methods/); None: unweighted.
+    :param weighting_options: or the weightings' options as keywords
+                              (min_snr_gamma=5.0, p2_gamma=1.0, p2_k=1.0, ...);
+                              each becomes an attribute of the diffusion.
     """
 
     def __init__(
@@ -136,17 +149,15 @@ class GaussianDiffusion:
         model_var_type,
         loss_type,
         rescale_timesteps=False,
-        min_snr_gamma=0.0,
-        p2_gamma=0.0,
-        p2_k=1.0,
+        loss_weighting=None,
+        **weighting_options,
     ):
         self.model_mean_type = model_mean_type
         self.model_var_type = model_var_type
         self.loss_type = loss_type
         self.rescale_timesteps = rescale_timesteps
-        self.min_snr_gamma = float(min_snr_gamma)
-        self.p2_gamma = float(p2_gamma)
-        self.p2_k = float(p2_k)
+        self.loss_weighting = _loss_weighting(loss_weighting, weighting_options)
+        self.__dict__.update(self.loss_weighting.values)  # diffusion.min_snr_gamma, diffusion.p2_gamma, ...
 
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1:
@@ -195,66 +206,33 @@ class GaussianDiffusion:
         self._fixed_large_log_variance = np.log(self._fixed_large_variance)
         self._recip_posterior_mean_coef1 = 1.0 / self.posterior_mean_coef1
         self._posterior_coef2_over_coef1 = self.posterior_mean_coef2 / self.posterior_mean_coef1
-        self._min_snr_weight = self._build_min_snr_weights()
-        self._p2_weight = self._build_p2_weights()
+        self._loss_weight_tables = self.loss_weighting.tables(self)  # {name: float64 factor per t}
         self._device_buffers = {}
 
     # ------------------------------------------------------------------ utils
 
-    def _build_min_snr_weights(self):
-        gamma = self.min_snr_gamma
-        if gamma < 0 or not math.isfinite(gamma):
-            raise ValueError(f"min_snr_gamma must be >= 0 (0 = off), got {gamma}")
-        if gamma == 0:
-            return None
-        if self.loss_type.is_vb():
-            raise ValueError(
-                "min_snr_gamma weights the MSE term, but loss type "
-                f"{self.loss_type.name} has none (use_kl must be False)"
-            )
-        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-        clipped = np.minimum(snr, gamma)
-        if self.model_mean_type == ModelMeanType.EPSILON:
-            return clipped / snr
-        if self.model_mean_type == ModelMeanType.START_X:
-            return clipped
-        # No weighting is defined for x_{t-1} targets in Hang et al.; refuse
-        # rather than guess.
-        raise ValueError(
-            "min_snr_gamma supports epsilon and x_start prediction only, not "
-            f"{self.model_mean_type.name}"
-        )
+    def loss_weights(self, t, name=None):
+        """
+        The factors of the MSE term for a batch of timesteps: of the loss weighting `name`
+        (ones when it is off), or the product of all that are on (None). Float32 of shape [N]
+        on t's device, gathered in float64 and rounded once.
+        """
+        names = self.loss_weighting.names if name is None else [name] if name in self.loss_weighting.names else []
+        out = torch.ones(t.shape, dtype=torch.float32, device=t.device)
+        for n in names:
+            out = out * self._loss_weight(n, t)
+        return out
 
-    def _build_p2_weights(self):
-        """
-        P2 weighting (Choi et al. 2022) as in its public code (jychoi118/P2-weighting):
-        the squared error of the MSE term times 1 / (k + SNR_t)^gamma with
-        SNR_t = alpha_bar_t / (1 - alpha_bar_t), not normalised, whatever the model
-        predicts; the VB term of learned sigmas is not weighted. None when gamma is 0.
-        """
-        gamma, k = self.p2_gamma, self.p2_k
-        if gamma < 0 or not math.isfinite(gamma):
-            raise ValueError(f"p2_gamma must be >= 0 (0 = off), got {gamma}")
-        if not k > 0 or not math.isfinite(k):
-            raise ValueError(f"p2_k must be > 0, got {k}")
-        if gamma == 0:
-            return None
-        if self.loss_type.is_vb():
-            raise ValueError(
-                "p2_gamma weights the MSE term, but loss type "
-                f"{self.loss_type.name} has none (use_kl must be False)"
-            )
-        snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)
-        return 1.0 / (k + snr) ** gamma
+    def _loss_weight(self, name, t):
+        key = ("loss_weight", name, t.device)
+        table = self._device_buffers.get(key)
+        if table is None:
+            table = self._device_buffers[key] = torch.from_numpy(self._loss_weight_tables[name]).to(t.device)
+        return table[t].float()
 
     def p2_weights(self, t):
-        """
-        P2 loss weights 1 / (p2_k + SNR_t)^p2_gamma for a batch of timesteps
-        (ones when p2_gamma is 0), float32 of shape [N] on t's device.
-        """
-        if self._p2_weight is None:
-            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-        return self._buffer("_p2_weight", t.device)[t].float()
+        """P2 loss weights 1 / (p2_k + SNR_t)^p2_gamma of timesteps `t` (ones when p2_gamma is 0)."""
+        return self.loss_weights(t, "p2")
 
     def _buffer(self, name, device):
         """A float64 copy of a numpy buffer on `device`, cached per device."""
@@ -276,18 +254,10 @@ class GaussianDiffusion:
 
     def min_snr_weights(self, t):
         """
-        Min-SNR-gamma loss weights for a batch of timesteps.
-
-        With SNR(t) = alpha_bar_t / (1 - alpha_bar_t): min(SNR, gamma) / SNR
-        for epsilon prediction, min(SNR, gamma) for x_start prediction; ones
-        when min_snr_gamma is 0.
-
-        :param t: a 1-D tensor of timestep indices.
-        :return: a float32 tensor of shape [N] on t's device.
+        Min-SNR-gamma loss weights of timesteps `t`: min(SNR, gamma) / SNR for epsilon
+        prediction, min(SNR, gamma) for x_start prediction; ones when min_snr_gamma is 0.
         """
-        if self._min_snr_weight is None:
-            return torch.ones(t.shape, dtype=torch.float32, device=t.device)
-        return self._buffer("_min_snr_weight", t.device)[t].float()
+        return self.loss_weights(t, "min-snr")
 
     def _scale_timesteps(self, t):
         if self.rescale_timesteps:
@@ -575,21 +545,12 @@ class GaussianDiffusion:
                            every step's noise; default torch.randn_like.
         :return: the final batch of samples (no gradient).
         """
-        final = None
-        for out in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            randn_like=randn_like,
-        ):
-            final = out
-        return final["sample"]
+        return _last_sample(
+            self.p_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                model_kwargs, device, progress, randn_like=randn_like,
+            )
+        )
 
     def p_sample_loop_progressive(
         self,
@@ -611,23 +572,16 @@ class GaussianDiffusion:
 
         :param randn_like: see p_sample_loop.
         """
-        device = _resolve_device(model, noise, device)
-        img = _initial_noise(shape, noise, device, randn_like)
-        for i in _step_indices(self.num_timesteps, progress):
-            t = torch.full((shape[0],), i, dtype=torch.long, device=device)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    randn_like=randn_like,
-                )
-                yield out
-                img = out["sample"]
+        step = functools.partial(
+            self.p_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            randn_like=randn_like,
+        )
+        return self._sample_loop(step, model, shape, noise, device, progress, randn_like)
 
     def ddim_sample(
         self,
@@ -745,22 +699,12 @@ class GaussianDiffusion:
         :param randn_like: see p_sample_loop.
         :return: the final batch of samples (no gradient).
         """
-        final = None
-        for out in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            cond_fn=cond_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            randn_like=randn_like,
-        ):
-            final = out
-        return final["sample"]
+        return _last_sample(
+            self.ddim_sample_loop_progressive(
+                model, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                model_kwargs, device, progress, eta, randn_like=randn_like,
+            )
+        )
 
     def ddim_sample_loop_progressive(
         self,
@@ -782,22 +726,49 @@ class GaussianDiffusion:
 
         :param randn_like: see p_sample_loop.
         """
+        step = functools.partial(
+            self.ddim_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+            randn_like=randn_like,
+        )
+        return self._sample_loop(step, model, shape, noise, device, progress, randn_like)
+
+    def _sample_loop(self, step, model, shape, noise, device, progress, randn_like):
+        """
+        The reverse-time loop every sampler shares: x_T (`noise`, else drawn
+        with `randn_like`), then x <- step(x, t)["sample"] for t = T-1 .. 0,
+        yielding each step's dict. A generator, so nothing (not even the
+        argument checks) runs before the caller asks for the first step.
+
+        :param step: callable step(x, t) -> dict with 'sample', e.g. p_sample
+                     or ddim_sample with the model and options bound.
+        :param model: only read to choose the device (see p_sample_loop).
+        """
+        if not isinstance(shape, (tuple, list)):
+            raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
         device = _resolve_device(model, noise, device)
-        img = _initial_noise(shape, noise, device, randn_like)
-        for i in _step_indices(self.num_timesteps, progress):
+        if noise is not None:
+            img = noise
+        elif randn_like is None:
+            img = torch.randn(*shape, device=device)
+        else:
+            img = randn_like(torch.empty(*shape, device=device))
+        indices = range(self.num_timesteps - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm  # only needed for interactive use
+
+            indices = tqdm(indices)
+        for i in indices:
             t = torch.full((shape[0],), i, dtype=torch.long, device=device)
+            # Autograd stays off for the step and while the caller holds its
+            # output, as in the original loop; cond_fn turns it on for itself.
             with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    randn_like=randn_like,
-                )
+                out = step(img, t)
                 yield out
                 img = out["sample"]
 
@@ -841,8 +812,8 @@ class GaussianDiffusion:
         :param model_kwargs: optional dict of extra model arguments.
         :param noise: optional Gaussian noise to add (default: fresh draw).
         :return: a dict of shape-[N] tensors: 'loss' always; 'mse' for the
-                 MSE losses (already multiplied by min_snr_weights(t) when
-                 min_snr_gamma > 0 and by p2_weights(t) when p2_gamma > 0); 'vb' when the variance is learned with an
+                 MSE losses (already multiplied by the factors of the loss
+                 weightings that are on, see loss_weights); 'vb' when the variance is learned with an
                  MSE loss. loss = mse + vb, where vb gets no gradient into the
                  mean output.
         """
@@ -901,10 +872,8 @@ class GaussianDiffusion:
                     f"target {tuple(target.shape)}"
                 )
             terms["mse"] = mean_flat((target - model_output) ** 2)
-            if self._min_snr_weight is not None:
-                terms["mse"] = terms["mse"] * self.min_snr_weights(t)
-            if self._p2_weight is not None:
-                terms["mse"] = terms["mse"] * self.p2_weights(t)
+            for name in self.loss_weighting.names:  # the one place a loss weighting is applied
+                terms["mse"] = terms["mse"] * self._loss_weight(name, t)
             if "vb" in terms:
                 terms["loss"] = terms["mse"] + terms["vb"]
             else:
@@ -925,6 +894,44 @@ class GaussianDiffusion:
         qt_mean, _, qt_log_variance = self.q_mean_variance(x_start, t)
         kl_prior = normal_kl(mean1=qt_mean, logvar1=qt_log_variance, mean2=0.0, logvar2=0.0)
         return mean_flat(kl_prior) / np.log(2.0)
+
+    def heldout_loss_terms(self, model, x_start, t, noise, model_kwargs=None):
+        """
+        Unweighted loss terms of one model call at given (x_0, t, noise), for
+        held-out curves that compare runs trained with different objectives
+        or loss weightings (training_losses applies the run's own).
+
+        :param model: callable model(x_t, t, **model_kwargs).
+        :param x_start: the [N x C x ...] tensor of clean inputs.
+        :param t: 1-D tensor of timestep indices.
+        :param noise: the Gaussian noise that makes x_t (same shape as x_start).
+        :param model_kwargs: optional dict of extra model arguments.
+        :return: a dict of shape-[N] tensors:
+                 - 'eps_mse': float64 MSE between `noise` and the noise the
+                   model's output implies (whatever it predicts);
+                 - 'vb': the variational-bound term L_t in bits/dim (the
+                   decoder NLL at t == 0), unclipped x_0 prediction;
+                 - 'prior_bpd': KL(q(x_T | x_0) || N(0, I)) in bits/dim, so
+                   that T * mean(vb) + mean(prior_bpd) estimates the bound.
+        """
+        if model_kwargs is None:
+            model_kwargs = {}
+        x_t = self.q_sample(x_start, t, noise=noise)
+        output = _to_fp32(model(x_t, self._scale_timesteps(t), **model_kwargs))
+        mean_output = output[:, : x_start.shape[1]]
+        if self.model_mean_type == ModelMeanType.EPSILON:
+            eps = mean_output
+        elif self.model_mean_type == ModelMeanType.START_X:
+            eps = self._predict_eps_from_xstart(x_t, t, mean_output)
+        else:
+            pred_xstart = self._predict_xstart_from_xprev(x_t, t, mean_output)
+            eps = self._predict_eps_from_xstart(x_t, t, pred_xstart)
+        p_out = self._p_mean_variance_from_output(output, x_t, t, clip_denoised=False)
+        return {
+            "eps_mse": mean_flat((eps.double() - noise.double()) ** 2),
+            "vb": self._vb_terms_from_p(p_out, x_start, x_t, t)["output"],
+            "prior_bpd": self._prior_bpd(x_start),
+        }
 
     def calc_bpd_loop(self, model, x_start, clip_denoised=True, model_kwargs=None):
         """
@@ -989,23 +996,12 @@ def _resolve_device(model, noise, device):
     return torch.device("cpu")
 
 
-def _initial_noise(shape, noise, device, randn_like):
-    if not isinstance(shape, (tuple, list)):
-        raise TypeError(f"shape must be a tuple or list, got {type(shape).__name__}")
-    if noise is not None:
-        return noise
-    if randn_like is None:
-        return torch.randn(*shape, device=device)
-    return randn_like(torch.empty(*shape, device=device))
-
-
-def _step_indices(num_timesteps, progress):
-    indices = list(range(num_timesteps))[::-1]
-    if progress:
-        from tqdm.auto import tqdm  # only needed for interactive use
-
-        indices = tqdm(indices)
-    return indices
+def _last_sample(steps):
+    """The 'sample' of the last dict a progressive sampling loop yields."""
+    out = None
+    for out in steps:
+        pass
+    return out["sample"]
 
 
 def _extract_into_tensor(arr, timesteps, broadcast_shape):

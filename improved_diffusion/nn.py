@@ -21,14 +21,15 @@ SiLU = nn.SiLU
 
 class GroupNorm32(nn.GroupNorm):
     """
-    GroupNorm that computes its statistics in float32 and returns the input dtype.
+    GroupNorm that computes its statistics in float32 (float64 for float64 inputs) and
+    returns the input dtype.
 
     Variance over a group of a half-precision activation loses most of its digits;
     doing the reduction in float32 is what keeps fp16/bf16 training stable.
     """
 
     def forward(self, x):
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
 
 
 def conv_nd(dims, *args, **kwargs):
@@ -118,7 +119,7 @@ def normalization(channels):
     return GroupNorm32(32, channels)
 
 
-def timestep_embedding(timesteps, dim, max_period=10000):
+def timestep_embedding(timesteps, dim, max_period=10000, dtype=torch.float32):
     """
     Sinusoidal timestep embeddings, cosines first then sines.
 
@@ -129,12 +130,13 @@ def timestep_embedding(timesteps, dim, max_period=10000):
         fractional (rescaled timesteps).
     :param dim: the size of each embedding.
     :param max_period: sets the lowest frequency of the embedding.
-    :return: an [N x dim] float32 tensor of embeddings.
+    :param dtype: the dtype the sinusoid is computed in (float64 for float64 models).
+    :return: an [N x dim] tensor of embeddings, of `dtype`.
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    exponent = torch.arange(half, dtype=dtype, device=timesteps.device) / half
     freqs = torch.exp(-math.log(max_period) * exponent)
-    args = timesteps[:, None].float() * freqs[None]
+    args = timesteps[:, None].to(dtype) * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)

@@ -5,18 +5,26 @@ benchmark all use these).
 
 Parameters, gradients and the optimizer state stay float32; `torch.autocast` runs the
 model in bf16 or fp16. fp16 scales the loss (GradScaler); bf16 needs no scaling.
+`fp64` is a reference precision, not a training one: weights (initialised in float64),
+inputs, noise and the optimizer are float64, so a run's numbers depend on the code's
+arithmetic and not on which CPU kernels round it (tests/test_pinned_weights.py).
 """
 
 from contextlib import nullcontext
 
 import torch
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": None}  # autocast dtype
+
+
+def param_dtype(precision):
+    """The dtype of weights, inputs and noise of a resolved precision (autocast casts inside)."""
+    return torch.float64 if precision == "fp64" else torch.float32
 
 
 def resolve(precision, device, purpose="train", use_fp16=False):
     """
-    The concrete precision ('fp32', 'bf16' or 'fp16') of a `--precision` value.
+    The concrete precision ('fp32', 'bf16', 'fp16' or 'fp64') of a `--precision` value.
 
     'auto' is bf16 for training on a CUDA GPU that has it, else fp32; sampling and
     evaluation resolve 'auto' to fp32, as the original sampled. The original's
@@ -27,6 +35,8 @@ def resolve(precision, device, purpose="train", use_fp16=False):
     if precision != "auto":
         if precision not in DTYPES:
             raise ValueError(f"--precision must be one of auto, {', '.join(DTYPES)}, got {precision!r}")
+        if precision == "fp64" and purpose != "train":
+            raise ValueError("--precision fp64 is for training reference runs; sampling takes fp32, bf16 or fp16")
         return precision
     device = torch.device(device)
     if purpose == "train" and device.type == "cuda" and torch.cuda.is_bf16_supported():

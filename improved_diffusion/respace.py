@@ -96,6 +96,9 @@ class SpacedDiffusion(GaussianDiffusion):
     def training_losses(self, model, *args, **kwargs):  # pylint: disable=signature-differs
         return super().training_losses(self._wrap_model(model), *args, **kwargs)
 
+    def heldout_loss_terms(self, model, *args, **kwargs):  # pylint: disable=signature-differs
+        return super().heldout_loss_terms(self._wrap_model(model), *args, **kwargs)
+
     def condition_mean(self, cond_fn, *args, **kwargs):
         return super().condition_mean(self._wrap_model(cond_fn), *args, **kwargs)
 

@@ -12,7 +12,7 @@ architecture. The original API is unchanged: `add_dict_to_argparser`, `args_to_d
 import os
 import sys
 
-from . import config
+from . import config, methods
 from . import gaussian_diffusion as gd
 from .config import str2bool  # noqa: F401  (the original API's home of str2bool)
 from .respace import SpacedDiffusion, space_timesteps
@@ -38,8 +38,9 @@ SR_CHANNEL_MULT = {
     64: (1, 2, 3, 4),
 }
 
-# Options accepted by the factories beside the defaults' keys (docs/design.md).
-_EXTRA_OPTIONS = ("min_snr_gamma", "p2_gamma", "p2_k", "class_dropout_prob", "image_channels")
+# Options accepted by the factories beside the defaults' keys (docs/design.md): these and
+# the options of every registered loss weighting (improved_diffusion/methods/).
+_EXTRA_OPTIONS = ("class_dropout_prob", "image_channels")
 
 
 def model_and_diffusion_defaults():
@@ -66,7 +67,8 @@ def _merge_options(kwargs, defaults, caller):
     """
     Defaults overridden by `kwargs`; unknown keys are an error, not ignored.
     """
-    allowed = {**defaults, **{k: config.BY_NAME[k].default for k in _EXTRA_OPTIONS}}
+    extra = _EXTRA_OPTIONS + methods.option_names(methods.WEIGHTING)
+    allowed = {**defaults, **{k: config.BY_NAME[k].default for k in extra}}
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise TypeError(f"{caller}() got unknown option(s): {', '.join(unknown)}")
@@ -84,9 +86,7 @@ def _diffusion_kwargs(opts):
         rescale_timesteps=opts["rescale_timesteps"],
         rescale_learned_sigmas=opts["rescale_learned_sigmas"],
         timestep_respacing=opts["timestep_respacing"],
-        min_snr_gamma=opts["min_snr_gamma"],
-        p2_gamma=opts["p2_gamma"],
-        p2_k=opts["p2_k"],
+        loss_weighting=methods.loss_weighting(opts),
     )
 
 
@@ -102,8 +102,8 @@ def create_model_and_diffusion(**kwargs):
     Build the UNet and the (spaced) diffusion from flat flags.
 
     Takes the keys of `model_and_diffusion_defaults()` (missing ones take their
-    default) plus `min_snr_gamma`, `p2_gamma`, `p2_k`, `class_dropout_prob` and
-    `image_channels`; any other key raises TypeError.
+    default) plus `class_dropout_prob`, `image_channels` and the options of the loss
+    weightings (`min_snr_gamma`, `p2_gamma`, `p2_k`, ...); any other key raises TypeError.
 
     :return: a tuple (model, diffusion).
     """
@@ -270,8 +270,8 @@ def sr_create_model_and_diffusion(**kwargs):
     """
     Build the super-resolution UNet and its diffusion from flat flags.
 
-    Takes the keys of `sr_model_and_diffusion_defaults()` plus `min_snr_gamma`, `p2_gamma`,
-    `p2_k`, `image_channels` and `channel_mult` (not an original flag: "" picks guided-diffusion's
+    Takes the keys of `sr_model_and_diffusion_defaults()` plus the loss weightings' options,
+    `image_channels` and `channel_mult` (not an original flag: "" picks guided-diffusion's
     multipliers by `large_size`, which exist for 64, 256 and 512 only).
 
     :return: a tuple (model, diffusion).
@@ -372,9 +372,8 @@ def create_gaussian_diffusion(
     rescale_timesteps=False,
     rescale_learned_sigmas=False,
     timestep_respacing="",
-    min_snr_gamma=0.0,
-    p2_gamma=0.0,
-    p2_k=1.0,
+    loss_weighting=None,
+    **weighting_options,
 ):
     """
     Build a SpacedDiffusion from flags, mapping them to the diffusion enums exactly
@@ -391,9 +390,10 @@ def create_gaussian_diffusion(
     :param rescale_learned_sigmas: use RESCALED_MSE (the hybrid loss) instead of MSE.
     :param timestep_respacing: sampling steps to keep, e.g. "250" or "ddim50"; ""
         keeps all `steps`.
-    :param min_snr_gamma: Min-SNR-gamma loss weighting; 0 turns it off.
-    :param p2_gamma: P2 loss weighting 1 / (p2_k + SNR)^p2_gamma; 0 turns it off.
-    :param p2_k: the k of P2 weighting.
+    :param loss_weighting: the loss weightings of the MSE term (`methods.loss_weighting(options)`);
+        None: unweighted.
+    :param weighting_options: or their options as keywords, e.g. min_snr_gamma=5.0 or
+        p2_gamma=1.0, p2_k=1.0 (improved_diffusion/methods/); an unknown keyword is a TypeError.
     """
     try:
         betas = gd.get_named_beta_schedule(noise_schedule, steps)
@@ -422,9 +422,8 @@ def create_gaussian_diffusion(
         model_var_type=model_var_type,
         loss_type=loss_type,
         rescale_timesteps=rescale_timesteps,
-        min_snr_gamma=min_snr_gamma,
-        p2_gamma=p2_gamma,
-        p2_k=p2_k,
+        loss_weighting=loss_weighting,
+        **weighting_options,
     )
 
 

@@ -10,7 +10,6 @@ loss or gradient skips the step, and too many in a row stop the run with a clear
 """
 
 import inspect
-import os
 import sys
 import time
 from contextlib import nullcontext
@@ -24,14 +23,16 @@ from . import checkpoint as ckpt
 from . import config as options
 from . import dist_util
 from . import logger as logger_module
+from . import precision
 from .ema import EMA
 from .image_datasets import to_model_input
 from .logger import Logger
-from .momentum_decay import MomentumSchedule
+from .methods.momentum import MomentumSchedule
 from .precision import MixedPrecision
-from .resample import LossAwareSampler, UniformSampler
+from .resample import UniformSampler
+from .run_dir import RunDir
 
-PRECISIONS = ("fp32", "bf16", "fp16")  # resolved: precision.resolve turns "auto" into one of these
+PRECISIONS = ("fp32", "bf16", "fp16", "fp64")  # resolved: precision.resolve turns "auto" into one of these
 
 
 def _default(name):
@@ -56,7 +57,7 @@ class TrainConfig:
     log_interval: int = _default("log_interval")
     save_interval: int = _default("save_interval")
     keep_checkpoints: int = _default("keep_checkpoints")
-    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + loss scaling)
+    precision: str = "fp32"  # fp32, bf16 (autocast), fp16 (autocast + loss scaling) or fp64 (reference)
     fp16_scale_growth: float = _default("fp16_scale_growth")
     grad_clip: float = _default("grad_clip")
     max_nonfinite_steps: int = _default("max_nonfinite_steps")
@@ -89,6 +90,26 @@ class TrainConfig:
             raise ValueError(f"--total_steps must be positive, got {self.total_steps}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+
+    def end_step(self):
+        """The step this run stops at: --total_steps (else --lr_anneal_steps), capped by
+        --stop_at; None: never."""
+        total = self.total_steps if self.total_steps is not None else (self.lr_anneal_steps or None)
+        if self.stop_at is not None:
+            total = min(total, self.stop_at) if total is not None else self.stop_at
+        return total
+
+    def base_lr(self, step):
+        """
+        The ordinary schedule at global step `step`: constant, or the original's linear anneal
+        to 0, times the linear warm-up min(1, (step + 1) / lr_warmup_steps) when that is on.
+        """
+        lr = self.lr
+        if self.lr_anneal_steps:
+            lr *= 1.0 - min(step / self.lr_anneal_steps, 1.0)
+        if self.lr_warmup_steps:
+            lr *= min(1.0, (step + 1) / self.lr_warmup_steps)
+        return lr
 
     @classmethod
     def from_original_options(
@@ -128,7 +149,7 @@ class TrainLoop:
         its `state_dict()` / `load_state_dict()`, when present, make resume exact.
     :param config: a TrainConfig.
     :param schedule_sampler: the timestep sampler (default uniform); CLTS gets `set_step(k)`.
-    :param log_dir: where checkpoints and logs go.
+    :param log_dir: a folder, or the RunDir (run_dir.py) that saves and finds checkpoints.
     :param resume: "auto" (newest intact checkpoint in log_dir, if any), "none", or a path
         to a checkpoint file (`modelNNNNNN.pt` / `stateNNNNNN.pt`) or a directory.
     :param evaluator: optional callable(ema_model, step) -> dict of metrics, run every
@@ -140,21 +161,9 @@ class TrainLoop:
     instead of `config=`; it writes to the module logger's directory, as the original.
     """
 
-    def __init__(
-        self,
-        *,
-        model,
-        diffusion,
-        data,
-        config: Optional[TrainConfig] = None,
-        schedule_sampler=None,
-        log_dir=None,
-        resume="auto",
-        logger: Optional[Logger] = None,
-        evaluator: Optional[Callable] = None,
-        run_config: Optional[dict] = None,
-        **original_options,
-    ):
+    def __init__(self, *, model, diffusion, data, config: Optional[TrainConfig] = None, schedule_sampler=None,
+                 log_dir=None, resume="auto", logger: Optional[Logger] = None, evaluator: Optional[Callable] = None,
+                 run_config: Optional[dict] = None, **original_options):
         if config is None:
             resume = original_options.pop("resume_checkpoint", "") or "none"
             config = TrainConfig.from_original_options(**original_options)
@@ -167,8 +176,8 @@ class TrainLoop:
         self.data = data
         self.config = config
         self.schedule_sampler = schedule_sampler or UniformSampler(diffusion)
-        self.log_dir = log_dir
-        self.logger = logger or Logger(log_dir)
+        self.run_dir = log_dir if isinstance(log_dir, RunDir) else RunDir(log_dir, logger or Logger(log_dir))
+        self.logger = logger or self.run_dir.logger
         self.evaluator = evaluator
         self.run_config = run_config or {}
         self.device = next(model.parameters()).device
@@ -179,14 +188,14 @@ class TrainLoop:
         self.step = 0
         self.last_saved_step = None
 
+        self.input_dtype = precision.param_dtype(config.precision)
+        if config.precision == "fp64":
+            self.model.to(torch.float64)  # a no-op for models built in float64 (training.build_model)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        # Non-finite steps (identical on all ranks): counted on the device, read at log intervals.
-        self._skipped = torch.zeros((), dtype=torch.long, device=self.device)
-        self._streak = torch.zeros((), dtype=torch.long, device=self.device)
-        self._worst_streak = torch.zeros((), dtype=torch.long, device=self.device)
+        self.nonfinite = NonFiniteSteps(self.device)
         self.opt = make_adamw(self.params, config, self.device)
         self.mixed = MixedPrecision(config.precision, self.device, self.opt, config.fp16_scale_growth)
         self.ema = EMA(self.model, config.ema_rate)
@@ -195,30 +204,16 @@ class TrainLoop:
         self._interval_start = (time.perf_counter(), self.step)
         self._eval_seconds = 0.0  # spent in evaluate() since the last dump
 
-        if self.world_size > 1:
-            # Parameters are identical on every rank here (same seed or same checkpoint);
-            # DDP broadcasts rank 0's anyway.
-            self.ddp_model = DDP(
-                self.model,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                bucket_cap_mb=128,
-                find_unused_parameters=False,
-                **_no_buffer_sync(),
-            )
-        else:
-            self.ddp_model = self.model
-        self.train_model = (
-            torch.compile(self.ddp_model, mode=config.compile_mode) if config.compile else self.ddp_model
-        )
+        self.ddp_model = _distributed(self.model, self.device, self.world_size)
+        self.train_model = torch.compile(self.ddp_model, mode=config.compile_mode) if config.compile else self.ddp_model
 
     # Names kept from the first layout of this class (tests and user code read them).
-    @property
-    def ema_params(self):
-        return self.ema.params
+    ema_params = property(lambda self: self.ema.params)
+    scaler = property(lambda self: self.mixed.scaler)
+    nonfinite_streak = property(lambda self: self.nonfinite.streak)
 
-    @property
-    def scaler(self):
-        return self.mixed.scaler
+    def nonfinite_counts(self, reset):
+        return self.nonfinite.read(reset)
 
     def ema_state_dict(self, index=0):
         return self.ema.state_dict(index)
@@ -228,36 +223,17 @@ class TrainLoop:
 
     # ------------------------------------------------------------------ schedules
 
-    def total_steps(self):
-        if self.config.total_steps is not None:
-            return self.config.total_steps
-        return self.config.lr_anneal_steps or None
-
-    def base_lr(self, step):
-        """
-        The ordinary schedule at global step `step`: constant, or the original's linear anneal
-        to 0, times the linear warm-up min(1, (step + 1) / lr_warmup_steps) when that is on.
-        """
-        lr = self.config.lr
-        if self.config.lr_anneal_steps:
-            lr *= 1.0 - min(step / self.config.lr_anneal_steps, 1.0)
-        if self.config.lr_warmup_steps:
-            lr *= min(1.0, (step + 1) / self.config.lr_warmup_steps)
-        return lr
-
     def ema_rates(self, step):
         """Each EMA's decay for the update at global step `step` (ramped with --ema_warmup)."""
         return self.ema.rates_at(step, self.config.ema_warmup)
 
     def schedules(self, step):
-        """
-        lr (anneal x warm-up x LRC), beta1 (MD), the sampler's curriculum values and, with
-        --ema_warmup, the first EMA's decay, at global step `step`.
-        """
+        """lr (anneal x warm-up x LRC), beta1 (MD), the sampler's curriculum values and, with
+        --ema_warmup, the first EMA's decay, at global step `step`."""
         momentum = self.config.momentum
         ema = {"ema_decay": self.ema_rates(step)[0]} if self.config.ema_warmup else {}
         return {
-            "lr": self.base_lr(step) * momentum.lr_factor(step),
+            "lr": self.config.base_lr(step) * momentum.lr_factor(step),
             "beta1": momentum.beta1(step),
             **self.schedule_sampler.schedule_values(step),
             **ema,
@@ -267,19 +243,11 @@ class TrainLoop:
 
     def run_loop(self):
         """Train until `total_steps` (or forever), then save a final checkpoint."""
-        total = self.total_steps()
-        if self.config.stop_at is not None:
-            total = min(total, self.config.stop_at) if total is not None else self.config.stop_at
+        total = self.config.end_step()
         if total is not None and self.step >= total:
-            self.logger.log(
-                f"nothing to train: the run is at step {self.step}, and --total_steps / --stop_at "
-                f"end it at step {total}"
-            )
-        bar = None
-        if self.config.progress and dist_util.is_main() and sys.stdout.isatty():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=total, initial=self.step, unit="step", dynamic_ncols=True)
+            self.logger.log(f"nothing to train: the run is at step {self.step}, and --total_steps / --stop_at "
+                            f"end it at step {total}")
+        bar = _progress_bar(total, self.step) if self.config.progress else None
         self._interval_start = (time.perf_counter(), self.step)
         while total is None or self.step < total:
             batch, cond = next(self.data)
@@ -312,7 +280,7 @@ class TrainLoop:
         for key, value in sched.items():
             self.logger.logkv(key, value)
 
-        x = to_model_input(batch, self.device).contiguous(memory_format=self.memory_format)
+        x = to_model_input(batch, self.device, self.input_dtype).contiguous(memory_format=self.memory_format)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
         # Timesteps and noise for the whole batch (so --microbatch changes nothing); the noise
         # is drawn in NCHW order, so the memory format never changes it either.
@@ -329,7 +297,7 @@ class TrainLoop:
         self.mixed.step(finite)
         self.ema.update(finite, self.ema_rates(self.step))
         self.logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
-        self._count_nonfinite(finite)
+        self.nonfinite.count(finite)
 
     def _accumulate(self, piece, x, cond, t, weights, noise):
         """Backward of one microbatch, its loss weighted by its share of the batch, so the
@@ -344,46 +312,20 @@ class TrainLoop:
                     self.train_model, micro, t, model_kwargs={k: v[piece] for k, v in cond.items()},
                     noise=noise[piece],
                 )
-            if isinstance(self.schedule_sampler, LossAwareSampler):
-                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+            self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())  # loss-aware ones learn
             loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n_total)
             self._log_losses(t, losses, weights)
             self.mixed.backward(loss)
 
-    def _count_nonfinite(self, finite):
-        """Skipped steps and the longest non-finite streak, as device counters."""
-        bad = (~finite).long()
-        self._skipped = self._skipped + bad
-        self._streak = (self._streak + 1) * bad
-        self._worst_streak = torch.maximum(self._worst_streak, self._streak)
-
-    @property
-    def nonfinite_streak(self):
-        """Non-finite steps in a row up to now (reads the device counter)."""
-        return int(self._streak)
-
-    def nonfinite_counts(self, reset):
-        """(skipped steps, longest streak) since the last reset: one host sync."""
-        skipped, worst = torch.stack([self._skipped, self._worst_streak]).tolist()
-        if reset:
-            self._skipped.zero_()
-            self._worst_streak.copy_(self._streak)
-        return skipped, worst
-
     def _stop_if_diverged(self, worst_streak):
-        """Checked at every log interval and save, so a streak is noticed within --log_interval.
-        The stop names the newest checkpoint from before the streak and how to continue from it;
-        a marker file makes `--resume auto` refuse the checkpoints written during the streak."""
-        if worst_streak < self.config.max_nonfinite_steps:
-            return
-        before = ckpt.newest_checkpoint_before(self.log_dir, self.step - worst_streak)
-        if dist_util.is_main() and self.log_dir is not None:
-            ckpt.mark_diverged(self.log_dir, self.step, worst_streak, before)
-        raise NonFiniteError(
-            f"{worst_streak} non-finite steps in a row (limit --max_nonfinite_steps "
-            f"{self.config.max_nonfinite_steps}) by step {self.step}: the run has diverged. "
-            + ckpt.diverged_advice(self.log_dir, before)
-        )
+        """Checked at every log interval and save, so a streak is noticed within --log_interval;
+        the run directory marks the run and says how to continue from before the streak."""
+        if worst_streak >= self.config.max_nonfinite_steps:
+            raise NonFiniteError(
+                f"{worst_streak} non-finite steps in a row (limit --max_nonfinite_steps "
+                f"{self.config.max_nonfinite_steps}) by step {self.step}: the run has diverged. "
+                + self.run_dir.mark_diverged(self.step, worst_streak)
+            )
 
     def _grad_norm_and_clip(self):
         """The global gradient norm; clips to --grad_clip only when that is on (no extra pass)."""
@@ -436,14 +378,19 @@ class TrainLoop:
     # ------------------------------------------------------------------ checkpoints
 
     def save(self):
-        """Write the checkpoint at this step (rank 0), atomically; every rank must call this."""
-        if self.log_dir is None:
+        """The checkpoint of this step (rank 0 writes it, atomically); every rank must call this."""
+        if self.run_dir.path is None:
             return
         self._stop_if_diverged(self.nonfinite_counts(reset=False)[1])
         rank_states = dist_util.all_gather_objects(ckpt.rank_state(self.data))
-        if dist_util.is_main():
-            self._check_finite()
-            state = {
+
+        def contents():
+            _refuse_nonfinite(self.params + self.ema.all_tensors(), self.step)
+            files = {ckpt.model_name(self.step): self.model.state_dict()}
+            for i, rate in enumerate(self.config.ema_rate):
+                files[ckpt.ema_name(rate, self.step)] = self.ema.state_dict(i)
+            files[ckpt.opt_name(self.step)] = self.opt.state_dict()
+            return files, {
                 "world_size": self.world_size,
                 "ranks": rank_states,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -453,142 +400,95 @@ class TrainLoop:
                 "ema_rate": list(self.config.ema_rate),
                 "config": _plain(self.run_config),
             }
-            emas = {rate: self.ema.state_dict(i) for i, rate in enumerate(self.config.ema_rate)}
-            ckpt.write_checkpoint(self.log_dir, self.step, self.model.state_dict(), emas, self.opt.state_dict(), state)
-            self.logger.log(f"saved checkpoint at step {self.step} in {self.log_dir}")
-            ckpt.prune_checkpoints(self.log_dir, self.config.keep_checkpoints)
-        self.last_saved_step = self.step
-        dist_util.barrier()
 
-    def _check_finite(self):
-        tensors = self.params + self.ema.all_tensors()
-        norms = torch.stack([t.detach().float().norm() for t in tensors])
-        if not torch.isfinite(norms).all():
-            raise NonFiniteError(f"refusing to write a checkpoint with non-finite weights at step {self.step}")
+        self.run_dir.save(self.step, contents, keep=self.config.keep_checkpoints)
+        self.last_saved_step = self.step
 
     def _resume(self, resume):
-        if dist_util.is_main():
-            stale = ckpt.remove_temp_files(self.log_dir)
-            if stale:
-                self.logger.log(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}")
-        if resume in (None, "", "none"):
-            found = ckpt.find_latest_checkpoint(self.log_dir)
-            if found is not None:
-                raise ValueError(
-                    f"--resume none, but {self.log_dir} already holds a checkpoint at step {found[0]}: "
-                    "a new run there would mix with it. Continue it with --resume auto, or choose a new --log_dir"
-                )
+        """Model, every EMA (from the weights when a named file has none), optimizer and, with
+        the state file, the rest, on every rank; the run directory finds and reads the files."""
+        found = self.run_dir.find(resume)
+        if found is None:
             return
-        if resume == "auto":
-            ckpt.refuse_if_diverged(self.log_dir)
-            found = self._find_verified(self.log_dir)
-            if found is None:
-                self.logger.log(f"no intact checkpoint in {self.log_dir}: starting from step 0")
-                return
-            step, state = found
-            self._load_checkpoint(self.log_dir, step, state)
-            return
-        path = resume
-        if os.path.isdir(path):
-            found = self._find_verified(path)
-            if found is None:
-                raise FileNotFoundError(f"--resume {path}: no intact checkpoint (stateNNNNNN.pt with its files) in this directory")
-            self._load_checkpoint(path, *found)
-            return
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume {path}: no such file")
-        self._load_given_file(path)
-        if dist_util.is_main():
-            ckpt.clear_diverged(self.log_dir)  # continuing from a chosen checkpoint is that choice
-
-    def _find_verified(self, directory):
-        """The newest checkpoint whose checksums verify: rank 0 reads every file once (not once
-        per rank) and tells the others."""
-        found = ckpt.find_latest_checkpoint(directory, verify=True, log=self.logger.log) if dist_util.is_main() else None
-        return dist_util.broadcast_object(found)
-
-    def _load_given_file(self, path):
-        """
-        Start from a checkpoint file named by the user, as the original did: the step from its
-        name (0 when it has none, e.g. released weights), its EMA and optimizer files beside
-        it when they exist, otherwise EMA from these weights and a fresh optimizer (fine-tuning).
-        """
-        directory = os.path.dirname(path) or "."
-        try:
-            step = ckpt.parse_step(path)
-        except ValueError:
-            step = 0
-            self.logger.log(f"{os.path.basename(path)} has no step in its name: starting at step 0 from its weights")
-        state_path = os.path.join(directory, ckpt.state_name(step))
-        if os.path.exists(state_path):
-            reason = ckpt.damage(directory, step)
-            if reason is not None:
-                raise ckpt.CheckpointError(f"--resume {path}: checkpoint {step:06d} is damaged ({reason})")
-            self._load_checkpoint(directory, step, ckpt.load_state_file(state_path))
-            return
-        model_file = path if not ckpt.STATE_PATTERN.match(os.path.basename(path)) else ckpt.model_name(step)
-        self._load_checkpoint(directory, step, None, model_file=model_file, partial=True)
-
-    def _load_checkpoint(self, directory, step, state, model_file=None, partial=False):
-        """Load model, every EMA, optimizer and (when present) the rest, on every rank. With
-        `partial`, a missing EMA starts from the model's weights and a missing optimizer fresh."""
-        files = ckpt.read_training_files(
-            directory, step, self.config.ema_rate, ckpt.read_file, model_file=model_file,
-            partial=partial, log=self.logger.log,
-        )
-        model_file = model_file or ckpt.model_name(step)
-        ckpt.check_state_dict_matches(self.model, files["model"], what=os.path.basename(model_file))
-        self.model.load_state_dict(files["model"], strict=True)
-        for i, (rate, ema_state) in enumerate(zip(self.config.ema_rate, files["ema"])):
-            ema_state = files["model"] if ema_state is None else ema_state
-            ckpt.check_state_dict_matches(self.model, ema_state, what=ckpt.ema_name(rate, step))
-            self.ema.load_state_dict(i, ema_state)
-        if files["opt"] is not None:
-            self.opt.load_state_dict(files["opt"])
+        step, read = found.step, self.run_dir.read
+        weights = read(found, found.weights_file or ckpt.model_name(step), "model", fits=self.model)
+        self.model.load_state_dict(weights, strict=True)
+        for i, rate in enumerate(self.config.ema_rate):
+            ema_state = read(found, ckpt.ema_name(rate, step), f"EMA (rate {rate})", optional=True, fits=self.model)
+            self.ema.load_state_dict(i, weights if ema_state is None else ema_state)
+        opt_state = read(found, ckpt.opt_name(step), "optimizer", optional=True)
+        if opt_state is not None:
+            self.opt.load_state_dict(opt_state)
         self.step = step
-        if state is None:
-            self.logger.log(
-                f"WARNING: resuming from step {step} without state{step:06d}.pt (an original-format "
-                "checkpoint): schedules continue from the step, but RNG and data order start afresh"
-            )
-            return
+        state = found.state or {}
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
         if state.get("sampler") is not None:
             self.schedule_sampler.load_state_dict(state["sampler"])
-        self._streak.fill_(int(state.get("nonfinite_streak", 0)))
-        self._worst_streak.copy_(self._streak)
-        ranks = state.get("ranks") or []
-        if len(ranks) == self.world_size:
-            ckpt.set_rank_state(ranks[self.rank], self.data)
-        else:
-            self.logger.log(
-                f"WARNING: checkpoint written by {len(ranks)} ranks, resuming on {self.world_size}: "
-                "model, EMA, optimizer and schedules are restored; RNG and data order are re-seeded"
-            )
-            torch.manual_seed(1_000_003 * step + self.rank)
-        self.last_saved_step = step
-        self.logger.log(f"resumed from step {step} in {directory}")
-        self._warn_changed_options(state.get("config") or {})
-        if os.path.abspath(directory) == os.path.abspath(self.log_dir or "") and dist_util.is_main():
-            moved = ckpt.set_aside_after(self.log_dir, step)
-            if moved:
-                self.logger.log(f"moved the {len(moved)} newer checkpoint(s) {', '.join(f'{m:06d}' for m in moved)} "
-                                f"to {os.path.join(self.log_dir, ckpt.SUPERSEDED)}: this run continues from {step:06d}")
-            dropped = self.logger.drop_rows_after(step)
-            if dropped:
-                self.logger.log(f"dropped {dropped} logged row(s) after step {step}: that part of the run is redone")
+        self.nonfinite.restore(int(state.get("nonfinite_streak", 0)))
+        mine = self.run_dir.rank_state(found)
+        if mine is not None:
+            ckpt.set_rank_state(mine, self.data)
+        self.last_saved_step = step if found.state is not None else None
+        self.run_dir.resumed(found, _plain(self.run_config))
 
-    def _warn_changed_options(self, saved):
-        """Resuming with other hyperparameters is allowed, but never silently."""
-        current = _plain(self.run_config)
-        changed = [
-            f"{key} {saved[key]!r} -> {current[key]!r}"
-            for key in sorted(set(saved) & set(current))
-            if saved[key] != current[key]
-        ]
-        if changed:
-            self.logger.log("WARNING: options differ from the checkpoint's run: " + ", ".join(changed))
+
+class NonFiniteSteps:
+    """Skipped updates and the longest non-finite streak, counted on the device (identical on
+    every rank, the skip being decided there) and read at log intervals with one host sync."""
+
+    def __init__(self, device):
+        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+        self.current = torch.zeros((), dtype=torch.long, device=device)
+        self.worst = torch.zeros((), dtype=torch.long, device=device)
+
+    def count(self, finite):
+        bad = (~finite).long()
+        self.skipped = self.skipped + bad
+        self.current = (self.current + 1) * bad
+        self.worst = torch.maximum(self.worst, self.current)
+
+    @property
+    def streak(self):
+        """Non-finite steps in a row up to now (reads the device counter)."""
+        return int(self.current)
+
+    def read(self, reset):
+        """(skipped steps, longest streak) since the last reset."""
+        skipped, worst = torch.stack([self.skipped, self.worst]).tolist()
+        if reset:
+            self.skipped.zero_()
+            self.worst.copy_(self.current)
+        return skipped, worst
+
+    def restore(self, streak):
+        """The streak a checkpoint was written in (a resumed run continues counting it)."""
+        self.current.fill_(streak)
+        self.worst.copy_(self.current)
+
+
+def _refuse_nonfinite(tensors, step):
+    norms = torch.stack([t.detach().float().norm() for t in tensors])
+    if not torch.isfinite(norms).all():
+        raise NonFiniteError(f"refusing to write a checkpoint with non-finite weights at step {step}")
+
+
+def _progress_bar(total, initial):
+    """A progress bar on interactive terminals (rank 0), else None."""
+    if not (dist_util.is_main() and sys.stdout.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _distributed(model, device, world_size):
+    """DDP around `model` on several ranks. Its parameters are identical on every rank here
+    (same seed or same checkpoint); DDP broadcasts rank 0's anyway."""
+    if world_size == 1:
+        return model
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, bucket_cap_mb=128,
+               find_unused_parameters=False, **_no_buffer_sync())
 
 
 def _no_buffer_sync():

@@ -11,10 +11,8 @@ import random
 import numpy as np
 import torch
 
-from . import config, precision
+from . import config, methods, precision
 from .image_datasets import BatchStream
-from .momentum_decay import MomentumSchedule
-from .resample import create_named_schedule_sampler
 from .script_util import create_model_and_diffusion
 from .train_util import TrainConfig, TrainLoop, parse_ema_rates
 
@@ -27,13 +25,9 @@ def model_options(opts):
 
 
 def momentum_schedule(opts):
-    return MomentumSchedule(
-        momentum_decay=opts["momentum_decay"],
-        lr_compensation=opts["lr_compensation"],
-        beta_init=opts["md_beta_init"],
-        beta_min=opts["md_beta_min"],
-        total_steps=opts["total_steps"] or opts["lr_anneal_steps"] or None,
-    )
+    """MD / LRC (improved_diffusion/methods/momentum.py) over the planned steps."""
+    total_steps = opts["total_steps"] or opts["lr_anneal_steps"] or None
+    return methods.build_optimizer_schedule("mdlrc", opts, total_steps=total_steps)
 
 
 def train_config(opts, device, progress=True):
@@ -55,20 +49,13 @@ def train_config(opts, device, progress=True):
 
 
 def schedule_sampler(opts, diffusion):
-    name, kwargs = opts["schedule_sampler"], {}
-    if name == "clts":
-        kwargs = dict(mu=opts["clts_mu"], sigma=opts["clts_sigma"], target_steps=opts["clts_target_steps"],
-                      lambda_max=opts["clts_lambda_max"], importance_weighting=opts["clts_importance_weighting"])
-    elif name == "speed":
-        kwargs = dict(tau=opts["speed_tau"], k=opts["speed_k"], lam=opts["speed_lambda"])
-    elif name == "lognormal":
-        kwargs = dict(mean=opts["lognormal_mean"], std=opts["lognormal_std"])
-    return create_named_schedule_sampler(name, diffusion, **kwargs)
+    """The registered timestep sampler --schedule_sampler with its options from `opts`."""
+    return methods.build_sampler(opts["schedule_sampler"], diffusion, opts)
 
 
 def loss_weighting(opts):
-    """The loss-weighting options of the diffusion factory (Min-SNR-gamma, P2)."""
-    return dict(min_snr_gamma=opts["min_snr_gamma"], p2_gamma=opts["p2_gamma"], p2_k=opts["p2_k"])
+    """The options of every registered loss weighting, keywords of the diffusion factory."""
+    return {name: opts[name] for name in methods.option_names(methods.WEIGHTING)}
 
 
 def check(opts, device):
@@ -78,6 +65,9 @@ def check(opts, device):
     A bad value fails here, before any expensive work. Returns the TrainConfig.
     """
     cfg = train_config(opts, device)
+    if cfg.precision == "fp64" and opts.get("eval_interval"):
+        raise ValueError("--precision fp64 is a reference run without evaluation: drop --eval_interval "
+                         "(the evaluator samples in float32)")
     with torch.device("meta"):
         _, diffusion = create_model_and_diffusion(**model_options(opts), **loss_weighting(opts))
     schedule_sampler(opts, diffusion)
@@ -98,9 +88,19 @@ def seed_everything(seed):
 
 
 def build_model(opts, device):
-    """The model (identical initial weights on every rank: seeded by --seed) and the diffusion."""
+    """
+    The model (identical initial weights on every rank: seeded by --seed) and the diffusion.
+    Under --precision fp64 the weights are drawn in float64, so that no float32 rounding of
+    the CPU's kernels enters the reference run.
+    """
     torch.manual_seed(opts["seed"])
-    model, diffusion = create_model_and_diffusion(**model_options(opts), **loss_weighting(opts))
+    dtype = precision.param_dtype(precision.resolve(opts["precision"], device, use_fp16=opts["use_fp16"]))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model, diffusion = create_model_and_diffusion(**model_options(opts), **loss_weighting(opts))
+    finally:
+        torch.set_default_dtype(default)
     return model.to(device), diffusion
 
 

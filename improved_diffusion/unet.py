@@ -597,10 +597,12 @@ class UNetModel(nn.Module):
     def _embed(self, x, timesteps, y):
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("must specify y if and only if the model is class-conditional")
-        # The sinusoid is computed in float32; it only meets lower precision inside
-        # time_embed (autocast, or a model cast to half as a whole).
-        t_emb = timestep_embedding(timesteps, self.model_channels)
-        emb = self.time_embed(t_emb.to(self.time_embed[0].weight.dtype))
+        # The sinusoid is computed in float32 (float64 for a float64 model); it only meets
+        # lower precision inside time_embed (autocast, or a model cast to half as a whole).
+        weight_dtype = self.time_embed[0].weight.dtype
+        sinusoid_dtype = torch.promote_types(weight_dtype, torch.float32)
+        t_emb = timestep_embedding(timesteps, self.model_channels, dtype=sinusoid_dtype)
+        emb = self.time_embed(t_emb.to(weight_dtype))
         if self.num_classes is not None:
             if y.shape != (x.shape[0],):
                 raise ValueError(

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from improved_diffusion import checkpoint as ckpt
 from improved_diffusion import config, dist_util, precision
 from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
-from improved_diffusion.logger import Logger
 from improved_diffusion.resample import create_named_schedule_sampler
+from improved_diffusion.run_dir import RunDir
 from improved_diffusion.script_util import (
     CLASSIFIER_EXTRA_DEFAULTS,
     add_dict_to_argparser,
@@ -94,7 +94,6 @@ def main(argv=None):
     check_args(args)
     dist_util.setup_dist()
     device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or "runs/classifier"
     run_precision = precision.resolve(args.precision, device, use_fp16=args.classifier_use_fp16)
 
@@ -105,12 +104,18 @@ def main(argv=None):
     data_set = load_labelled(args.data_dir, args, "data_dir")
     val_set = load_labelled(args.val_data_dir, args, "val_data_dir") if args.val_data_dir else None
 
-    logger = Logger(log_dir)
-    options = {**vars(args), "log_dir": log_dir, "data_num_classes": data_set.num_classes}
+    with RunDir.open(log_dir) as run_dir:
+        with run_dir.starting():
+            options = {**vars(args), "log_dir": log_dir, "data_num_classes": data_set.num_classes}
+            step, state, opt = start(args, run_dir, options, classifier, sampler, data_set, val_set, run_precision)
+        train(args, run_dir, options, step, state, opt, classifier, diffusion, sampler)
+    dist_util.cleanup()
+
+
+def start(args, run_dir, options, classifier, sampler, data_set, val_set, run_precision):
+    """Data streams, optimizer and the resumed state: everything before step one."""
+    device, rank, world, logger = dist_util.dev(), dist_util.get_rank(), dist_util.get_world_size(), run_dir.logger
     logger.log("options:\n" + json.dumps(options, indent=2, sort_keys=True))
-    if rank == 0:
-        with open(os.path.join(log_dir, "config.json"), "w") as f:
-            json.dump(options, f, indent=2, sort_keys=True)
     classifier.to(device)
     logger.log(f"classifier: {sum(p.numel() for p in classifier.parameters()):,} parameters; "
                f"data: {len(data_set)} images, {data_set.num_classes} classes; world size {world}, "
@@ -128,7 +133,16 @@ def main(argv=None):
     opt = make_adamw(list(classifier.parameters()), train_config, device)
     mixed = precision.MixedPrecision(run_precision, device, opt)
     state = {"data": data, "val": val_data, "sampler": sampler, "mixed": mixed}
-    step = resume(args, log_dir, classifier, opt, state, logger)
+    step = resume(args, run_dir, classifier, opt, state, _plain(options))
+    run_dir.write_config(options)  # once the checkpoint is known to fit these options
+    return step, state, opt
+
+
+def train(args, run_dir, options, step, state, opt, classifier, diffusion, sampler):
+    """The original's loop, from `step` to --iterations (or --stop_at)."""
+    device, world, logger = dist_util.dev(), dist_util.get_world_size(), run_dir.logger
+    data, val_data, mixed = state["data"], state["val"], state["mixed"]
+
     model = classifier
     if world > 1:
         model = DDP(classifier, device_ids=[device.index] if device.type == "cuda" else None,
@@ -191,77 +205,60 @@ def main(argv=None):
             logger.logkv("samples", step * args.batch_size * world)
             logger.dumpkvs()
         if step % args.save_interval == 0 or step == stop:
-            save(log_dir, step, classifier, opt, state, options, logger)
-    logger.log(f"done: {step} steps, checkpoints in {log_dir}")
-    dist_util.cleanup()
+            save(run_dir, step, classifier, opt, state, options)
+    logger.log(f"done: {step} steps, checkpoints in {run_dir.path}")
 
 
-def save(log_dir, step, classifier, opt, state, options, logger):
+def save(run_dir, step, classifier, opt, state, options):
     """modelNNNNNN.pt and optNNNNNN.pt as the original writes them, plus the state file; atomic."""
     rank_state = ckpt.rank_state(state["data"])
     if state["val"] is not None:
         rank_state["val_data"] = state["val"].state_dict()
     ranks = dist_util.all_gather_objects(rank_state)
-    if dist_util.is_main():
-        sampler = state["sampler"]
-        extra = {
+
+    def contents():
+        sampler, scaler = state["sampler"], state["mixed"].scaler
+        files = {ckpt.model_name(step): classifier.state_dict(), ckpt.opt_name(step): opt.state_dict()}
+        return files, {
             "world_size": dist_util.get_world_size(),
             "ranks": ranks,
-            "scaler": state["mixed"].scaler.state_dict() if state["mixed"].scaler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
             "sampler": sampler.state_dict() if sampler is not None and hasattr(sampler, "state_dict") else None,
-            "config": {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))},
+            "config": _plain(options),
         }
-        ckpt.write_checkpoint(log_dir, step, classifier.state_dict(), {}, opt.state_dict(), extra)
-        logger.log(f"saved checkpoint at step {step} in {log_dir}")
-    dist_util.barrier()
+
+    run_dir.save(step, contents)
 
 
-def resume(args, log_dir, classifier, opt, state, logger):
-    """The step to continue from: the newest intact checkpoint in the log dir (--resume auto),
-    or --resume_checkpoint (the original's flag: its optimizer file beside it when present)."""
-    if args.resume_checkpoint:
-        path = args.resume_checkpoint
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume_checkpoint {path}: no such file")
-        try:
-            step = ckpt.parse_step(path)
-        except ValueError:
-            step = 0
-        directory = os.path.dirname(path) or "."
-        full = ckpt.load_state_file(os.path.join(directory, ckpt.state_name(step)))
-        files = ckpt.read_training_files(directory, step, [], ckpt.read_file, model_file=os.path.basename(path),
-                                         partial=True, log=logger.log)
-    elif args.resume == "auto":
-        found = ckpt.find_latest_checkpoint(log_dir, verify=True, log=logger.log)
-        if found is None:
-            return 0
-        step, full = found
-        directory = log_dir
-        files = ckpt.read_training_files(directory, step, [], ckpt.read_file, log=logger.log)
-    else:
-        if ckpt.find_latest_checkpoint(log_dir) is not None:
-            raise ValueError(f"--resume none, but {log_dir} already holds a checkpoint: "
-                             "continue it with --resume auto, or choose a new --log_dir")
+def resume(args, run_dir, classifier, opt, state, options):
+    """The step to continue from (0: a fresh start), found and read by the run directory as for
+    every trainer: --resume auto / none, or --resume_checkpoint (the original's flag: its
+    optimizer file beside it when present)."""
+    found = run_dir.find(args.resume_checkpoint or args.resume)
+    if found is None:
         return 0
-    ckpt.check_state_dict_matches(classifier, files["model"], what=f"classifier checkpoint at step {step}")
-    classifier.load_state_dict(files["model"], strict=True)
-    if files["opt"] is not None:
-        opt.load_state_dict(files["opt"])
-    ranks = (full or {}).get("ranks") or []
-    if len(ranks) == dist_util.get_world_size():
-        mine = ranks[dist_util.get_rank()]
+    weights = run_dir.read(found, found.weights_file or ckpt.model_name(found.step), "classifier", fits=classifier)
+    classifier.load_state_dict(weights, strict=True)
+    opt_state = run_dir.read(found, ckpt.opt_name(found.step), "optimizer", optional=True)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    mine = run_dir.rank_state(found)
+    if mine is not None:
         ckpt.set_rank_state(mine, state["data"])
         if state["val"] is not None and "val_data" in mine:
             state["val"].load_state_dict(mine["val_data"])
-        if full.get("scaler") is not None and state["mixed"].scaler is not None:
-            state["mixed"].scaler.load_state_dict(full["scaler"])
-        if full.get("sampler") is not None and hasattr(state["sampler"], "load_state_dict"):
-            state["sampler"].load_state_dict(full["sampler"])
-    else:
-        logger.log(f"WARNING: no matching state file for step {step}: weights and optimizer are restored, "
-                   "RNG and data order start afresh")
-    logger.log(f"resumed from step {step} in {directory}")
-    return step
+    saved = found.state or {}
+    if saved.get("scaler") is not None and state["mixed"].scaler is not None:
+        state["mixed"].scaler.load_state_dict(saved["scaler"])
+    if saved.get("sampler") is not None and hasattr(state["sampler"], "load_state_dict"):
+        state["sampler"].load_state_dict(saved["sampler"])
+    run_dir.resumed(found, options)
+    return found.step
+
+
+def _plain(options):
+    """The options a state file keeps (plain values only: it loads with weights_only=True)."""
+    return {k: v for k, v in options.items() if isinstance(v, (str, int, float, bool))}
 
 
 def create_argparser():

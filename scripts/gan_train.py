@@ -15,7 +15,6 @@ log.txt (losses, mean D(x) and D(G(z))), and samples.png (64 images from fixed l
 """
 
 import argparse
-import json
 import os
 import time
 
@@ -24,7 +23,7 @@ import torch as th
 from improved_diffusion import checkpoint as ckpt
 from improved_diffusion import dist_util, gan
 from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
-from improved_diffusion.logger import Logger
+from improved_diffusion.run_dir import RunDir
 from improved_diffusion.sampling import save_grid
 from improved_diffusion.script_util import add_dict_to_argparser, run_main
 
@@ -58,35 +57,37 @@ def check_args(args):
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     check_args(args)
-    device = dist_util.dev()
-    log = Logger(args.log_dir, tensorboard=False)
-
     # The images' own channel count (grey, RGB, RGBA): the GAN is built for what the data is.
     data = load_image_dataset(args.data_dir, args.image_size or _native_size(args.data_dir), image_channels=None)
     image_size = data.images.shape[1]
     gan.num_levels(image_size)
     options = vars(args).copy()
     options["image_size"], options["channels"] = image_size, data.channels
-    arch = {k: options[k] for k in ARCH_KEYS}
-    check_run_config(args.log_dir, options, log)
 
-    # Seed, networks, optimizers and the data stream: all reproducible from --seed.
-    th.manual_seed(args.seed)
-    generator, discriminator = gan.create_gan(arch)
-    generator.to(device).train()
-    discriminator.to(device).train()
-    betas = (args.beta1, args.beta2)
-    opt_g = th.optim.Adam(generator.parameters(), lr=args.lr, betas=betas)
-    opt_d = th.optim.Adam(discriminator.parameters(), lr=args.lr, betas=betas)
-    stream = BatchStream(data, args.batch_size, seed=args.seed, random_flip=False)
+    with RunDir.open(args.log_dir, tensorboard=False) as run_dir:
+        with run_dir.starting():
+            check_run_config(run_dir, options)
+            # Seed, networks, optimizers and the data stream: all reproducible from --seed.
+            th.manual_seed(args.seed)
+            nets = gan.create_gan({k: options[k] for k in ARCH_KEYS})
+            betas = (args.beta1, args.beta2)
+            opts = [th.optim.Adam(net.to(dist_util.dev()).train().parameters(), lr=args.lr, betas=betas)
+                    for net in nets]
+            stream = BatchStream(data, args.batch_size, seed=args.seed, random_flip=False)
+            step = resume(run_dir, nets, opts, stream)
+            if step == 0:
+                run_dir.logger.log(
+                    f"DCGAN at {image_size}x{image_size}: generator {gan.count_params(nets[0]):,} parameters, "
+                    f"discriminator {gan.count_params(nets[1]):,}; {len(data)} images")
+            run_dir.write_config(options, gan.GAN_CONFIG)
+        train(args, run_dir, options, step, nets, opts, stream)
+        run_dir.logger.close()
 
-    step = resume(args.log_dir, generator, discriminator, opt_g, opt_d, stream, log)
-    if step == 0:
-        log.log(f"DCGAN at {image_size}x{image_size}: generator {gan.count_params(generator):,} parameters, "
-                f"discriminator {gan.count_params(discriminator):,}; {len(data)} images")
-    with open(os.path.join(args.log_dir, gan.GAN_CONFIG), "w") as f:
-        json.dump(options, f, indent=2, sort_keys=True)
 
+def train(args, run_dir, options, step, nets, opts, stream):
+    """One discriminator and one generator update per step, from `step` to --total_steps."""
+    (generator, discriminator), (opt_g, opt_d), log = nets, opts, run_dir.logger
+    device = dist_util.dev()
     start = time.time()
     while step < args.total_steps:
         images, _ = next(stream)
@@ -120,15 +121,14 @@ def main(argv=None):
             log.dumpkvs()
             start = time.time()
         if step % args.save_interval == 0 or step == args.total_steps:
-            state = {"rank": ckpt.rank_state(stream), "options": _plain(options)}
-            gan.write_gan_checkpoint(args.log_dir, step, generator, discriminator, opt_g, opt_d, arch, state)
-            log.log(f"saved checkpoint at step {step} in {args.log_dir}")
+            arch = {k: options[k] for k in ARCH_KEYS}
+            state = {"kind": "gan", "rank": ckpt.rank_state(stream), "options": _plain(options)}
+            run_dir.save(step, lambda: (gan.checkpoint_files(step, generator, discriminator, opt_g, opt_d, arch), state))
 
     z = gan.sample_latents(args.grid_images, args.latent_dim, args.grid_seed)
-    grid = os.path.join(args.log_dir, "samples.png")
+    grid = os.path.join(run_dir.path, "samples.png")
     save_grid(gan.generate(generator, z), grid, nrow=8)
     log.log(f"done: {step} steps; samples in {grid}")
-    log.close()
 
 
 def _native_size(data_dir):
@@ -145,44 +145,43 @@ def _plain(options):
     return {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))}
 
 
-def check_run_config(log_dir, options, log):
+def check_run_config(run_dir, options):
     """A run folder's gan_config.json must have the same architecture; other differences get a note."""
-    path = os.path.join(log_dir, gan.GAN_CONFIG)
-    if not os.path.isfile(path):
-        if os.path.isfile(os.path.join(log_dir, "config.json")):
-            raise ValueError(f"--log_dir {log_dir} holds a diffusion run (config.json): use another folder")
+    old = run_dir.read_config(gan.GAN_CONFIG)
+    if old is None:
+        if run_dir.read_config() is not None:
+            raise ValueError(f"--log_dir {run_dir.path} holds a diffusion run (config.json): use another folder")
         return
-    with open(path) as f:
-        old = json.load(f)
     differ = [k for k in ARCH_KEYS if k in old and old[k] != options[k]]
-    if differ and ckpt.checkpoint_steps(log_dir):
+    if differ and run_dir.steps():
         raise ValueError(
-            f"--log_dir {log_dir} holds a GAN run with other networks ("
+            f"--log_dir {run_dir.path} holds a GAN run with other networks ("
             + ", ".join(f"--{k} {old[k]} there, {options[k]} here" for k in differ)
             + "): use another --log_dir, or the run's values"
         )
     for k in TRAIN_KEYS:
         if k in old and old[k] != options[k]:
-            log.log(f"note: --{k} {options[k]} differs from the run's {old[k]} ({path})")
+            run_dir.logger.log(f"note: --{k} {options[k]} differs from the run's {old[k]} "
+                               f"({os.path.join(run_dir.path, gan.GAN_CONFIG)})")
 
 
-def resume(log_dir, generator, discriminator, opt_g, opt_d, stream, log):
-    """Load the newest intact checkpoint in log_dir, if any; returns its step (0: a fresh start)."""
-    ckpt.remove_temp_files(log_dir)
-    found = ckpt.find_latest_checkpoint(log_dir, verify=True, log=log.log)
+def resume(run_dir, nets, opts, stream):
+    """Load the newest intact checkpoint of the run, if any (the GAN always continues its
+    folder: --resume auto); returns its step (0: a fresh start)."""
+    found = run_dir.find("auto")
     if found is None:
         return 0
-    step, state = found
-    nets = ckpt.read_file(os.path.join(log_dir, gan.gan_name(step)), "GAN checkpoint")
-    opts = ckpt.read_file(os.path.join(log_dir, gan.gan_opt_name(step)), "GAN optimizer checkpoint")
-    generator.load_state_dict(nets["generator"], strict=True)
-    discriminator.load_state_dict(nets["discriminator"], strict=True)
-    opt_g.load_state_dict(opts["generator"])
-    opt_d.load_state_dict(opts["discriminator"])
-    ckpt.set_rank_state(state["rank"], stream)
-    log.drop_rows_after(step)
-    log.log(f"resumed from step {step} in {log_dir}")
-    return step
+    saved_nets = run_dir.read(found, gan.gan_name(found.step), "GAN checkpoint")
+    saved_opts = run_dir.read(found, gan.gan_opt_name(found.step), "GAN optimizer checkpoint")
+    for net, opt, key in zip(nets, opts, ("generator", "discriminator")):
+        ckpt.check_state_dict_matches(net, saved_nets[key], what=f"{gan.gan_name(found.step)} ({key})")
+        net.load_state_dict(saved_nets[key], strict=True)
+        opt.load_state_dict(saved_opts[key])
+    mine = run_dir.rank_state(found)
+    if mine is not None:
+        ckpt.set_rank_state(mine, stream)
+    run_dir.resumed(found)
+    return found.step
 
 
 HELP = {

@@ -19,13 +19,13 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 
 import torch
 
-from improved_diffusion import config, dist_util, run_lock, training
+from improved_diffusion import config, dist_util, training
 from improved_diffusion.image_datasets import load_image_dataset
 from improved_diffusion.logger import Logger
+from improved_diffusion.run_dir import RunDir
 from improved_diffusion.script_util import run_main
 from improved_diffusion.train_util import NonFiniteError
 
@@ -52,24 +52,11 @@ def resolve_log_dir(args):
     return log_dir
 
 
-def check_log_dir(path):
-    """Create --log_dir now, so that a path that cannot hold a run fails before any work."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"--log_dir {path} exists and is not a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"--log_dir {path}: cannot create it ({e.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"--log_dir {path} is not writable")
-
-
 def main(argv=None):
     args = parse_args(argv)
     opts = vars(args)
     dist_util.setup_dist()
     device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     args.log_dir = resolve_log_dir(args)
     train_config = training.check(opts, device)  # every bad value fails here, before any work
     if args.eval_interval and not args.eval_ref_stats:
@@ -82,37 +69,18 @@ def main(argv=None):
         Logger(None).log("options:\n" + json.dumps(config.saved_options(opts), indent=2, sort_keys=True))
         return None
 
-    new_dir = not os.path.isdir(args.log_dir)
-    check_log_dir(args.log_dir)
-    take_run_lock(args.log_dir, rank)
-    try:
-        loop = start(args, opts, train_config, device, rank, world)
-    except BaseException:
-        if new_dir and rank == 0:  # a start that fails leaves no files behind in a new log dir
-            shutil.rmtree(args.log_dir, ignore_errors=True)
-        raise
-    loop.run_loop()
-    loop.logger.log(f"done: {loop.step} steps, checkpoints in {args.log_dir}")
+    with RunDir.open(args.log_dir) as run_dir:
+        with run_dir.starting():
+            loop = start(args, opts, train_config, device, run_dir)
+        loop.run_loop()
+        loop.logger.log(f"done: {loop.step} steps, checkpoints in {args.log_dir}")
     dist_util.cleanup()
     return loop
 
 
-def take_run_lock(log_dir, rank):
-    """Rank 0 takes the run directory's lock; every rank fails together if it is held."""
-    error = None
-    if rank == 0:
-        try:
-            run_lock.acquire(log_dir, log=dist_util.print0)
-        except run_lock.RunLockError as e:
-            error = str(e)
-    error = dist_util.broadcast_object(error)
-    if error:
-        raise run_lock.RunLockError(error)
-
-
-def start(args, opts, train_config, device, rank, world):
-    """Logs, model, data, config.json and the TrainLoop (resumed): everything before step one."""
-    logger = Logger(args.log_dir)
+def start(args, opts, train_config, device, run_dir):
+    """Model, data, config.json and the TrainLoop (resumed): everything before step one."""
+    rank, world, logger = dist_util.get_rank(), dist_util.get_world_size(), run_dir.logger
     resolved = config.saved_options(opts)
     logger.log("options:\n" + json.dumps(resolved, indent=2, sort_keys=True))
     logger.log(f"world size {world}, device {device}, precision {train_config.precision}, log dir {args.log_dir}")
@@ -126,13 +94,11 @@ def start(args, opts, train_config, device, rank, world):
     if args.eval_interval:
         evaluator = make_evaluator(args, train_config.precision, device, dataset.num_classes, logger)
     loop = training.build_loop(
-        opts, model, diffusion, dataset, device, rank=rank, world_size=world, log_dir=args.log_dir,
+        opts, model, diffusion, dataset, device, rank=rank, world_size=world, log_dir=run_dir,
         logger=logger, resume=args.resume_checkpoint or args.resume, evaluator=evaluator, run_config=resolved,
     )
-    if rank == 0:  # only once the checkpoint has been found to fit these options
-        facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
-        with open(os.path.join(args.log_dir, "config.json"), "w") as f:
-            json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
+    facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
+    run_dir.write_config({**resolved, **facts})  # only once the checkpoint has been found to fit these options
     return loop
 
 

@@ -41,8 +41,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-PAPER_VARIANTS = ("baseline", "md", "md_lrc", "clts", "all")
-MAIN_VARIANTS = PAPER_VARIANTS + ("minsnr", "p2", "speed", "lognormal")
+from improved_diffusion import methods  # noqa: E402
+
+# The paper's five, then one variant per rival method (improved_diffusion/methods/ declares them).
+PAPER_VARIANTS = methods.PAPER_VARIANTS
+MAIN_VARIANTS = methods.variants()
 # Sweeps: (name, base variant, option, values); each run is the base variant plus --option value.
 SWEEPS = (
     ("clts_sigma", "all", "clts_sigma", (0.05, 0.1, 0.2, 0.5, 1.0)),
@@ -350,7 +353,6 @@ def heldout_metrics(model, diffusion, images, n_images, repeats, device, seed=12
     import torch
 
     from improved_diffusion.analysis import fixed_loss_inputs
-    from improved_diffusion.gaussian_diffusion import ModelMeanType
 
     x = np.asarray(images[:n_images])
     x = np.concatenate([x] * repeats)
@@ -358,16 +360,10 @@ def heldout_metrics(model, diffusion, images, n_images, repeats, device, seed=12
     mses, vbs = [], []
     with torch.no_grad():
         for s in range(0, len(x0), 256):
-            xb, tb, nb = x0[s:s + 256], t[s:s + 256], noise[s:s + 256]
-            x_t = diffusion.q_sample(xb, tb, noise=nb)
-            out = model(x_t, diffusion._scale_timesteps(tb)).float()
-            eps = out[:, : xb.shape[1]]
-            if diffusion.model_mean_type == ModelMeanType.START_X:  # the noise that x_0 implies
-                eps = diffusion._predict_eps_from_xstart(x_t, tb, eps)
-            mses.append(((eps.double() - nb.double()) ** 2).mean(dim=(1, 2, 3)))
-            p_out = diffusion._p_mean_variance_from_output(out, x_t, tb, clip_denoised=False)
-            vbs.append(diffusion._vb_terms_from_p(p_out, xb, x_t, tb)["output"].double())
-            prior = diffusion._prior_bpd(xb).double().mean()
+            terms = diffusion.heldout_loss_terms(model, x0[s:s + 256], t[s:s + 256], noise[s:s + 256])
+            mses.append(terms["eps_mse"])
+            vbs.append(terms["vb"].double())
+            prior = terms["prior_bpd"].double().mean()
     mse = torch.cat(mses).mean().item()
     vlb = (torch.cat(vbs).mean() * diffusion.num_timesteps + prior).item()
     return mse, vlb

@@ -23,9 +23,10 @@ import os
 
 import torch
 
-from improved_diffusion import config, dist_util, run_lock, training
+from improved_diffusion import config, dist_util, training
 from improved_diffusion.image_datasets import BatchStream, LowResStream, load_data, load_image_dataset, low_res_of
 from improved_diffusion.logger import Logger
+from improved_diffusion.run_dir import RunDir
 from improved_diffusion.script_util import run_main, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteError, TrainLoop
 
@@ -77,7 +78,6 @@ def main(argv=None):
     opts = vars(args)
     dist_util.setup_dist()
     device = dist_util.dev()
-    rank, world = dist_util.get_rank(), dist_util.get_world_size()
     train_config = check(args, opts, device)
     log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or dist_util.broadcast_object(
         os.path.join("runs", datetime.datetime.now().strftime("sr-%Y%m%d-%H%M%S")))
@@ -86,10 +86,18 @@ def main(argv=None):
         Logger(None).log("options:\n" + json.dumps(resolved, indent=2, sort_keys=True))
         return None
 
-    os.makedirs(log_dir, exist_ok=True)
-    if rank == 0:
-        run_lock.acquire(log_dir, log=dist_util.print0)
-    logger = Logger(log_dir)
+    with RunDir.open(log_dir) as run_dir:
+        with run_dir.starting():
+            loop = start(args, opts, train_config, device, run_dir, resolved)
+        loop.run_loop()
+        loop.logger.log(f"done: {loop.step} steps, checkpoints in {log_dir}")
+    dist_util.cleanup()
+    return loop
+
+
+def start(args, opts, train_config, device, run_dir, resolved):
+    """Model, data, the TrainLoop (resumed) and config.json: everything before step one."""
+    rank, world, logger = dist_util.get_rank(), dist_util.get_world_size(), run_dir.logger
     logger.log("options:\n" + json.dumps(resolved, indent=2, sort_keys=True))
     training.apply_device_settings(opts, device)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -99,10 +107,6 @@ def main(argv=None):
                f"{args.small_size} -> {args.large_size} px; world size {world}, device {device}")
     dataset = load_image_dataset(args.data_dir, args.large_size, class_cond=args.class_cond)
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
-    if rank == 0:
-        facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
-        with open(os.path.join(log_dir, "config.json"), "w") as f:
-            json.dump({**resolved, **facts}, f, indent=2, sort_keys=True)
     stream = BatchStream(dataset, args.batch_size, rank=rank, world_size=world, seed=args.seed,
                          random_flip=args.random_flip, device=device if args.data_on_device else None)
     training.seed_everything(args.seed * world + rank + 1)  # a different stream per rank from here
@@ -112,14 +116,13 @@ def main(argv=None):
         data=LowResStream(stream, args.small_size),
         config=train_config,
         schedule_sampler=training.schedule_sampler(opts, diffusion),
-        log_dir=log_dir,
+        log_dir=run_dir,
         resume=args.resume_checkpoint or args.resume,
         logger=logger,
         run_config=resolved,
     )
-    loop.run_loop()
-    loop.logger.log(f"done: {loop.step} steps, checkpoints in {log_dir}")
-    dist_util.cleanup()
+    facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
+    run_dir.write_config({**resolved, **facts})  # once the checkpoint is known to fit these options
     return loop
 
 

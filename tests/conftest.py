@@ -17,11 +17,16 @@ SLOW_MODULES = {"test_train", "test_run_dir", "test_slurm", "test_warmup", "test
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end test (training runs in subprocesses)")
+    config.addinivalue_line("markers", "kernels: reruns the exactness-sensitive tests under every CPU kernel "
+                                       "setting (minutes; only with -m kernels)")
 
 
 def pytest_collection_modifyitems(config, items):
     import pytest
 
+    asked_for_kernels = "kernels" in (config.getoption("-m") or "")
     for item in items:
         if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
+        if "kernels" in item.keywords and not asked_for_kernels:
+            item.add_marker(pytest.mark.skip(reason="the kernel matrix runs with -m kernels (bash scripts/test.sh -m kernels)"))

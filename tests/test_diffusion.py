@@ -635,6 +635,76 @@ def test_cond_fn_shifts_mean_by_variance_times_gradient():
     torch.testing.assert_close(guided["sample"] - base["sample"], var * grad, rtol=1e-5, atol=1e-6)
 
 
+class StepRecorder(TinyModel):
+    """TinyModel that also records its input and whether autograd was on."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.seen_x, self.grad_on = [], []
+
+    def forward(self, x, t, y=None):
+        self.seen_x.append(x.clone())
+        self.grad_on.append(torch.is_grad_enabled())
+        return super().forward(x, t, y)
+
+
+@pytest.mark.parametrize("loop", ["p_sample_loop", "ddim_sample_loop"])
+def test_progressive_loop_feeds_each_sample_to_the_next_step(loop):
+    """x_T first, then every step's 'sample' is the next step's input, for t = T-1 .. 0;
+    the plain loop returns the last sample; autograd is off in the step and in the caller."""
+    T = 12
+    diff = make_diffusion(T=T, var=ModelVarType.LEARNED_RANGE)
+    model = StepRecorder(out_channels=6)
+    noise = torch.randn(2, 3, 4, 4)
+    kwargs = {"eta": 0.5} if loop == "ddim_sample_loop" else {}
+    rl, _ = _counting_randn(3)
+    steps = []
+    for out in getattr(diff, loop + "_progressive")(model, noise.shape, noise=noise, randn_like=rl, **kwargs):
+        assert not torch.is_grad_enabled()
+        steps.append(out)
+    assert torch.is_grad_enabled()
+    assert len(steps) == T and not any(model.grad_on)
+    assert [int(t[0]) for t in model.seen_t] == list(range(T - 1, -1, -1))
+    assert torch.equal(model.seen_x[0], noise)
+    for k in range(T - 1):
+        assert torch.equal(model.seen_x[k + 1], steps[k]["sample"])
+    rl, _ = _counting_randn(3)
+    final = getattr(diff, loop)(model, noise.shape, noise=noise, randn_like=rl, **kwargs)
+    assert torch.equal(final, steps[-1]["sample"])
+    with pytest.raises(TypeError, match="shape must be a tuple"):
+        getattr(diff, loop)(model, 4)
+
+
+@pytest.mark.parametrize("mean_type", ALL_MEANS, ids=lambda e: e.name)
+def test_heldout_loss_terms_match_float64_reference(mean_type):
+    """Noise MSE of the implied noise, L_t and the prior, unweighted even when the run is."""
+    T = 50
+    kw = {"min_snr_gamma": 5.0} if mean_type != ModelMeanType.PREVIOUS_X else {}
+    diff = make_diffusion(T=T, mean=mean_type, var=ModelVarType.LEARNED_RANGE, **kw)
+    ref = Ref(ref_betas("cosine", T))
+    model = TinyModel(out_channels=6)
+    x0 = image_batch(n=6)
+    t = torch.tensor([0, 1, 7, 25, 48, 49])
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+    got = diff.heldout_loss_terms(model, x0, t, noise)
+    assert got["eps_mse"].dtype == torch.float64
+
+    want = ref_training_losses(ref, mean_type, ModelVarType.LEARNED_RANGE, LossType.MSE, model, x0, t, noise)
+    torch.testing.assert_close(got["vb"].double(), want["vb"].detach(), rtol=1e-4, atol=1e-5)
+    ab = ref.col(ref.abar, t, 4)
+    x_t = torch.sqrt(ab) * x0.double() + torch.sqrt(1 - ab) * noise.double()
+    out = model(x_t.float(), t).double()[:, :3]
+    if mean_type == ModelMeanType.EPSILON:
+        eps = out
+    else:
+        x0_pred = out if mean_type == ModelMeanType.START_X else (
+            (out - ref.col(ref.c2, t, 4) * x_t) / ref.col(ref.c1, t, 4))
+        eps = (x_t - torch.sqrt(ab) * x0_pred) / torch.sqrt(1 - ab)
+    torch.testing.assert_close(got["eps_mse"], flat_mean((eps - noise.double()) ** 2), rtol=1e-4, atol=1e-5)
+    prior = diff.calc_bpd_loop(model, x0)["prior_bpd"]
+    torch.testing.assert_close(got["prior_bpd"], prior, rtol=0, atol=0)
+
+
 def test_calc_bpd_loop_total_is_prior_plus_terms():
     T = 10
     diff = make_diffusion(T=T, var=ModelVarType.LEARNED_RANGE)

@@ -29,8 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from improved_diffusion.image_datasets import BatchStream, ImageDataset
 from improved_diffusion.logger import Logger
-from improved_diffusion.momentum_decay import MomentumSchedule
-from improved_diffusion.resample import CLTSSampler
+from improved_diffusion.methods.clts import CLTSSampler
+from improved_diffusion.methods.momentum import MomentumSchedule
 from improved_diffusion.sampling import sample_images
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
@@ -45,7 +45,23 @@ BATCH = 4
 #   IDIFF_TEST_DEVICE=cuda python -m pytest tests/test_fast_path.py
 # (TF32 is switched off, so fp32 is fp32 on both sides of each comparison).
 DEVICE = torch.device(os.environ.get("IDIFF_TEST_DEVICE", "cpu"))
-ADAM_ATOL = 1e-6 if DEVICE.type == "cpu" else 1e-5  # AdamW kernels against each other, lr 1e-3
+
+# Tolerances of the comparisons between two kernels that compute the same float32 function
+# in another order (no test here compares them bitwise: which kernel runs, and how it rounds,
+# depends on the CPU: ATEN_CPU_CAPABILITY, oneDNN's and MKL's own dispatch).
+# - Gradients (channels-last, compiled): a conv gradient is a float32 sum of up to 576
+#   products (3x3 x 64 channels); summed in another order it moves by a few roundoffs of its
+#   largest terms. Measured: at most 2e-7 absolute, 1e-6 of the largest gradient (0.2), under
+#   ATEN_CPU_CAPABILITY=default and avx512. GRAD_ATOL = 1e-5 leaves 50x; GRAD_RTOL = 1e-4
+#   covers large entries.
+# - AdamW (fused / foreach / single): Adam moves every entry by about lr per step, and its
+#   m / sqrt(v) turns a rounding difference of a small gradient into a visible one (up to
+#   1.3e-6 after 3 steps on an AVX-512 Xeon, 5e-6 on an H200). ADAM_ATOL = 1e-2 * lr, 1% of
+#   one step: test_adamw_implementations_agree_with_moving_beta1_and_lr also checks that a
+#   5% change of lr, a small change of behaviour, fails it.
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-5
+LR = 1e-3
+ADAM_ATOL = 1e-2 * LR
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -88,7 +104,7 @@ def make_loop(model, diffusion, methods=True, data_on_device=False, **config):
     data = BatchStream(ImageDataset(images), BATCH, seed=0, device=device)
     momentum = MomentumSchedule(momentum_decay=True, lr_compensation=True, total_steps=10) if methods else MomentumSchedule()
     sampler = CLTSSampler(diffusion, mu=0.3, sigma=0.2, target_steps=5) if methods else None
-    defaults = dict(batch_size=BATCH, lr=1e-3, log_interval=10**6, save_interval=10**6, momentum=momentum, progress=False)
+    defaults = dict(batch_size=BATCH, lr=LR, log_interval=10**6, save_interval=10**6, momentum=momentum, progress=False)
     defaults.update(config)
     return TrainLoop(
         model=model,
@@ -165,6 +181,40 @@ def test_autocast_training_step_matches_fp32(precision, tol):
             assert rel_err([a], [b]) < 5 * tol, name
 
 
+def test_fp64_reference_step_matches_fp32_and_stays_float64():
+    """--precision fp64 computes the fp32 step's function in float64 (the pinned-weights run)."""
+    model, diffusion = trained_like_model(tiny_options())
+    x, noise, t = fixed_inputs()
+    loss32, g32 = _loss_and_grads(model, diffusion, x, t, noise)
+    loss64, g64 = _loss_and_grads(copy.deepcopy(model).double(), diffusion, x.double(), t, noise.double())
+    # float32 against float64 of the same weights and inputs: float32 rounding (GRAD_* below).
+    assert abs(loss32 - loss64) <= 1e-5 * abs(loss64)
+    assert rel_err(g32, g64) < 1e-4
+    # The loop keeps weights, gradients and Adam's moments in float64 (its noise is drawn in
+    # float64 too, so its losses are not the fp32 loop's).
+    (loop,) = twin_loops([dict(precision="fp64")])
+    run_steps(loop, 1)
+    assert all(p.dtype == torch.float64 and p.grad.dtype == torch.float64 for p in loop.params)
+    assert all(s[k].dtype == torch.float64 for s in loop.opt.state.values() for k in ("exp_avg", "exp_avg_sq"))
+
+
+def test_fp64_is_refused_for_sampling():
+    from improved_diffusion import precision
+
+    assert precision.resolve("fp64", "cpu") == "fp64"
+    with pytest.raises(ValueError, match="--precision fp64"):
+        precision.resolve("fp64", "cpu", purpose="sample")
+
+
+def test_fp64_is_refused_with_evaluation_during_training():
+    from improved_diffusion import config, training
+
+    opts = {**{o.name: o.default for o in config.OPTIONS}, "precision": "fp64"}
+    training.check(opts, "cpu")
+    with pytest.raises(ValueError, match="--eval_interval"):
+        training.check({**opts, "eval_interval": 10}, "cpu")
+
+
 # ---------------------------------------------------------------------------------------
 # Memory format and optimizer kernels
 # ---------------------------------------------------------------------------------------
@@ -173,14 +223,16 @@ def test_autocast_training_step_matches_fp32(precision, tol):
 def run_steps_masked(loops, steps):
     """
     Step every loop in turn; return masks of the parameter entries whose gradient (in
-    loops[0]) was real at every step.
+    loops[0]) was well above rounding noise at every step: at least 1e-3 of the largest.
 
-    Some gradients are zero in exact arithmetic: the key bias of attention (softmax does
-    not see a constant added to every logit of a row) and conv biases right before a
-    GroupNorm with one channel per group. In floating point they are rounding noise of
-    ~1e-10, which Adam divides by its own square root: those entries move by up to lr in
-    random directions, differently for any change of summation order. They carry no
-    signal (about 0.1% of the tiny model's entries) and are left out of comparisons.
+    Adam moves an entry by about lr * m / sqrt(v), so a difference d in a gradient g moves
+    the update by about lr * d / |g|. Two kernels' gradients differ by up to ~1e-6 of the
+    largest one (GRAD_* above), so on these entries the updates differ by at most ~1e-3 of
+    lr per step, well inside ADAM_ATOL. Smaller gradients are left out: those that are zero in
+    exact arithmetic (the key bias of attention, conv biases right before a GroupNorm with
+    one channel per group: rounding noise of ~1e-10 that Adam normalises into moves in
+    random directions) and the small ones whose relative rounding error Adam amplifies the
+    same way. About 70% of the tiny model's entries remain.
     """
     masks = None
     for _ in range(steps):
@@ -188,9 +240,9 @@ def run_steps_masked(loops, steps):
             run_steps(loop, 1)
         ref = grads(loops[0])
         top = max(float(g.abs().max()) for g in ref)
-        real = [g.abs() > 1e-6 * top for g in ref]
+        real = [g.abs() > 1e-3 * top for g in ref]
         masks = real if masks is None else [m & r for m, r in zip(masks, real)]
-    assert sum(int(m.sum()) for m in masks) > 0.99 * sum(m.numel() for m in masks)
+    assert sum(int(m.sum()) for m in masks) > 0.5 * sum(m.numel() for m in masks)
     return masks
 
 
@@ -224,17 +276,22 @@ def test_channels_last_forward_backward_equals_contiguous():
     loss, g = channels_last_loss_and_grads(model, diffusion, channels_last=False)
     loss_cl, g_cl = channels_last_loss_and_grads(model, diffusion, channels_last=True)
     assert abs(loss_cl - loss) <= 1e-5 * abs(loss)
-    assert_lists_close(g_cl, g, rtol=1e-4, atol=1e-5)
+    assert_lists_close(g_cl, g, rtol=GRAD_RTOL, atol=GRAD_ATOL)
 
 
 def test_channels_last_training_step_equals_contiguous():
     plain, cl = twin_loops([dict(channels_last=False), dict(channels_last=True)])
     assert cl.model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
-    for _ in range(2):  # the second step starts from the first one's update
-        run_steps(plain, 1)
-        run_steps(cl, 1)
-        assert abs(step_loss(cl) - step_loss(plain)) <= 1e-5 * abs(step_loss(plain))
-        assert_lists_close(grads(cl), grads(plain), rtol=1e-4, atol=1e-5)
+    # The first step starts from the same weights: gradients agree to summation order (GRAD_*).
+    first = run_steps_masked([plain, cl], 1)
+    assert abs(step_loss(cl) - step_loss(plain)) <= 1e-5 * abs(step_loss(plain))
+    assert_lists_close(grads(cl), grads(plain), rtol=GRAD_RTOL, atol=GRAD_ATOL)
+    # The second starts from the first update, where AdamW turned rounding differences of
+    # tiny gradients into different moves; where gradients are real, they agree (ADAM_*).
+    second = run_steps_masked([plain, cl], 1)
+    assert abs(step_loss(cl) - step_loss(plain)) <= 1e-5 * abs(step_loss(plain))
+    masks = [a & b for a, b in zip(first, second)]
+    assert_params_close(cl, plain, masks, rtol=1e-5, atol=ADAM_ATOL)
     # The checkpointed state dict is the same whatever the memory format.
     assert list(cl.model.state_dict()) == list(plain.model.state_dict())
 
@@ -255,25 +312,20 @@ def test_adamw_implementations_agree_with_moving_beta1_and_lr():
     reason = _cpu_fused_adamw_available()
     if reason is None:
         impls.append("fused")
-    loops = twin_loops([dict(optimizer_impl=i) for i in impls])
-    masks = run_steps_masked(loops, 3)
+    configs = [dict(optimizer_impl=i) for i in impls] + [dict(optimizer_impl="single", lr=1.05 * LR)]
+    *loops, faster = twin_loops(configs)
+    masks = run_steps_masked(loops + [faster], 3)
     for loop in loops:
         assert loop.opt.param_groups[0]["betas"][0] < 0.9  # MD moved beta1 at every step
-    single, foreach = loops[0], loops[1]
-    if DEVICE.type == "cpu":
-        # Same arithmetic, one kernel per tensor or per list: identical, every entry.
-        assert_lists_close([p.detach() for p in foreach.params], [p.detach() for p in single.params], rtol=0, atol=1e-6)
-    else:
-        # CUDA's multi-tensor kernels contract to fused multiply-adds: rounding-level
-        # differences that Adam's m / sqrt(v) amplifies where a gradient is tiny (up to 5e-6,
-        # 0.5% of one lr=1e-3 step, in 1 of 37k entries after 3 steps on an H200).
-        assert_params_close(foreach, single, masks, rtol=1e-5, atol=ADAM_ATOL)
+    single = loops[0]
+    with pytest.raises(AssertionError):  # the tolerance sees a 5% change of the learning rate
+        assert_params_close(faster, single, masks, rtol=1e-5, atol=ADAM_ATOL)
+    for other in loops[1:]:
+        assert_params_close(other, single, masks, rtol=1e-5, atol=ADAM_ATOL)
+        for e, f, m in zip(other.ema_params[0], single.ema_params[0], masks):
+            torch.testing.assert_close(e[m], f[m], rtol=1e-5, atol=ADAM_ATOL)
     if reason is not None:
         pytest.skip(f"single == foreach checked; fused AdamW unavailable on CPU in torch {torch.__version__}: {reason}")
-    fused = loops[2]
-    assert_params_close(fused, single, masks, rtol=1e-5, atol=ADAM_ATOL)
-    for e, f, m in zip(fused.ema_params[0], single.ema_params[0], masks):
-        torch.testing.assert_close(e[m], f[m], rtol=1e-5, atol=ADAM_ATOL)
 
 
 def test_auto_optimizer_is_fused_where_torch_has_it():
@@ -308,7 +360,7 @@ def _check_compiled_matches_eager(backend):
     loss_e, grads_e = _loss_and_grads(model, diffusion, x, t, noise)
     loss_c, grads_c = _loss_and_grads(compiled, diffusion, x, t, noise)
     assert abs(loss_c - loss_e) <= 1e-5 * abs(loss_e)
-    assert_lists_close(grads_c, grads_e, rtol=1e-4, atol=1e-5)
+    assert_lists_close(grads_c, grads_e, rtol=GRAD_RTOL, atol=GRAD_ATOL)
     with torch.no_grad():
         model.eval()
         compiled.eval()

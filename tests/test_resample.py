@@ -14,8 +14,8 @@ import torch
 from scipy.stats import chisquare
 
 from improved_diffusion import resample
+from improved_diffusion.methods.clts import CLTSSampler
 from improved_diffusion.resample import (
-    CLTSSampler,
     LossSecondMomentResampler,
     UniformSampler,
     create_named_schedule_sampler,

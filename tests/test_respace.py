@@ -117,6 +117,7 @@ def test_wrapped_model_sees_original_timesteps(rescale):
 
     spaced.p_mean_variance(model, x, t)
     spaced.training_losses(model, x.clamp(-1, 1), t)
+    spaced.heldout_loss_terms(model, x.clamp(-1, 1), t, torch.randn_like(x))
     got_grad = []
     spaced.condition_mean(lambda a, ts: got_grad.append(ts) or torch.zeros_like(a),
                           spaced.p_mean_variance(model, x, t), x, t)
@@ -167,3 +168,23 @@ def test_spaced_diffusion_deepcopies_and_pickles():
     for clone in (copy.deepcopy(spaced), pickle.loads(pickle.dumps(spaced))):
         assert clone.timestep_map == spaced.timestep_map
         np.testing.assert_array_equal(clone.betas, spaced.betas)
+
+
+def test_heldout_loss_terms_of_kept_steps_match_the_base_process():
+    """A kept step has the base process's alpha_bar: the noise MSE is the base's at the mapped
+    step, the prior the KL at the last kept step."""
+    T = 1000
+    use = space_timesteps(T, "ddim10")
+    spaced, base = _spaced(use, T=T)
+    x0 = torch.rand(3, 3, 4, 4) * 2 - 1
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+    got = spaced.heldout_loss_terms(RecordingModel(), x0, torch.tensor([0, 4, 9]), noise)
+    want = base.heldout_loss_terms(RecordingModel(), x0, torch.tensor([0, 400, 900]), noise)
+    torch.testing.assert_close(got["eps_mse"], want["eps_mse"], rtol=1e-5, atol=1e-7)
+    # the prior is KL(q(x_T | x_0) || N(0, I)) at the last kept step, base step 900
+    ab = base.alphas_cumprod[900]
+    mean = np.sqrt(ab) * x0.double()
+    kl = 0.5 * (-np.log(1 - ab) + (1 - ab) + mean**2 - 1)
+    torch.testing.assert_close(
+        got["prior_bpd"].double(), kl.mean(dim=(1, 2, 3)) / np.log(2.0), rtol=1e-5, atol=1e-7
+    )

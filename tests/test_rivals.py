@@ -11,7 +11,9 @@ import torch
 
 from improved_diffusion import config, training
 from improved_diffusion import gaussian_diffusion as gd
-from improved_diffusion.resample import LogitNormalSampler, SpeeDSampler, create_named_schedule_sampler
+from improved_diffusion.methods.lognormal import LogitNormalSampler
+from improved_diffusion.methods.speed import SpeeDSampler
+from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.script_util import create_gaussian_diffusion
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from improved_diffusion import checkpoint as ckpt
-from improved_diffusion import run_lock
+from improved_diffusion import run_dir, run_lock
+from improved_diffusion.run_dir import RunDir
 from improved_diffusion.train_util import NonFiniteError, TrainLoop
 from test_train import assert_identical, load_checkpoint_files, read_progress, train_args
 from test_train_loop import NaNAt, make_loop
@@ -77,7 +78,7 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_refuses(data, tmp_path):
         proc = run_script("image_train.py", train_args(data, log_dir, total_steps=4, save_interval=2),
                           launcher=launcher, check=False)
         assert proc.returncode != 0 and f"pid {os.getpid()}" in proc.stderr, proc.stderr[-2000:]
-    assert ckpt.find_latest_checkpoint(str(log_dir))[0] == 2  # untouched
+    assert RunDir(log_dir).latest(verify=False)[0] == 2  # untouched
     # Another host's lock cannot be checked from here: refused, with how to clear it.
     lock.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "now", "command": "t"}))
     proc = run_script("image_train.py", train_args(data, log_dir, total_steps=4), check=False)
@@ -87,7 +88,7 @@ def test_a_stale_lock_is_taken_over_and_a_live_one_refuses(data, tmp_path):
 def test_the_lock_under_mpiexec_is_taken_once_and_released(data, tmp_path):
     log_dir = tmp_path / "run"
     run_script("image_train.py", train_args(data, log_dir, total_steps=2, save_interval=2), launcher=mpiexec(2))
-    assert ckpt.find_latest_checkpoint(str(log_dir))[0] == 2
+    assert RunDir(log_dir).latest(verify=False)[0] == 2
     assert not (log_dir / run_lock.LOCK_NAME).exists()
 
 
@@ -125,15 +126,16 @@ def _damage(path, how):
 
 @pytest.mark.parametrize("how", ["truncated", "zeroed", "bitflip"])
 @pytest.mark.parametrize("kind", ["model", "ema", "opt", "state"])
-def test_damaged_files_are_found_and_skipped(two_checkpoints, tmp_path, kind, how):
+def test_damaged_files_are_found_and_skipped(two_checkpoints, tmp_path, capsys, kind, how):
     log_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, log_dir)
     name = {"model": ckpt.model_name(4), "ema": ckpt.ema_name(0.9, 4), "opt": ckpt.opt_name(4),
             "state": ckpt.state_name(4)}[kind]
     _damage(log_dir / name, how)
-    said = []
-    step, _ = ckpt.find_latest_checkpoint(str(log_dir), verify=True, log=said.append)
+    capsys.readouterr()
+    step, _ = RunDir(log_dir).latest()
     assert step == 2
+    said = capsys.readouterr().out.splitlines()
     assert len(said) == 1 and said[0].startswith(f"checkpoint 000004 is damaged ({name}") and "resuming from 000002" in said[0]
 
 
@@ -213,16 +215,16 @@ def test_a_diverged_run_names_its_checkpoint_and_needs_an_explicit_choice(tmp_pa
     text = str(err.value)
     assert "newest checkpoint from before the streak is 000004" in text
     assert f"--resume {log_dir / ckpt.model_name(4)}" in text and "--lr LOWER_LR" in text
-    assert json.loads((log_dir / ckpt.DIVERGED).read_text())["checkpoint_before_streak"] == 4
-    written = ckpt.checkpoint_steps(str(log_dir))
+    assert json.loads((log_dir / run_dir.DIVERGED).read_text())["checkpoint_before_streak"] == 4
+    written = RunDir(log_dir).steps()
     assert max(written) > 4  # checkpoints were written during the streak
 
     with pytest.raises(ckpt.CheckpointError, match="diverged"):
         make_loop(log_dir, resume="auto")
     chosen = make_loop(log_dir, resume=str(log_dir / ckpt.model_name(4)))
-    assert chosen.step == 4 and not (log_dir / ckpt.DIVERGED).exists()
-    assert ckpt.checkpoint_steps(str(log_dir)) == [4, 2]  # the streak's checkpoints are set aside
-    assert sorted(ckpt.checkpoint_steps(str(log_dir / ckpt.SUPERSEDED))) == sorted(s for s in written if s > 4)
+    assert chosen.step == 4 and not (log_dir / run_dir.DIVERGED).exists()
+    assert RunDir(log_dir).steps() == [4, 2]  # the streak's checkpoints are set aside
+    assert sorted(RunDir(log_dir / run_dir.SUPERSEDED).steps()) == sorted(s for s in written if s > 4)
 
 
 def test_a_run_that_diverges_before_any_checkpoint_says_so(tmp_path):

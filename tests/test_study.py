@@ -144,7 +144,7 @@ def test_tiny_study_killed_and_resumed(tmp_path):
 def test_plan_lists_main_table_and_sweeps(capsys):
     assert study.main(["--plan", "--sweeps", "clts_sigma"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 9 * 3 + 5 * 2
+    assert len(lines) == len(study.MAIN_VARIANTS) * 3 + 5 * 2
     assert any(line.startswith("all_clts_sigma=0.05\tseed 1\tconfigs/demo_all.json --clts_sigma 0.05") for line in lines)
     variants = {line.split("\t")[0] for line in lines}
     assert {"baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal"} <= variants

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from improved_diffusion import checkpoint as ckpt
+from improved_diffusion.run_dir import RunDir
 from tiny import PYTHON, ROOT, TINY_MODEL, env, flags, make_npz, mpiexec, run_script, torchrun
 
 ALL_METHODS = {
@@ -75,7 +76,7 @@ def test_exact_resume_with_all_methods(data, tmp_path, launcher_name):
     on_device = dict(ALL_METHODS, data_on_device=True)
     run_script("image_train.py", train_args(data, straight, total_steps=2 * n, **ALL_METHODS), launcher)
     run_script("image_train.py", train_args(data, resumed, total_steps=2 * n, stop_at=n, **on_device), launcher)
-    assert ckpt.find_latest_checkpoint(str(resumed))[0] == n
+    assert RunDir(resumed).latest(verify=False)[0] == n
     proc = run_script("image_train.py", train_args(data, resumed, total_steps=2 * n, **on_device), launcher)
     assert f"resumed from step {n}" in proc.stdout
     assert_identical(load_checkpoint_files(straight, 2 * n), load_checkpoint_files(resumed, 2 * n))
@@ -92,7 +93,7 @@ def test_torchrun_two_processes(data, tmp_path):
     log_dir = tmp_path / "run"
     proc = run_script("image_train.py", train_args(data, log_dir, total_steps=4), torchrun(2))
     assert "world size 2" in proc.stdout
-    step, state = ckpt.find_latest_checkpoint(str(log_dir))
+    step, state = RunDir(log_dir).latest(verify=False)
     assert step == 4 and state["world_size"] == 2
     assert len(read_progress(log_dir)) == 2
 
@@ -112,9 +113,9 @@ def test_killed_runs_resume_from_newest_intact_checkpoint(data, tmp_path):
         proc = subprocess.Popen(cmd, env=env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         # wait for the first checkpoint of this attempt, then kill at a random moment
         deadline = time.time() + 120
-        before = ckpt.find_latest_checkpoint(str(log_dir))
+        before = RunDir(log_dir).latest(verify=False)
         while time.time() < deadline and proc.poll() is None:
-            now = ckpt.find_latest_checkpoint(str(log_dir))
+            now = RunDir(log_dir).latest(verify=False)
             if now is not None and now[0] != (before[0] if before else None):
                 break
             time.sleep(0.05)
@@ -123,7 +124,7 @@ def test_killed_runs_resume_from_newest_intact_checkpoint(data, tmp_path):
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-        found = ckpt.find_latest_checkpoint(str(log_dir))
+        found = RunDir(log_dir).latest(verify=False)
         assert found is not None
         step, state = found
         for name in state["files"]:  # every file of the chosen checkpoint loads
@@ -164,7 +165,7 @@ def test_partial_checkpoints_are_never_picked(data, tmp_path):
     model8 = log_dir / ckpt.model_name(8)
     model8.write_bytes(model8.read_bytes()[:100])
     torch.save(state, log_dir / ckpt.state_name(8))
-    assert ckpt.find_latest_checkpoint(str(log_dir))[0] == 4
+    assert RunDir(log_dir).latest(verify=False)[0] == 4
     proc = run_script("image_train.py", train_args(data, log_dir, total_steps=6, save_interval=2))
     assert "resumed from step 4" in proc.stdout
 
@@ -356,7 +357,7 @@ def test_weights_without_their_training_state_start_a_fine_tune(data, tmp_path):
         (partial / name).write_bytes((source / name).read_bytes())
     proc = run_script("image_train.py", train_args(data, tmp_path / "cont", total_steps=3, resume=partial / ckpt.model_name(2)))
     assert "optimizer file opt000002.pt" in proc.stdout
-    assert ckpt.find_latest_checkpoint(str(tmp_path / "cont"))[0] == 3
+    assert RunDir(tmp_path / "cont").latest(verify=False)[0] == 3
 
 
 def test_log_dir_that_cannot_hold_a_run(data, tmp_path):

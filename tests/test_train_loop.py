@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
 from improved_diffusion import logger as logger_module
 from improved_diffusion.image_datasets import BatchStream, ImageDataset, load_data
 from improved_diffusion.logger import Logger
 from improved_diffusion.resample import UniformSampler
+from improved_diffusion.run_dir import RunDir
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteError, TrainConfig, TrainLoop
 from tiny import TINY_MODEL
@@ -121,7 +121,7 @@ def test_a_checkpoint_with_nan_weights_is_refused(tmp_path):
         loop.params[0].view(-1)[0] = float("nan")
     with pytest.raises(NonFiniteError):
         loop.save()
-    assert ckpt.find_latest_checkpoint(str(tmp_path)) is None
+    assert RunDir(tmp_path).latest(verify=False) is None
 
 
 @pytest.mark.parametrize("optimizer_impl", ["fused", "foreach"])
@@ -205,7 +205,7 @@ def test_the_original_keyword_form_trains_from_load_data(tmp_path):
     finally:
         logger_module._current = previous
     assert loop.config.precision == "fp32" and loop.config.ema_rate == (0.9999,)
-    assert ckpt.find_latest_checkpoint(str(tmp_path / "run"))[0] == 3
+    assert RunDir(tmp_path / "run").latest(verify=False)[0] == 3
     assert os.path.isfile(tmp_path / "run" / "ema_0.9999_000002.pt")
     with pytest.raises(TypeError, match="not both"):
         TrainLoop(model=model, diffusion=diffusion, data=None, config=TrainConfig(), batch_size=2)

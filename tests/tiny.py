@@ -44,8 +44,8 @@ def make_npz(path, n=16, size=8, seed=0, classes=None):
     return path
 
 
-def env():
-    e = dict(os.environ)
+def env(**overrides):
+    e = dict(os.environ, **overrides)
     e["PATH"] = BIN + os.pathsep + e.get("PATH", "")
     e["PYTHONPATH"] = ROOT + os.pathsep + e.get("PYTHONPATH", "")
     e["OMP_NUM_THREADS"] = "1"
@@ -53,10 +53,12 @@ def env():
     return e
 
 
-def run_script(script, args, launcher=(), timeout=600, check=True):
-    """Run scripts/<script> (optionally under mpiexec/torchrun); returns the CompletedProcess."""
+def run_script(script, args, launcher=(), timeout=600, check=True, env_overrides=None):
+    """Run scripts/<script> (optionally under mpiexec/torchrun, with extra environment
+    variables); returns the CompletedProcess."""
     cmd = list(launcher) + [PYTHON, os.path.join(ROOT, "scripts", script)] + [str(a) for a in args]
-    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=env(**(env_overrides or {})), cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc

@@ -80,8 +80,9 @@ def model_flags(values, exclude=()):
 def ema_checkpoint(log_dir):
     """Path of the first-rate EMA file of the newest intact checkpoint in `log_dir`."""
     from improved_diffusion import checkpoint as ckpt
+    from improved_diffusion.run_dir import RunDir
 
-    found = ckpt.find_latest_checkpoint(log_dir)
+    found = RunDir(log_dir).latest(verify=False)
     if found is None:
         raise SystemExit(f"error: no intact checkpoint (stateNNNNNN.pt with its files) in {log_dir}")
     step, state = found

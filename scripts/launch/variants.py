@@ -1,5 +1,7 @@
 """
-The variants of an experiment, for the launch scripts: the config files are their only definition.
+The variants of an experiment, for the launch scripts: their names come from the registry of
+methods (improved_diffusion/methods/: the paper's five, then one per rival method that declares
+one), their settings from the overlay config files.
 
     python scripts/launch/variants.py EXPERIMENT [VARIANT,VARIANT,...]
     # baseline<TAB>/repo/configs/cifar10_baseline.json<TAB>
@@ -10,8 +12,8 @@ prints one line per variant (the paper's five by default, or those named: rivals
 or speed only when named): its name, the --config file that
 trains it, and flags to add to that file (space-separated; usually none).
 
-- EXPERIMENT a name (cifar10, imagenet128, demo): its variants are the files
-  `configs/EXPERIMENT_VARIANT.json` (overlays of a base config: `{"base": ..., ...}`).
+- EXPERIMENT a name (cifar10, imagenet128, demo): its variants are the registered variants
+  with a file `configs/EXPERIMENT_VARIANT.json` (an overlay of a base config: `{"base": ..., ...}`).
 - EXPERIMENT a config file of one's own (or a name with only `configs/EXPERIMENT.json`): its
   variants are the demo's (`configs/demo_VARIANT.json`, which set every method switch
   explicitly, so they also hold on a base with methods on), given as flags on top of that file.
@@ -25,11 +27,13 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from improved_diffusion import methods  # noqa: E402
+
 CONFIGS = os.path.join(ROOT, "configs")
 # The variants that work as flags on any base config.
 GENERIC = "demo"
-# Only the order of runs, tables and plots: the paper's; other variants follow by name.
-ORDER = ("baseline", "md", "md_lrc", "clts", "all")
 
 
 class VariantError(Exception):
@@ -42,10 +46,10 @@ def format_value(value):
 
 
 def variant_files(experiment):
-    """{variant: path} of configs/EXPERIMENT_VARIANT.json, in run order."""
-    prefix = os.path.join(CONFIGS, experiment + "_")
-    found = {p[len(prefix):-len(".json")]: p for p in glob.glob(glob.escape(prefix) + "*.json")}
-    return {v: found[v] for v in sorted(found, key=lambda v: (ORDER.index(v) if v in ORDER else len(ORDER), v))}
+    """{variant: configs/EXPERIMENT_VARIANT.json} of the registered variants that have that file,
+    in the registry's order (the paper's five first)."""
+    paths = {v: os.path.join(CONFIGS, f"{experiment}_{v}.json") for v in methods.variants()}
+    return {v: p for v, p in paths.items() if os.path.isfile(p)}
 
 
 def experiments():
@@ -82,7 +86,8 @@ def select(experiment, names=None):
     """[(variant, config, flags)] of the comma-separated `names` (default: the paper's five;
     the rivals, e.g. demo_p2.json, run when named)."""
     known = variants(experiment)
-    wanted = [n for n in (names or "").split(",") if n] or [v for v in known if v in ORDER] or list(known)
+    paper = [v for v in known if v in methods.PAPER_VARIANTS]
+    wanted = [n for n in (names or "").split(",") if n] or paper or list(known)
     for n in wanted:
         if n not in known:
             raise VariantError(f"unknown variant '{n}' (choose from: {', '.join(known)})")

@@ -1,5 +1,7 @@
 """
-Momentum decay with learning-rate compensation (MDLRC; the paper's Eq. 9-10).
+Momentum decay with learning-rate compensation (MDLRC; the paper's Eq. 9-10), the
+optimizer-side method: the schedule of Adam's beta1 and an lr factor that TrainLoop applies
+each step.
 
 MD (Demon-style decay of Adam's beta1, with a floor), with r = 1 - k / K:
 
@@ -17,13 +19,22 @@ docs/methods.md.
 from dataclasses import dataclass
 from typing import Optional
 
+from ..option import Option
+from .registry import GROUP, OPTIMIZER, Method
+
+# MomentumSchedule checks these values itself (naming the flag), so the table has no check.
+MOMENTUM_DECAY = Option("momentum_decay", False, "MD: decay Adam's beta1 over --total_steps (Demon)", GROUP)
+BETA_INIT = Option("md_beta_init", 0.9, "MD: beta1 at step 0", GROUP)
+BETA_MIN = Option("md_beta_min", 0.5, "MD: floor of beta1", GROUP)
+LR_COMPENSATION = Option("lr_compensation", False, "LRC: scale lr by (1 - beta_init) / (1 - beta1)", GROUP)
+
 
 @dataclass(frozen=True)
 class MomentumSchedule:
-    momentum_decay: bool = False  # decay beta1 from beta_init towards beta_min
-    lr_compensation: bool = False  # scale lr by (1 - beta_init) / (1 - beta_k)
-    beta_init: float = 0.9  # beta1 at step 0 (Adam's default)
-    beta_min: float = 0.5  # floor of the decayed beta1
+    momentum_decay: bool = MOMENTUM_DECAY.default  # decay beta1 from beta_init towards beta_min
+    lr_compensation: bool = LR_COMPENSATION.default  # scale lr by (1 - beta_init) / (1 - beta_k)
+    beta_init: float = BETA_INIT.default  # beta1 at step 0 (Adam's default)
+    beta_min: float = BETA_MIN.default  # floor of the decayed beta1
     total_steps: Optional[int] = None  # K, the planned number of optimizer steps
 
     def __post_init__(self):
@@ -53,3 +64,11 @@ class MomentumSchedule:
         if not (self.momentum_decay and self.lr_compensation):
             return 1.0
         return (1.0 - self.beta_init) / (1.0 - self.beta1(step))
+
+
+METHODS = (
+    Method("mdlrc", OPTIMIZER, MomentumSchedule, options={
+        "momentum_decay": MOMENTUM_DECAY, "beta_init": BETA_INIT, "beta_min": BETA_MIN,
+        "lr_compensation": LR_COMPENSATION,
+    }),
+)

@@ -1,0 +1,26 @@
+"""
+Training methods as components: timestep samplers, loss weightings and optimizer-side
+schedules, each declared once in a module of this package and found through the registry
+(`registry.py` says what an entry holds; docs/design.md shows how one is added).
+"""
+
+from .registry import (  # noqa: F401
+    DEFAULT_SAMPLER,
+    KINDS,
+    OPTIMIZER,
+    PAPER_VARIANTS,
+    SAMPLER,
+    WEIGHTING,
+    LossWeighting,
+    Method,
+    build_optimizer_schedule,
+    build_sampler,
+    get,
+    loss_weighting,
+    methods,
+    option_names,
+    options,
+    sampler_names,
+    sampler_option,
+    variants,
+)
