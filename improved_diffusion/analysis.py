@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch as th
 
+from . import config
 from .respace import space_timesteps
 
 __all__ = [
@@ -57,7 +58,7 @@ __all__ = [
 ]
 
 # PSNR of identical images is infinite; summaries replace it with this value (and say so).
-PSNR_CAP_DB = 100.0
+PSNR_CAP_DB = config.SAMPLING["cap_db"].default  # the --cap_db of consistency.py
 
 
 # ----------------------------------------------------------------------------------------
@@ -638,25 +639,19 @@ def spectral_density(
 
 def load_model_and_diffusion(path, flags, device="cpu"):
     """
-    Build a model and diffusion from flags and load a checkpoint into the model.
+    A checkpoint's model (eval mode, on `device`) and diffusion, built from `flags` (over its
+    run's config.json), as `run_dir.load_run` loads it, with a CPU copy of its weights (the
+    start of an interpolation).
 
-    The checkpoint is read with weights_only=True (no code from the file is run) and loaded
-    strictly; a checkpoint of another architecture gives a ValueError naming the flags.
-
-    :param path: a plain state dict file (modelNNNNNN.pt, ema_RATE_NNNNNN.pt, or a released
-                 improved-diffusion / guided-diffusion checkpoint).
-    :param flags: the keyword arguments of script_util.create_model_and_diffusion.
-    :return: (model in eval mode on device, diffusion, the loaded state dict on the CPU).
+    :param path: a checkpoint file or a run folder (see `run_dir.load_run`).
+    :param flags: model and diffusion options (the keywords of create_model_and_diffusion).
+    :return: (model, diffusion, the loaded state dict on the CPU).
     """
-    from . import script_util
-    from .sampling import load_model_weights
+    from .run_dir import load_run
 
-    model, diffusion = script_util.create_model_and_diffusion(**flags)
-    load_model_weights(model, path)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.to(device)
-    model.eval()
-    return model, diffusion, state
+    run = load_run(path, overrides=flags, device=device)
+    state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
+    return run.model, run.diffusion, state
 
 
 def check_timestep(diffusion_steps, timestep_respacing, timestep):

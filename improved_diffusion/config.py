@@ -133,6 +133,106 @@ BY_NAME = {o.name: o for o in OPTIONS}
 assert len(BY_NAME) == len(OPTIONS), "an option is defined twice"
 assert all(o.group in GROUPS for o in OPTIONS)
 
+# Options of the evaluation and study tools (scripts/fid.py, study.py, launch/summarize.py),
+# not of a training run: a table of their own, so that image_train.py's flags and config.json
+# stay as they are (a tool's --batch_size is not the training one). add_options(..., table=TOOLS).
+TOOL_GROUPS = ("fid", "study", "summarize")
+TOOL_OPTIONS = [
+    _o("kid_subsets", 100, "KID: number of subsets", "fid", check=positive),
+    _o("kid_subset_size", 1000, "KID: subset size", "fid", check=positive),
+    _o("keep_features", 10000, "pooled feature rows stored for precision, recall and KID, a fixed random subset "
+       "of the images (0: all; float16, 4 KB a row)", "fid", check=non_negative),
+    _o("preset", "cpu", "the study's setting (improved_diffusion/study.py PRESETS)", "study",
+       choices=("cpu", "digits", "gpu", "paper", "paper_imagenet128")),
+    _o("out", "", "summaries (default docs/study/PRESET)", "study"),
+    _o("runs_dir", "", "training runs (default runs/study/PRESET)", "study"),
+    _o("variants", ",".join(methods.variants()), "comma-separated; empty: none", "study"),
+    _o("seeds", "", "comma-separated seeds (default: the preset's)", "study"),
+    _o("sweep_seeds", "", "seeds of the sweeps (default: the preset's)", "study"),
+    _o("steps", 0, "override the preset's steps (eval steps scale along)", "study", check=non_negative),
+    _o("fid_steps", "", "comma-separated steps with FID (default: the preset's; 'none': no FID)", "study"),
+    _o("fid_samples", 0, "samples per FID (default: the preset's)", "study", check=non_negative),
+    _o("quality_samples", 0, "samples per digit-classifier evaluation (default: the preset's)", "study",
+       check=non_negative),
+    _o("data", "", "the data .npz (default: the preset's)", "study"),
+    _o("holdout", -1, "images held out at the end of --data (default: the preset's)", "study"),
+    _o("extra_flags", "", "extra image_train.py flags for every run (tests)", "study"),
+    _o("baseline", "baseline", "the run whose final FID the others are measured against", "summarize"),
+    _o("runs", "", "comma-separated run names (default: runs.tsv, else every sub-folder with a progress.csv)",
+       "summarize"),
+]
+TOOLS = {o.name: o for o in TOOL_OPTIONS}
+assert len(TOOLS) == len(TOOL_OPTIONS) and all(o.group in TOOL_GROUPS for o in TOOL_OPTIONS)
+
+# Options of the scripts that use a trained model: sampling (image_sample.py,
+# classifier_sample.py, super_res_sample.py) and analysis (consistency.py, image_nll.py,
+# hessian.py, interpolate.py). A table of their own, like the tools': a sampling --batch_size
+# (images per forward pass) is not the training one. Where a script's default differs, the
+# option says so in `uses` (`add_options(..., table=SAMPLING, use="consistency")`).
+SAMPLE_GROUPS = ("sample", "analysis")
+_FOR_ANALYSIS = (("hessian", "hessian_out"), ("interpolate", "interpolation_out"), ("consistency", "consistency_out"))
+SAMPLE_OPTIONS = [
+    _o("model_path", "", "checkpoint to load (modelNNNNNN.pt, ema_RATE_NNNNNN.pt or released weights)", "sample"),
+    _o("num_samples", 10000, "images to generate over all processes (image_nll.py: data images to score, 0: all)",
+       "sample", uses=(("consistency", 32), ("image_nll", 1000))),
+    _o("batch_size", 16, "images per forward pass in each process (hessian.py, interpolate.py: the fixed batch)",
+       "sample", uses=(("image_nll", 1), ("interpolate", 64))),
+    _o("use_ddim", False, "sample with DDIM (use with --timestep_respacing ddimN)", "sample"),
+    _o("eta", 0.0, "DDIM eta (0 = deterministic DDIM)", "sample"),
+    _o("clip_denoised", True, "clip the predicted x_0 to [-1, 1] at every step", "sample"),
+    _o("seed", 0, "sampling seed: sample i gets its own seed derived from it (analysis: the fixed batch's "
+       "timesteps and noise)", "sample"),
+    _o("num_classes", 0, "classes to draw labels from (class_cond); 0: data_num_classes of the run's "
+       "config.json, else 1000", "sample"),
+    _o("out", "", "output: the samples' .npz or a folder for samples_NxHxWxC.npz (default: the checkpoint's "
+       "folder); analysis: the result folder (image_nll.py: the JSON result, default OUT_DIR/nll.json)",
+       "sample", uses=_FOR_ANALYSIS),
+    _o("grid", "", "PNG grid path; 'none': no grid; empty: next to the .npz", "sample"),
+    _o("grid_size", 64, "number of images in the grid", "sample"),
+    _o("log_dir", "", "folder for the default output; empty: $OPENAI_LOGDIR, else the checkpoint's folder", "sample"),
+    _o("device", "", "cpu, cuda, cuda:1; empty: this rank's GPU if any, else cpu", "sample"),
+    _o("guidance_scale", 0.0, "classifier-free guidance w: eps = (1 + w) eps(x, y) - w eps(x, null) (a model "
+       "trained with --class_dropout_prob > 0; 0: off, -1: unconditional)", "sample"),
+    _o("classifier_path", "", "classifier checkpoint (classifier_train.py's modelNNNNNN.pt, or a released one)",
+       "sample"),
+    _o("classifier_scale", 1.0, "the guidance scale s: the gradient of s log p(y | x_t) is added", "sample"),
+    _o("base_samples", "", ".npz of low-resolution uint8 images (arr_0) and labels (arr_1, class_cond)", "sample"),
+    _o("large_size", 0, "side of the output images; 0: the run's (config.json), else 256", "sample"),
+    _o("small_size", 0, "side of the base samples; 0: the run's (config.json), else 64", "sample"),
+    # ---- analysis of trained models (paper section 3; docs/analysis.md)
+    _o("data_dir", "", "image folder or .npz (arr_0 uint8 NHWC): the images scored (image_nll.py), or whose "
+       "first --batch_size form the fixed batch (hessian.py, interpolate.py)", "analysis"),
+    _o("out_dir", "", "where image_nll.py writes nll.json and the *_terms.npz files; empty: $OPENAI_LOGDIR, "
+       "else the checkpoint's folder", "analysis"),
+    _o("timestep", -1, "use this timestep for every image (-1: uniform random, fixed by --seed)", "analysis"),
+    _o("model_paths", "", "comma-separated checkpoints, one per model (at least two); GANs: ganNNNNNN.pt or "
+       "gan:PATH", "analysis"),
+    _o("model_a", "", "checkpoint at alpha = 0 (diffusion, or a GAN: ganNNNNNN.pt or gan:PATH)", "analysis"),
+    _o("model_b", "", "checkpoint at alpha = 1 (same architecture)", "analysis"),
+    _o("names", "", "comma-separated labels of the models or of the --compare files (default: file or "
+       "folder names)", "analysis"),
+    _o("compare", "", "comma-separated result .json files to plot side by side (nothing else runs)", "analysis"),
+    _o("alphas", "", "explicit comma-separated alphas (write --alphas=-0.5,0,...); overrides the grid", "analysis"),
+    _o("alpha_min", -0.5, "first alpha of the default grid", "analysis"),
+    _o("alpha_max", 1.5, "last alpha of the default grid", "analysis"),
+    _o("num_alphas", 21, "number of points of the default grid", "analysis"),
+    _o("top_k", 5, "number of top eigenvalues (lambda_1 .. lambda_k)", "analysis"),
+    _o("iters", 0, "Lanczos steps, at least top_k (0: max(3 top_k, 20))", "analysis"),
+    _o("method", "both", "lanczos, power or both", "analysis"),
+    _o("power_iters", 200, "maximum power-iteration steps", "analysis"),
+    _o("tol", 1e-6, "power iteration stops when the eigenvalue changes by less than tol (relative)", "analysis"),
+    _o("density", False, "also estimate the spectral density by stochastic Lanczos quadrature", "analysis"),
+    _o("density_iters", 50, "Lanczos steps per SLQ probe", "analysis"),
+    _o("density_runs", 1, "number of SLQ probe vectors", "analysis"),
+    _o("lanczos_dtype", "float64", "float64 or float32 for the Lanczos / power vectors", "analysis"),
+    _o("gan_loss", "generator", "for a GAN checkpoint: generator (L_G, generator parameters) or discriminator "
+       "(L_D, its parameters)", "analysis"),
+    _o("cap_db", 100.0, "cap for the PSNR of identical images (infinite otherwise)", "analysis"),
+    _o("grid_images", 8, "images per model shown in consistency.png", "analysis"),
+]
+SAMPLING = {o.name: o for o in SAMPLE_OPTIONS}
+assert len(SAMPLING) == len(SAMPLE_OPTIONS) and all(o.group in SAMPLE_GROUPS for o in SAMPLE_OPTIONS)
+
 
 def names(*groups):
     """Option names of `groups` (all when none given), in table order."""
@@ -148,12 +248,14 @@ def defaults(*groups):
 MODEL_GROUPS = ("model", "diffusion")
 
 
-def add_options(parser, option_names, title=None):
-    """One `--name` flag per option, typed, with the table's help text and choices."""
+def add_options(parser, option_names, title=None, table=None, use=None):
+    """One `--name` flag per option of `table` (default: the training table), typed, with
+    the table's help text and choices, and its default for `use` (a script's name, see
+    `Option.uses`)."""
     target = parser.add_argument_group(title) if title else parser
     for name in option_names:
-        o = BY_NAME[name]
-        kwargs = dict(default=o.default, type=o.parse, help=f"{o.help} (default: %(default)r)")
+        o = (BY_NAME if table is None else table)[name]
+        kwargs = dict(default=o.default_for(use), type=o.parse, help=f"{o.help} (default: %(default)r)")
         if o.choices:
             kwargs["choices"] = o.choices
         target.add_argument(f"--{name}", **kwargs)
@@ -225,7 +327,10 @@ def load_config(path, allowed):
 
 
 def run_config_path(checkpoint_path):
-    """The training run's config.json: image_train.py writes it beside its checkpoints."""
+    """The training run's config.json: image_train.py writes it beside its checkpoints (a
+    run folder's own, when `checkpoint_path` is the folder)."""
+    if os.path.isdir(checkpoint_path):
+        return os.path.join(os.path.abspath(checkpoint_path), "config.json")
     return os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), "config.json")
 
 

@@ -34,7 +34,6 @@ written last; `gan_config.json` beside them marks the folder as a GAN run.
 """
 
 import contextlib
-import json
 import math
 import os
 import re
@@ -262,11 +261,6 @@ def load_gan(path, device="cpu"):
         net.load_state_dict(obj[what], strict=True)
         net.to(device).eval()
     return g, d, arch
-
-
-def read_gan_config(log_dir):
-    with open(os.path.join(log_dir, GAN_CONFIG)) as f:
-        return json.load(f)
 
 
 def count_params(module):

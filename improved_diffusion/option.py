@@ -47,6 +47,14 @@ class Option:
     # model_and_diffusion_defaults() keeps their key set (the scripts' parsers and
     # config.json still have it)
     in_defaults: bool = True
+    # Other defaults of one option for some scripts, as ((use, default), ...): e.g. the
+    # sampling batch size of consistency.py; `config.add_options(..., use=...)` picks them, so
+    # a script's default is still written here, in the table.
+    uses: tuple = ()
+
+    def default_for(self, use=None):
+        """The default of this option for `use` (a script's name; None: the plain default)."""
+        return dict(self.uses).get(use, self.default)
 
     @property
     def parse(self):

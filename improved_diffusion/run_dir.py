@@ -21,6 +21,7 @@ ones to `LOG_DIR/superseded/` (nothing is deleted) and drops their logged rows, 
 import contextlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Optional
@@ -406,3 +407,130 @@ def _remove_temp_files(path):
         except FileNotFoundError:
             pass
     return stale
+
+
+# ---------------------------------------------------------------------------------------- loading a run
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready to use: what `load_run` returns."""
+
+    model: torch.nn.Module  # in eval mode, on the device asked for
+    diffusion: object  # a SpacedDiffusion built from `options`
+    options: dict  # the model and diffusion options it was built with
+    run_config: Optional[dict]  # the run's config.json as read, or None when there is none
+    path: str  # the weights file loaded
+    step: Optional[int]  # its step (None for a file without one, e.g. released weights)
+
+
+def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cpu", log=print):
+    """
+    The one way to get a trained model for sampling, evaluation, analysis and the study.
+
+    :param path: a weights file (modelNNNNNN.pt, ema_RATE_NNNNNN.pt, a released checkpoint) or
+        a run folder (--log_dir of a trainer): then its newest intact checkpoint (checksums
+        verified; a damaged newer one is named through `log` and passed over), or the one of
+        `step`.
+    :param which: in a run folder, "ema" (default) or "model" (the raw weights).
+    :param rate: in a run folder, which EMA (e.g. 0.9999 or "0.9999"); None: the run's first.
+    :param step: in a run folder, that step's checkpoint instead of the newest.
+    :param overrides: model/diffusion option values over the run's config.json (a script's
+        parsed flags, a sampling respacing); without a config.json they are the options, over
+        the table's defaults. A super-resolution run is recognised by its `large_size`.
+    :return: a `LoadedRun` (model in eval mode on `device`, diffusion, options, run_config,
+        path, step). Errors name the path: FileNotFoundError for nothing there, ValueError
+        (CheckpointMismatchError) for weights that do not fit the options.
+    """
+    from . import config
+    from .sampling import load_model_weights
+
+    path = str(path)
+    if os.path.isdir(path):
+        path, step = _weights_in_folder(path, which, rate, step, log)
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
+    else:
+        try:
+            step = ckpt.parse_step(path)
+        except ValueError:
+            step = None
+    run_config = _read_run_config(config.run_config_path(path))
+    options = run_options(run_config, overrides, config.run_config_path(path))
+    model, diffusion = _build(options)
+    load_model_weights(model, path)
+    model.to(device).eval()
+    return LoadedRun(model, diffusion, options, run_config, path, step)
+
+
+def run_options(run_config, overrides=None, where="config.json"):
+    """The model and diffusion options of a run: the table's defaults < its config.json
+    (`where`, for errors) < `overrides`; a super-resolution run keeps its two sizes."""
+    from . import config
+
+    names = config.names(*config.MODEL_GROUPS)
+    options = {n: config.BY_NAME[n].default for n in names}
+    saved = run_config or {}
+    options.update({k: config.coerce(k, v, where) for k, v in saved.items() if k in options})
+    options.update({k: v for k, v in (overrides or {}).items() if k in options})
+    sizes = {k: (overrides or {}).get(k, saved.get(k)) for k in SR_SIZES}
+    if all(v is not None for v in sizes.values()):
+        options.update({k: int(v) for k, v in sizes.items()})
+    config.validate(options)
+    return options
+
+
+SR_SIZES = ("large_size", "small_size")  # options of a super-resolution run (super_res_train.py)
+
+
+def _build(options):
+    """Model and diffusion of `options`: a super-resolution model when they have its sizes."""
+    from . import script_util
+
+    if "large_size" in options:
+        keys = [k for k in script_util.sr_model_and_diffusion_defaults() if k not in SR_SIZES]
+        return script_util.sr_create_model_and_diffusion(
+            **{k: options[k] for k in keys}, large_size=options["large_size"],
+            small_size=options["small_size"], channel_mult=options["channel_mult"])
+    return script_util.create_model_and_diffusion(**options)
+
+
+def _read_run_config(path):
+    """A run's config.json, or None when there is none (a damaged one is an error naming it)."""
+    from . import config
+
+    return config.read_options_file(path) if os.path.isfile(path) else None
+
+
+def _weights_in_folder(folder, which, rate, step, log):
+    """(weights file, step) of the checkpoint `which` / `rate` / `step` of a run folder."""
+    if which not in ("ema", "model"):
+        raise ValueError(f"which={which!r}: choose 'ema' or 'model'")
+    run = RunDir(folder)
+    if step is None:
+        found = run._newest_intact(verify=True, log=log)
+        if found is None:
+            raise FileNotFoundError(f"{folder}: no intact checkpoint (stateNNNNNN.pt with its files) in this run folder")
+        step, state = found
+    else:
+        reason = ckpt.damage(folder, step) if step in run.steps() else "no such checkpoint"
+        if reason is not None:
+            raise FileNotFoundError(f"{folder}: checkpoint {step:06d} cannot be used ({reason})")
+        state = ckpt.load_state_file(os.path.join(folder, ckpt.state_name(step)))
+    if which == "model":
+        return os.path.join(folder, ckpt.model_name(step)), step
+    emas = {}
+    for name in state["files"]:
+        match = EMA_FILE.match(name)
+        if match:
+            emas[float(match.group(1))] = name
+    if not emas:
+        raise FileNotFoundError(f"{folder}: checkpoint {step:06d} has no EMA file (load which='model')")
+    wanted = float(rate) if rate is not None else float((state.get("ema_rate") or sorted(emas))[0])
+    if wanted not in emas:
+        raise FileNotFoundError(f"{folder}: checkpoint {step:06d} has no EMA of rate {rate} "
+                                f"(it has {', '.join(str(r) for r in emas)})")
+    return os.path.join(folder, emas[wanted]), step
+
+
+EMA_FILE = re.compile(r"^ema_([0-9.eE+-]+)_\d{6,}\.pt$")

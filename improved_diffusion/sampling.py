@@ -15,8 +15,10 @@ whatever ``--batch_size`` or the number of ranks (on the same kind of device).
 """
 
 import contextlib
+import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -428,3 +430,84 @@ def classes_to_sample(num_classes, class_cond, model_path, log=print, config=Non
     log(f"warning: drawing class labels from all {NUM_CLASSES} rows of the label embedding "
         f"({why}); pass --num_classes N, the number of classes of the training data")
     return NUM_CLASSES
+
+
+# ---------------------------------------------------------------------------------------
+# What the sampling scripts share (image_sample.py, classifier_sample.py, super_res_sample.py,
+# consistency.py): their flags are the table's sample group (config.SAMPLING)
+# ---------------------------------------------------------------------------------------
+
+
+def check_counts(args, flags=("num_samples", "batch_size")):
+    """--num_samples and --batch_size (or `flags`) must be at least 1."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+
+
+def sampling_device(args):
+    """--device, or this rank's device."""
+    from . import dist_util
+
+    return torch.device(args.device) if args.device else dist_util.dev()
+
+
+def model_flags(args):
+    """The model and diffusion flags a script parsed (with its run's config.json beneath)."""
+    names = [*config.names(*config.MODEL_GROUPS), "large_size", "small_size"]
+    return {n: getattr(args, n) for n in names if hasattr(args, n)}
+
+
+def load_for_sampling(args, run_config, device, log=print, argv=None, use_fp16=True):
+    """
+    The `LoadedRun` (run_dir.load_run) of --model_path, a checkpoint or a run folder, built
+    from the parsed model flags (the run's config.json < --config < the command line): a note
+    for each flag that overrides the run's value, the model in eval mode on `device`, fp16
+    with --use_fp16 True (the original's way; `use_fp16=False` ignores it, as image_nll.py did).
+    """
+    from .run_dir import load_run
+
+    for note in run_overrides(args, run_config, args.model_path, argv):
+        log(note)
+    run = load_run(args.model_path, overrides=model_flags(args), device=device, log=log)
+    if use_fp16 and args.use_fp16:
+        run.model.convert_to_fp16()
+    return run
+
+
+def sample_with_flags(model, diffusion, args, device, *, image_size, class_cond, num_classes):
+    """
+    `sample_images` with the sample group's flags of `args` (--num_samples, --batch_size,
+    --seed, --use_ddim, --eta, --clip_denoised, --precision); returns (images, labels, seconds).
+    """
+    from . import dist_util, precision
+
+    autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
+    start = time.time()
+    images, labels = sample_images(
+        model, diffusion, num_samples=args.num_samples, batch_size=args.batch_size, image_size=image_size,
+        device=device, seed=args.seed, use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised,
+        class_cond=class_cond, num_classes=num_classes, progress=dist_util.get_rank() == 0,
+        autocast_dtype=autocast_dtype,
+    )
+    return images, labels, time.time() - start
+
+
+def output_paths(out, grid, grid_size, shape, default_dir):
+    """(npz path, grid path or None) of --out / --grid / --grid_size for samples of `shape`:
+    --out is the .npz, or a folder (empty: `default_dir`) for samples_NxHxWxC.npz; the grid
+    goes beside the .npz unless --grid names it, none with --grid none or --grid_size 0."""
+    if not out.endswith(".npz"):
+        out = os.path.join(out or default_dir, f"samples_{'x'.join(str(d) for d in shape)}.npz")
+    if grid == "none" or grid_size <= 0:
+        return out, None
+    return out, grid or out[: -len(".npz")] + "_grid.png"
+
+
+def save_samples(args, arrays, default_dir, log=print, **facts):
+    """Rank 0 writes `arrays` (images first) where --out / --grid say, and one JSON line of
+    where and how many, plus `facts`."""
+    out, grid = output_paths(args.out, args.grid, args.grid_size, arrays[0].shape, default_dir)
+    write_samples(out, arrays, grid, args.grid_size, log)
+    log(json.dumps({"out": out, "num_samples": len(arrays[0]), **facts}))
+    return out

@@ -472,8 +472,6 @@ def run_main(main, errors=(ValueError, FileNotFoundError)):
         print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
 
-read_json_options = config.read_options_file  # TEMP until callers move
-
 
 # ---------------------------------------------------------------------------------------
 # The noise-aware classifier (guided-diffusion)

@@ -660,9 +660,8 @@ def add_rates(result, fwd_flops, peak_tflops):
         sample["mfu"] = sample["achieved_tflops"] / peak_tflops if peak_tflops else None
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    opts = vars(args)
+def benchmark_device(args):
+    """The --device (default: CUDA when there is one), made current; --threads set."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -671,6 +670,11 @@ def main(argv=None):
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     # TF32 stays at torch's defaults (convolutions yes, matmuls no), as in training.
+    return device
+
+
+def parts_of(args):
+    """The --parts to time (FLOPs are always counted), checked with --steps and --warmup."""
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
     unknown = parts - {"train", "sample", "overhead", "flops"}
     if unknown:
@@ -678,10 +682,11 @@ def main(argv=None):
     parts.discard("flops")  # FLOPs are always counted
     if args.steps < 1 or args.warmup < 0:
         raise SystemExit("--steps must be >= 1 and --warmup >= 0")
-    model_opts = training.model_options(opts)
-    methods = {k: opts[k] for k in config.names("methods")}
-    peak = args.peak_tflops or (DEFAULT_CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
+    return parts
 
+
+def describe(args, opts, model_opts, device, peak):
+    """The result's header: the model, the machine and the FLOPs of the forward and the training step."""
     # FLOPs: the forward on the benchmark device (its attention kernels), fwd+bwd on meta.
     torch.manual_seed(args.seed)
     model, _ = create_model_and_diffusion(**model_opts)
@@ -690,14 +695,13 @@ def main(argv=None):
     fwd_flops, fwd_by_op = forward_flops(model, model_opts, device)
     del model
     train_flops, train_by_op = train_step_flops_meta(model_opts)
-
     result = {
         "benchmark": "scripts/benchmark.py",
         "config": args.config_name,
         "config_path": os.path.relpath(args.config, ROOT) if os.path.abspath(args.config).startswith(ROOT) else args.config,
         "model": {k: model_opts[k] for k in sorted(model_opts)},
         "params": params,
-        "methods": methods,
+        "methods": {k: opts[k] for k in config.names("methods")},
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
@@ -721,7 +725,11 @@ def main(argv=None):
             "ratio_to_spec_cifar10": fwd_flops / 1e9 / SPEC_CIFAR10_FORWARD_GFLOP,
         },
     }
+    return result, fwd_flops
 
+
+def time_runs(result, args, opts, device, parts, fwd_flops, peak):
+    """Time the plain and fast settings (--compare) or the flags' own, into `result`; the labels."""
     settings = {k: opts[k] for k in ("precision", "channels_last", "compile", "compile_mode", "optimizer_impl")}
     if not parts:
         runs = []
@@ -741,7 +749,18 @@ def main(argv=None):
                 plain, fast = result["plain"][part], result["fast"][part]
                 result["speedup"][part] = plain[key] / fast[key]
                 result["speedup_from_min"][part] = plain[key + "_min"] / fast[key + "_min"]
+    return [label for label, _ in runs]
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    opts = vars(args)
+    device = benchmark_device(args)
+    parts = parts_of(args)
+    model_opts = training.model_options(opts)
+    peak = args.peak_tflops or (DEFAULT_CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
+    result, fwd_flops = describe(args, opts, model_opts, device, peak)
+    labels = time_runs(result, args, opts, device, parts, fwd_flops, peak)
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.json:
@@ -749,7 +768,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             f.write(text + "\n")
     print()
-    print(format_table(result, [label for label, _ in runs]))
+    print(format_table(result, labels))
     return result
 
 

@@ -21,22 +21,22 @@ gives the same image whatever --batch_size and number of processes. Output: an .
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
-from improved_diffusion import config, dist_util, precision
+from improved_diffusion import config, dist_util
 from improved_diffusion.sampling import (
+    check_counts,
     classes_to_sample,
+    load_for_sampling,
     load_model_weights,
     read_run_config,
-    run_overrides,
-    sample_images,
-    write_samples,
+    sample_with_flags,
+    sampling_device,
+    save_samples,
 )
 from improved_diffusion.script_util import (
     CLASSIFIER_EXTRA_DEFAULTS,
@@ -44,10 +44,11 @@ from improved_diffusion.script_util import (
     args_to_dict,
     classifier_defaults,
     create_classifier,
-    create_model_and_diffusion,
     run_main,
 )
 
+SAMPLE_FLAGS = ["model_path", "classifier_path", "classifier_scale", "num_samples", "batch_size", "use_ddim", "eta",
+                "clip_denoised", "seed", "num_classes", "out", "grid", "grid_size", "device"]
 CLASSIFIER_FLAGS = [k for k in (*classifier_defaults(), *CLASSIFIER_EXTRA_DEFAULTS) if k != "image_size"]
 # The classifier's diffusion must be the model's: the noise levels it learned, and the
 # timesteps it was shown.
@@ -121,32 +122,22 @@ def check_classifier(args, classifier_config, num_classes):
                          f"the model samples {num_classes}")
 
 
-def main(argv=None):
-    parser = create_argparser()
-    pre, _ = parser.parse_known_args(argv)
-    inherited, classifier_config = classifier_run(pre.classifier_path, argv)
-    parser.set_defaults(**inherited)
-    args, run_config = config.parse(parser, argv, checkpoint_flag="model_path")
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+def check_paths(args):
+    """Both checkpoints must be given and exist (errors name the flag)."""
     if not args.model_path:
         raise ValueError("no checkpoint given: pass --model_path")
-    if not os.path.isfile(args.model_path):
+    if not os.path.exists(args.model_path):
         raise FileNotFoundError(f"model checkpoint not found: {args.model_path} (--model_path)")
     if not args.classifier_path:
         raise ValueError("no classifier given: pass --classifier_path (train one with scripts/classifier_train.py)")
     if not os.path.isfile(args.classifier_path):
         raise FileNotFoundError(f"classifier checkpoint not found: {args.classifier_path} (--classifier_path)")
-    dist_util.setup_dist()
-    rank = dist_util.get_rank()
-    device = torch.device(args.device) if args.device else dist_util.dev()
-    log = dist_util.print0
-    for note in run_overrides(args, run_config, args.model_path, argv):
-        log(note)
 
-    model, diffusion = create_model_and_diffusion(**args_to_dict(args, config.names(*config.MODEL_GROUPS)))
-    load_model_weights(model, args.model_path)
+
+def guided_model(args, run_config, classifier_config, device, log, argv):
+    """(model, diffusion that always passes the classifier's cond_fn, classes to sample, the
+    model's weights file), after checking that the classifier fits the model."""
+    run = load_for_sampling(args, run_config, device, log, argv)
     if not args.class_cond and args.num_classes == 0 and (classifier_config or {}).get("data_num_classes"):
         num_classes = classifier_config["data_num_classes"]  # an unconditional model knows no classes
     else:
@@ -157,84 +148,40 @@ def main(argv=None):
     check_classifier(args, classifier_config, num_classes)
     classifier = create_classifier(image_size=args.image_size, **args_to_dict(args, CLASSIFIER_FLAGS))
     load_model_weights(classifier, args.classifier_path)
-
-    model.to(device).eval()
+    model = run.model
     classifier.to(device).eval()
-    if args.use_fp16:
-        model.convert_to_fp16()
     if args.classifier_use_fp16:
         classifier.convert_to_fp16()
     if not args.class_cond:
         model = _WithoutLabels(model)
-    guided = _WithCondFn(diffusion, make_cond_fn(classifier, args.classifier_scale))
-    autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
+    return model, _WithCondFn(run.diffusion, make_cond_fn(classifier, args.classifier_scale)), num_classes, run.path
+
+
+def main(argv=None):
+    parser = create_argparser()
+    pre, _ = parser.parse_known_args(argv)
+    inherited, classifier_config = classifier_run(pre.classifier_path, argv)
+    parser.set_defaults(**inherited)
+    args, run_config = config.parse(parser, argv, checkpoint_flag="model_path")
+    check_counts(args)
+    check_paths(args)
+    dist_util.setup_dist()
+    device = sampling_device(args)
+    log = dist_util.print0
+    model, guided, num_classes, weights = guided_model(args, run_config, classifier_config, device, log, argv)
 
     log(f"sampling {args.num_samples} images with classifier scale {args.classifier_scale}...")
-    start = time.time()
-    images, labels = sample_images(
-        model,
-        guided,
-        num_samples=args.num_samples,
-        batch_size=args.batch_size,
-        image_size=args.image_size,
-        device=device,
-        seed=args.seed,
-        use_ddim=args.use_ddim,
-        eta=args.eta,
-        clip_denoised=args.clip_denoised,
-        class_cond=True,
-        num_classes=num_classes,
-        progress=rank == 0,
-        autocast_dtype=autocast_dtype,
-    )
-    seconds = time.time() - start
-    if rank == 0:
-        shape = "x".join(str(d) for d in images.shape)
-        out = args.out if args.out.endswith(".npz") else os.path.join(
-            args.out or os.path.dirname(os.path.abspath(args.model_path)), f"samples_{shape}.npz")
-        grid = None if args.grid == "none" else args.grid or out[: -len(".npz")] + "_grid.png"
-        write_samples(out, [images, labels], grid, args.grid_size, log)
-        log(json.dumps({"out": out, "num_samples": len(images), "seconds": round(seconds, 2)}))
+    images, labels, seconds = sample_with_flags(model, guided, args, device, image_size=args.image_size,
+                                                class_cond=True, num_classes=num_classes)
+    if dist_util.get_rank() == 0:
+        save_samples(args, [images, labels], os.path.dirname(os.path.abspath(weights)), log, seconds=round(seconds, 2))
     dist_util.barrier()
     log("sampling complete")
 
 
 def create_argparser():
-    defaults = dict(
-        clip_denoised=True,
-        num_samples=10000,
-        batch_size=16,
-        use_ddim=False,
-        model_path="",
-        classifier_path="",
-        classifier_scale=1.0,
-        seed=0,
-        eta=0.0,
-        out="",
-        grid="",
-        grid_size=64,
-        num_classes=0,
-        device="",
-    )
-    help_text = {
-        "clip_denoised": "clip predicted x_0 to [-1, 1] at every step",
-        "num_samples": "number of images to generate (over all processes)",
-        "batch_size": "images per forward pass in each process",
-        "use_ddim": "sample with DDIM (guidance through the score) instead of DDPM (through the mean)",
-        "model_path": "diffusion model checkpoint (modelNNNNNN.pt or ema_RATE_NNNNNN.pt)",
-        "classifier_path": "classifier checkpoint (classifier_train.py's modelNNNNNN.pt, or a released one)",
-        "classifier_scale": "the guidance scale s: the gradient of s log p(y | x_t) is added",
-        "seed": "run seed; sample i gets its own seed derived from it",
-        "eta": "DDIM eta (0 = deterministic DDIM)",
-        "out": "output .npz path, or a folder (default: the model checkpoint's folder)",
-        "grid": "PNG grid path; 'none': no grid; empty: next to the .npz",
-        "grid_size": "number of images in the grid",
-        "num_classes": "classes to draw labels from; 0: data_num_classes of the model's run (else the "
-                       "classifier's), else 1000",
-        "device": "cpu, cuda, cuda:1; empty: this rank's GPU if any, else cpu",
-    }
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults, help_text)
+    config.add_options(parser, SAMPLE_FLAGS, table=config.SAMPLING)
     classifier_flags = {**classifier_defaults(), **CLASSIFIER_EXTRA_DEFAULTS}
     add_dict_to_argparser(parser, {k: classifier_flags[k] for k in CLASSIFIER_FLAGS},
                           {"classifier_pool": "the classifier's head: attention, adaptive, spatial or spatial_v2"})

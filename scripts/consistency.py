@@ -38,9 +38,16 @@ import shlex
 
 import numpy as np
 
-from improved_diffusion import analysis, config, dist_util, gan, precision
-from improved_diffusion.sampling import classes_to_sample, run_differences, run_overrides, sample_images
-from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
+from improved_diffusion import analysis, config, dist_util, gan
+from improved_diffusion.run_dir import load_run
+from improved_diffusion.sampling import (
+    check_counts,
+    classes_to_sample,
+    run_differences,
+    run_overrides,
+    sample_with_flags,
+)
+from improved_diffusion.script_util import args_to_dict, run_main
 
 MODEL_FLAGS = config.names(*config.MODEL_GROUPS)
 
@@ -58,19 +65,14 @@ def parse_args(argv=None):
     return config.parse(parser, argv, checkpoint_flag="first_model_path")
 
 
-def main(argv=None):
-    args, run_config = parse_args(argv)
-    dist_util.setup_dist()
-    rank = dist_util.get_rank()
-    device = dist_util.dev()
-    autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
-
+def resolve_models(args, device):
+    """(paths, kinds, names, loaded GANs by index, per-model flags) of --model_paths, checked."""
     paths = [p for p in args.model_paths.split(",") if p]
     if len(paths) < 2:
         raise ValueError("--model_paths needs at least two comma-separated checkpoints")
     kinds = ["gan" if gan.is_gan_checkpoint(p) else "diffusion" for p in paths]
     paths = [gan.strip_prefix(p) for p in paths]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         raise FileNotFoundError(f"--model_paths: no such checkpoint file: {', '.join(missing)}")
     names = [n for n in args.names.split(",") if n] if args.names else _default_names(paths)
@@ -86,13 +88,20 @@ def main(argv=None):
         raise ValueError(f"the GANs must share one latent dimension (same latents for all), got {sorted(latent_dims)}")
     if len(names) != len(paths):
         raise ValueError(f"--names has {len(names)} entries for {len(paths)} models")
-    for flag in ("num_samples", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    check_counts(args)
     flags = per_model_flags(args, len(paths), kinds)
     sizes = {f["image_size"] if f is not None else gans[n][2]["image_size"] for n, f in enumerate(flags)}
     if len(sizes) != 1:
         raise ValueError(f"all models must produce the same image size, got {sorted(sizes)}")
+    return paths, kinds, names, gans, flags
+
+
+def main(argv=None):
+    args, run_config = parse_args(argv)
+    dist_util.setup_dist()
+    rank = dist_util.get_rank()
+    device = dist_util.dev()
+    paths, kinds, names, gans, flags = resolve_models(args, device)
     log = print if rank == 0 else (lambda *a: None)
     diffusion = [n for n, kind in enumerate(kinds) if kind == "diffusion"]
     notes = run_overrides(args, run_config, paths[diffusion[0]], argv) if diffusion else []
@@ -101,77 +110,68 @@ def main(argv=None):
     for line in notes:
         log(line)
 
-    image_sets = []
     # Every model gets the same labels: drawn from the classes of the first model's run.
     class_cond = any(f["class_cond"] for f in flags if f is not None)
     num_classes = classes_to_sample(args.num_classes, class_cond, paths[diffusion[0]] if diffusion else "", log)
+    image_sets = []
     for n, (path, model_flags) in enumerate(zip(paths, flags)):
         if rank == 0:
             print(f"[{names[n]}] {path}", flush=True)
         if model_flags is None:  # a GAN: every rank makes all images (one forward pass each)
-            generator, _, arch = gans.pop(n)
-            images = gan.generate(generator, gan.sample_latents(args.num_samples, arch["latent_dim"], args.seed),
-                                  args.batch_size)
-            image_sets.append(images)
-            if rank == 0:
-                os.makedirs(args.out, exist_ok=True)
-                np.savez(os.path.join(args.out, f"samples_{n}.npz"), arr_0=images)
-            del generator
-            continue
-        try:
-            model, diffusion, _ = analysis.load_model_and_diffusion(path, model_flags, device)
-        except (ValueError, FileNotFoundError) as exc:
-            raise ValueError(f"model {n} ({names[n]}): {exc}") from None
-        images, model_labels = sample_images(
-            model,
-            diffusion,
-            num_samples=args.num_samples,
-            batch_size=args.batch_size,
-            image_size=model_flags["image_size"],
-            device=device,
-            seed=args.seed,
-            use_ddim=args.use_ddim,
-            eta=args.eta,
-            clip_denoised=args.clip_denoised,
-            class_cond=model_flags["class_cond"],
-            num_classes=num_classes,
-            progress=rank == 0,
-            autocast_dtype=autocast_dtype,
-        )
-        image_sets.append(images)
+            arrays = {"arr_0": gan_images(gans.pop(n), args)}
+        else:
+            arrays = diffusion_images(path, names[n], n, model_flags, args, device, num_classes)
+        image_sets.append(arrays["arr_0"])
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-            arrays = {"arr_0": images}
-            if model_labels is not None:
-                arrays["arr_1"] = model_labels
             np.savez(os.path.join(args.out, f"samples_{n}.npz"), **arrays)
-        del model
-
     if rank == 0:
-        result = analysis.consistency(image_sets, names=names, cap_db=args.cap_db)
-        result["kinds"] = kinds
-        result["C_by_kind"] = analysis.consistency_by_kind(result, kinds)
-        result["models"] = [
-            {"name": name, "kind": kind, "path": path, "flags": f}
-            for name, kind, path, f in zip(names, kinds, paths, flags)
-        ]
-        result["settings"] = {
-            k: getattr(args, k)
-            for k in ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised")
-        }
-        result["settings"]["world_size"] = dist_util.get_world_size()
-        with open(os.path.join(args.out, "consistency.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        plot_rows(image_sets, names, result, args, os.path.join(args.out, "consistency.png"))
-        capped = f" ({result['capped']} identical image pairs capped at {args.cap_db:g} dB)"
-        print(f"C = {result['C']:.2f} dB" + (capped if result["capped"] else ""))
-        for p in result["pairs"]:
-            print(f"  {p['name_i']} vs {p['name_j']}: {p['psnr']:.2f} dB" + (" (capped)" if p["capped"] else ""))
-        if len(result["C_by_kind"]) > 1:
-            for kind, c in result["C_by_kind"].items():
-                print(f"C within {kind} models: {c['C']:.2f} dB ({c['pairs']} pairs)")
-        print(f"wrote {args.out}/consistency.json and consistency.png")
+        report(args, image_sets, names, kinds, paths, flags)
     dist_util.barrier()
+
+
+def gan_images(loaded, args):
+    """The images of a GAN's generator from the latents of --seed."""
+    generator, _, arch = loaded
+    return gan.generate(generator, gan.sample_latents(args.num_samples, arch["latent_dim"], args.seed), args.batch_size)
+
+
+def diffusion_images(path, name, n, model_flags, args, device, num_classes):
+    """{"arr_0": images, "arr_1": labels (class-conditional)} of one diffusion model."""
+    try:
+        run = load_run(path, overrides=model_flags, device=device)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ValueError(f"model {n} ({name}): {exc}") from None
+    images, labels, _ = sample_with_flags(run.model, run.diffusion, args, device, image_size=model_flags["image_size"],
+                                          class_cond=model_flags["class_cond"], num_classes=num_classes)
+    return {"arr_0": images} if labels is None else {"arr_0": images, "arr_1": labels}
+
+
+def report(args, image_sets, names, kinds, paths, flags):
+    """consistency.json, consistency.png and the printed C (rank 0)."""
+    result = analysis.consistency(image_sets, names=names, cap_db=args.cap_db)
+    result["kinds"] = kinds
+    result["C_by_kind"] = analysis.consistency_by_kind(result, kinds)
+    result["models"] = [
+        {"name": name, "kind": kind, "path": path, "flags": f}
+        for name, kind, path, f in zip(names, kinds, paths, flags)
+    ]
+    result["settings"] = {
+        k: getattr(args, k)
+        for k in ("num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised")
+    }
+    result["settings"]["world_size"] = dist_util.get_world_size()
+    with open(os.path.join(args.out, "consistency.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot_rows(image_sets, names, result, args, os.path.join(args.out, "consistency.png"))
+    capped = f" ({result['capped']} identical image pairs capped at {args.cap_db:g} dB)"
+    print(f"C = {result['C']:.2f} dB" + (capped if result["capped"] else ""))
+    for p in result["pairs"]:
+        print(f"  {p['name_i']} vs {p['name_j']}: {p['psnr']:.2f} dB" + (" (capped)" if p["capped"] else ""))
+    if len(result["C_by_kind"]) > 1:
+        for kind, c in result["C_by_kind"].items():
+            print(f"C within {kind} models: {c['C']:.2f} dB ({c['pairs']} pairs)")
+    print(f"wrote {args.out}/consistency.json and consistency.png")
 
 
 def per_model_flags(args, num_models, kinds=None):
@@ -248,42 +248,15 @@ def plot_rows(image_sets, names, result, args, path):
     plt.close(fig)
 
 
-HELP = {
-    "model_paths": "comma-separated checkpoints, one per model (at least two); GANs: ganNNNNNN.pt or gan:PATH",
-    "names": "comma-separated labels for the models (default: file names)",
-    "num_samples": "images per model (M; the paper uses 32)",
-    "batch_size": "images per forward pass on each rank",
-    "seed": "sampling seed; sample i uses the same initial and per-step noise for every model",
-    "use_ddim": "sample with DDIM instead of ancestral sampling",
-    "eta": "DDIM eta",
-    "clip_denoised": "clip the predicted x_0 to [-1, 1]",
-    "num_classes": "classes to draw labels from for class-conditional models (0: data_num_classes "
-                   "of the first model's run config.json, else 1000)",
-    "cap_db": "cap for the PSNR of identical images (infinite otherwise)",
-    "grid_images": "images per model shown in consistency.png",
-    "out": "output folder",
-}
+FLAGS = ["model_paths", "names", "num_samples", "batch_size", "seed", "use_ddim", "eta", "clip_denoised",
+         "num_classes", "cap_db", "grid_images", "out"]
 
 
 def create_argparser():
-    defaults = dict(
-        model_paths="",
-        names="",
-        num_samples=32,
-        batch_size=16,
-        seed=0,
-        use_ddim=False,
-        eta=0.0,
-        clip_denoised=True,
-        num_classes=0,
-        cap_db=analysis.PSNR_CAP_DB,
-        grid_images=8,
-        out="consistency_out",
-    )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, FLAGS, table=config.SAMPLING, use="consistency")
     config.add_options(parser, ["config", "precision"])
     config.add_options(parser, MODEL_FLAGS, "model and diffusion (default: the training run's "
                        "config.json beside the first of --model_paths)")

@@ -162,7 +162,7 @@ def minutes(seconds):
     return f"{seconds / 60:.1f} min"
 
 
-def main():
+def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("run", help="the demo's output folder (with train/ and report/)")
     parser.add_argument("--data", required=True, help="the training digits (.npz), for the grid of real digits")
@@ -171,11 +171,14 @@ def main():
     parser.add_argument("--stages", default="", help="NAME=SECONDS,... per stage of this invocation")
     parser.add_argument("--record_time", action="store_true",
                         help="this invocation trained from step 0: record --seconds and --stages in RUN/timing.json")
-    args = parser.parse_args()
+    return parser
 
+
+def read_run(args):
+    """What the report is made of: the run's progress, config.json, samples and the scores
+    written beside them; a missing input is an error naming it."""
     train_dir = os.path.join(args.run, "train")
     report_dir = os.path.join(args.run, "report")
-    rows = read_progress(train_dir)
     config = read_json(os.path.join(train_dir, "config.json"))
     if config is None:
         raise FileNotFoundError(f"{train_dir}/config.json not found: is {args.run} the OUT folder of scripts/demo.sh?")
@@ -184,17 +187,13 @@ def main():
         raise FileNotFoundError(f"{samples_path} not found (scripts/image_sample.py writes it)")
     with np.load(samples_path) as f:
         samples = f["arr_0"]
-    stages = parse_stages(args.stages)
-    timing = recorded_time(args.run, args.seconds, stages, args.record_time)
-    digits = read_json(os.path.join(report_dir, "digits.json"))
-    fid = read_json(os.path.join(report_dir, "fid.json"))
+    return dict(train_dir=train_dir, report_dir=report_dir, rows=read_progress(train_dir), config=config,
+                samples=samples, digits=read_json(os.path.join(report_dir, "digits.json")),
+                fid=read_json(os.path.join(report_dir, "fid.json")))
 
-    samples_vs_real(samples, real_digits(args.data), os.path.join(report_dir, "samples_vs_real.png"), args.sampling)
-    curves(rows, os.path.join(report_dir, "curves.png"))
 
-    loss, fids = progress_series(rows, "loss"), progress_series(rows, "fid")
-    speed = progress_series(rows, "images_per_sec")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+def methods_line(config):
+    """The paper's accelerations the run used."""
     methods = []
     if config.get("schedule_sampler") == "clts":
         methods.append(f"CLTS (mu {config.get('clts_mu')}, sigma {config.get('clts_sigma')}, "
@@ -203,11 +202,20 @@ def main():
         methods.append(f"MD (beta1 {config.get('md_beta_init')} -> {config.get('md_beta_min')})")
     if config.get("lr_compensation"):
         methods.append("LRC")
+    return " + ".join(methods) or "none"
+
+
+def report_lines(run, args, timing):
+    """The lines of report.md."""
+    config, rows, digits = run["config"], run["rows"], run["digits"]
+    loss, fids = progress_series(rows, "loss"), progress_series(rows, "fid")
+    speed = progress_series(rows, "images_per_sec")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     lines = [
         "# Demo report",
         "",
         f"A {config.get('image_size')}x{config.get('image_size')} UNet diffusion model trained on 5,000 real MNIST "
-        f"digits with the paper's accelerations on: {' + '.join(methods) or 'none'}.",
+        f"digits with the paper's accelerations on: {methods_line(config)}.",
         "",
     ]
     if digits and "samples" in digits:
@@ -221,7 +229,7 @@ def main():
         ]
     lines += ["![samples beside real digits](samples_vs_real.png)", "", "| | |", "|---|---|",
               f"| machine | {device}, {platform.system()}, torch {torch.__version__} |",
-              model_line(config, train_dir),
+              model_line(config, run["train_dir"]),
               f"| training | {config['total_steps']} steps at batch {config['batch_size']}, lr {config['lr']}, "
               f"EMA {config['ema_rate']} |"]
     if loss:
@@ -236,7 +244,7 @@ def main():
                      f"per class 0-9: {' '.join(str(c) for c in s['class_counts'])} |")
         lines.append(f"| the same classifier on {held['num_images']} held-out real digits | "
                      f"{held['recognisable']:.0%} recognisable, accuracy {digits['heldout_accuracy']:.1%} |")
-    lines.append(fid_line(fid, fids, config))
+    lines.append(fid_line(run["fid"], fids, config))
     if timing:
         parts = ", ".join(f"{name} {value:.0f} s" for name, value in timing.get("stages", []))
         lines.append(f"| time of the demo (first full run, {timing['date']}) | **{minutes(timing['seconds'])}**"
@@ -253,6 +261,18 @@ def main():
         "![curves](curves.png)",
         "",
     ]
+    return lines
+
+
+def main():
+    args = create_argparser().parse_args()
+    run = read_run(args)
+    timing = recorded_time(args.run, args.seconds, parse_stages(args.stages), args.record_time)
+    report_dir = run["report_dir"]
+    samples_vs_real(run["samples"], real_digits(args.data), os.path.join(report_dir, "samples_vs_real.png"),
+                    args.sampling)
+    curves(run["rows"], os.path.join(report_dir, "curves.png"))
+    lines = report_lines(run, args, timing)
     os.makedirs(report_dir, exist_ok=True)
     path = os.path.join(report_dir, "report.md")
     with open(path, "w") as f:

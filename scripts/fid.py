@@ -35,9 +35,9 @@ import time
 import torch
 
 from improved_diffusion import config, fid, metrics
+from improved_diffusion.evaluator import PR_METRICS, Evaluator
 from improved_diffusion.script_util import run_main
 
-PR_METRICS = ("precision", "recall", "kid")  # the metrics that need reference features
 NAMES = {"fid": "FID", "sfid": "sFID", "precision": "precision", "recall": "recall", "kid": "KID",
          "inception_score": "IS"}
 NO_LOGITS = "no --logits_network given: the bundled Inception network has no classifier logits"
@@ -117,24 +117,14 @@ def cmd_fid(args):
             )
         samples = samples[: args.num_samples]
 
-    device = _device(args.device)
-    extractor = fid.load_inception(args.inception or None, device=device)
-    features = fid.compute_features(samples, extractor, args.batch_size, device, progress=True,
-                                    spatial="sfid" in wanted)
-    features, spatial = features if "sfid" in wanted else (features, None)
+    evaluator = Evaluator(reference, wanted, device=_device(args.device), inception=args.inception,
+                          logits_network=args.logits_network, feature_batch=args.batch_size,
+                          kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, progress=True)
     ref_features = None
     if args.ref_source and any(name in wanted for name in PR_METRICS):
-        ref_images = fid.load_reference_images(args.ref_source, args.image_size)
-        ref_features = fid.compute_features(ref_images, extractor, args.batch_size, device, progress=True)
-    result = metrics.evaluate(
-        features, reference, wanted, spatial=spatial, ref_features=ref_features,
-        kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, device=device,
-    )
-    if args.logits_network:
-        classifier = metrics.load_logits_network(args.logits_network, device=device)
-        logits = fid.compute_features(samples, classifier, args.batch_size, device, progress=True)
-        result["inception_score"], result["inception_score_std"] = metrics.inception_score(logits)
-    else:
+        ref_features = evaluator.features(fid.load_reference_images(args.ref_source, args.image_size))
+    result = evaluator.score(samples, ref_features=ref_features)
+    if not args.logits_network:
         not_computed["inception_score"] = NO_LOGITS
     result.update(num_samples=len(samples), num_ref=reference.num_images, samples=args.samples, ref=args.ref)
     if any(name in wanted for name in PR_METRICS):
@@ -190,9 +180,7 @@ def create_argparser():
     ref.add_argument("--out", required=True, help="where to write the reference .npz")
     ref.add_argument("--max_images", type=int, default=0,
                      help="use a fixed random subset of this many images (0: all)")
-    ref.add_argument("--keep_features", type=int, default=metrics.DEFAULT_KEEP_FEATURES,
-                     help="pooled feature rows stored for precision, recall and KID, a fixed "
-                          "random subset of the images (0: all; float16, 4 KB a row)")
+    config.add_options(ref, ["keep_features"], table=config.TOOLS)
     common(ref)
     ref.set_defaults(func=cmd_ref)
 
@@ -208,8 +196,7 @@ def create_argparser():
     f.add_argument("--ref_source", default="",
                    help="reference images (folder or .npz): precision, recall and KID against "
                         "their features instead of the reference file's pool_features")
-    f.add_argument("--kid_subsets", type=int, default=100, help="KID: number of subsets")
-    f.add_argument("--kid_subset_size", type=int, default=1000, help="KID: subset size")
+    config.add_options(f, ["kid_subsets", "kid_subset_size"], table=config.TOOLS)
     f.add_argument("--logits_network", default="", metavar="PATH",
                    help="classifier for the Inception Score: TorchScript, or a torchvision "
                         "inception_v3 state dict, fed as the Inception network (299x299, [-1, 1])")

@@ -41,7 +41,7 @@ import torch as th
 
 from improved_diffusion import analysis, config, dist_util, gan
 from improved_diffusion.sampling import run_overrides
-from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
+from improved_diffusion.script_util import args_to_dict, run_main
 
 
 def check_args(args):
@@ -80,28 +80,32 @@ def main(argv=None):
             print(note, file=sys.stderr)
         loss_fn, params, info = diffusion_loss(args, device)
     hvp_fn = analysis.make_hvp_fn(loss_fn, params)
-    dim = hvp_fn.dim
-    vec_dtype = {"float32": th.float32, "float64": th.float64}[args.lanczos_dtype]
-    print(f"{dim:,} parameters, loss {hvp_fn.loss:.6f}", flush=True)
-
+    print(f"{hvp_fn.dim:,} parameters, loss {hvp_fn.loss:.6f}", flush=True)
     result = {
         "kind": info.pop("kind"),
         "model_path": args.model_path,
-        "num_params": dim,
+        "num_params": hvp_fn.dim,
         "loss": hvp_fn.loss,
         **info.pop("top"),
-        "settings": {
-            **info,
-            "data_dir": args.data_dir,
-            "seed": args.seed,
-            "method": args.method,
-            "top_k": args.top_k,
-            "iters": args.iters,
-            "power_iters": args.power_iters,
-            "tol": args.tol,
-            "lanczos_dtype": args.lanczos_dtype,
-        },
+        "settings": {**info, **{k: getattr(args, k) for k in SETTINGS}},
     }
+    result.update(spectrum(hvp_fn, args, device))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "hessian.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    plot(result, os.path.join(args.out, "hessian.png"))
+    if result["ratio_1_k"] is not None:
+        print(f"lambda_1 / lambda_{len(result['eigenvalues'])} = {result['ratio_1_k']:.4g}")
+    print(f"wrote {args.out}/hessian.json and hessian.png")
+
+
+SETTINGS = ("data_dir", "seed", "method", "top_k", "iters", "power_iters", "tol", "lanczos_dtype")
+
+
+def spectrum(hvp_fn, args, device):
+    """The result entries of --method (lanczos, power) and --density, and the top eigenvalues."""
+    dim, result = hvp_fn.dim, {}
+    vec_dtype = {"float32": th.float32, "float64": th.float64}[args.lanczos_dtype]
     if args.method in ("lanczos", "both"):
         start = time.time()
         res = analysis.lanczos(
@@ -135,27 +139,25 @@ def main(argv=None):
         result["eigenvalues"] = [result["power"]["eigenvalue"]]
         result["ratio_1_k"] = None
     if args.density:
-        start = time.time()
-        dens = analysis.spectral_density(
-            hvp_fn, dim, num_iters=args.density_iters, num_runs=args.density_runs,
-            seed=args.seed + 1, device=device, dtype=vec_dtype,
-        )
-        result["density"] = {
-            "grid": dens["grid"].tolist(),
-            "density": dens["density"].tolist(),
-            "nodes": [n.tolist() for n in dens["nodes"]],
-            "weights": [w.tolist() for w in dens["weights"]],
-            "sigma": dens["sigma"],
-            "seconds": time.time() - start,
-        }
+        result["density"] = density(hvp_fn, args, device, vec_dtype)
+    return result
 
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "hessian.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    plot(result, os.path.join(args.out, "hessian.png"))
-    if result["ratio_1_k"] is not None:
-        print(f"lambda_1 / lambda_{len(result['eigenvalues'])} = {result['ratio_1_k']:.4g}")
-    print(f"wrote {args.out}/hessian.json and hessian.png")
+
+def density(hvp_fn, args, device, vec_dtype):
+    """The spectral density by stochastic Lanczos quadrature, as JSON."""
+    start = time.time()
+    dens = analysis.spectral_density(
+        hvp_fn, hvp_fn.dim, num_iters=args.density_iters, num_runs=args.density_runs,
+        seed=args.seed + 1, device=device, dtype=vec_dtype,
+    )
+    return {
+        "grid": dens["grid"].tolist(),
+        "density": dens["density"].tolist(),
+        "nodes": [n.tolist() for n in dens["nodes"]],
+        "weights": [w.tolist() for w in dens["weights"]],
+        "sigma": dens["sigma"],
+        "seconds": time.time() - start,
+    }
 
 
 def diffusion_loss(args, device):
@@ -294,53 +296,15 @@ def plot(result, path):
     plt.close(fig)
 
 
-HELP = {
-    "compare": "comma-separated hessian.json files to plot side by side (nothing else runs)",
-    "names": "labels of the --compare files",
-    "gan_loss": "for a GAN checkpoint: generator (L_G, generator parameters) or discriminator (L_D, its parameters)",
-    "model_path": "checkpoint to analyse (diffusion, or a GAN: ganNNNNNN.pt or gan:PATH)",
-    "data_dir": "image folder or .npz; the first batch_size images form the fixed batch",
-    "batch_size": "size of the fixed batch",
-    "seed": "seed of the fixed timesteps and noise, and of the Lanczos/power start vectors",
-    "timestep": "use this timestep for every image (-1: uniform random, fixed by --seed)",
-    "top_k": "number of top eigenvalues (lambda_1 .. lambda_k)",
-    "iters": "Lanczos steps, at least top_k (0: max(3 top_k, 20))",
-    "method": "lanczos, power or both",
-    "power_iters": "maximum power-iteration steps",
-    "tol": "power iteration stops when the eigenvalue changes by less than tol (relative)",
-    "density": "also estimate the spectral density by stochastic Lanczos quadrature",
-    "density_iters": "Lanczos steps per SLQ probe",
-    "density_runs": "number of SLQ probe vectors",
-    "lanczos_dtype": "float64 or float32 for the Lanczos / power vectors",
-    "out": "output folder",
-}
+FLAGS = ["model_path", "data_dir", "batch_size", "seed", "timestep", "top_k", "iters", "method", "power_iters", "tol",
+         "density", "density_iters", "density_runs", "lanczos_dtype", "out", "gan_loss", "compare", "names"]
 
 
 def create_argparser():
-    defaults = dict(
-        model_path="",
-        data_dir="",
-        batch_size=16,
-        seed=0,
-        timestep=-1,
-        top_k=5,
-        iters=0,
-        method="both",
-        power_iters=200,
-        tol=1e-6,
-        density=False,
-        density_iters=50,
-        density_runs=1,
-        lanczos_dtype="float64",
-        out="hessian_out",
-        gan_loss="generator",
-        compare="",
-        names="",
-    )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, FLAGS, table=config.SAMPLING, use="hessian")
     config.add_options(parser, ["config"])
     config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
                        "(default: the training run's config.json beside --model_path)")

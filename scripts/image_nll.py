@@ -30,15 +30,11 @@ import torch
 
 from improved_diffusion import config, dist_util
 from improved_diffusion.image_datasets import load_image_dataset, to_model_input
-from improved_diffusion.sampling import load_model_weights, run_overrides
-from improved_diffusion.script_util import (
-    add_dict_to_argparser,
-    args_to_dict,
-    create_model_and_diffusion,
-    run_main,
-)
+from improved_diffusion.sampling import load_for_sampling, sampling_device
+from improved_diffusion.script_util import run_main
 
 TERMS = ("vb", "mse", "xstart_mse")
+FLAGS = ["model_path", "data_dir", "num_samples", "batch_size", "clip_denoised", "seed", "out_dir", "out", "device"]
 
 
 def check_args(args):
@@ -58,50 +54,36 @@ def check_args(args):
         raise FileNotFoundError(f"--data_dir {args.data_dir}: no such file or folder")
     if not args.model_path:
         raise ValueError("--model_path is required")
-    if not os.path.isfile(args.model_path):
+    if not os.path.exists(args.model_path):
         raise FileNotFoundError(f"--model_path {args.model_path}: no such file")
 
 
-def main(argv=None):
-    args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_path")
-    check_args(args)
-    dist_util.setup_dist()
-    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
-    device = torch.device(args.device) if args.device else dist_util.dev()
-
-    log = dist_util.print0
-    for note in run_overrides(args, run_config, args.model_path, argv):
-        log(note)
+def load(args, run_config, device, log, argv):
+    """The model and diffusion of --model_path and the data set (user errors: one line, exit 2)."""
     log("creating model and diffusion...")
-    model, diffusion = create_model_and_diffusion(
-        **args_to_dict(args, config.names(*config.MODEL_GROUPS))
-    )
     try:
-        load_model_weights(model, args.model_path)
+        run = load_for_sampling(args, run_config, device, log, argv, use_fp16=False)
         dataset = load_image_dataset(
             args.data_dir, args.image_size, class_cond=args.class_cond, image_channels=args.image_channels,
-            progress=None if rank == 0 else False,
+            progress=None if dist_util.get_rank() == 0 else False,
         )
     except (FileNotFoundError, ValueError) as exc:
-        if rank == 0:
+        if dist_util.get_rank() == 0:
             print(f"error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
-    model.to(device)
-    model.eval()
-    # calc_bpd_loop draws its noise from the global generator: seed it per rank.
-    torch.manual_seed(args.seed * world_size + rank)
+    return run, dataset
 
-    num_samples = min(args.num_samples, len(dataset)) if args.num_samples > 0 else len(dataset)
+
+def score(model, diffusion, dataset, args, num_samples, device, log):
+    """calc_bpd_loop over every image once (process r takes r, r + W, ...): (sum of
+    total_bpd, count, {term: sum over images of its per-timestep values})."""
+    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
     # Every rank runs the same number of batches (the all-reduces must match); a rank
     # that runs out of images repeats its last one with weight 0.
     per_rank = (num_samples + world_size - 1) // world_size
     mine = list(range(rank, num_samples, world_size))
-    log(f"evaluating {num_samples} images from {args.data_dir} on {world_size} process(es)...")
-
     sums = {name: None for name in TERMS}
-    total_bpd_sum = 0.0
-    count = 0
-    start = time.time()
+    total_bpd_sum, count = 0.0, 0
     for batch_start in range(0, per_rank, args.batch_size):
         size = min(args.batch_size, per_rank - batch_start)
         idx = mine[batch_start : batch_start + size]
@@ -137,7 +119,39 @@ def main(argv=None):
             offset += term.numel()
             sums[name] = part.clone() if sums[name] is None else sums[name] + part
         log(f"done {count} samples: bpd={total_bpd_sum / count:.6f}")
+    return total_bpd_sum, count, sums
 
+
+def write_result(args, result, sums, count, log):
+    """nll.json and the mean per-timestep terms (rank 0)."""
+    out_dir = args.out_dir or os.environ.get("OPENAI_LOGDIR") or os.path.dirname(
+        os.path.abspath(args.model_path)
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    for name in TERMS:
+        np.savez(os.path.join(out_dir, f"{name}_terms.npz"), (sums[name] / count).numpy())
+    path = args.out or os.path.join(out_dir, "nll.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    log(json.dumps(result))
+    log(f"wrote {path}")
+
+
+def main(argv=None):
+    args, run_config = config.parse(create_argparser(), argv, checkpoint_flag="model_path")
+    check_args(args)
+    dist_util.setup_dist()
+    rank, world_size = dist_util.get_rank(), dist_util.get_world_size()
+    device = sampling_device(args)
+    log = dist_util.print0
+    run, dataset = load(args, run_config, device, log, argv)
+    # calc_bpd_loop draws its noise from the global generator: seed it per rank.
+    torch.manual_seed(args.seed * world_size + rank)
+
+    num_samples = min(args.num_samples, len(dataset)) if args.num_samples > 0 else len(dataset)
+    log(f"evaluating {num_samples} images from {args.data_dir} on {world_size} process(es)...")
+    start = time.time()
+    total_bpd_sum, count, sums = score(run.model, run.diffusion, dataset, args, num_samples, device, log)
     bpd = total_bpd_sum / count
     result = {
         "bpd": bpd,
@@ -153,49 +167,14 @@ def main(argv=None):
     result["mean_mse"] = float(sums["mse"].mean() / count)  # averaged over timesteps
     result["mean_xstart_mse"] = float(sums["xstart_mse"].mean() / count)
     if rank == 0:
-        out_dir = args.out_dir or os.environ.get("OPENAI_LOGDIR") or os.path.dirname(
-            os.path.abspath(args.model_path)
-        )
-        os.makedirs(out_dir, exist_ok=True)
-        for name in TERMS:
-            np.savez(os.path.join(out_dir, f"{name}_terms.npz"), (sums[name] / count).numpy())
-        path = args.out or os.path.join(out_dir, "nll.json")
-        with open(path, "w") as f:
-            json.dump(result, f, indent=2)
-        log(json.dumps(result))
-        log(f"wrote {path}")
+        write_result(args, result, sums, count, log)
     dist_util.barrier()
     log("evaluation complete")
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        clip_denoised=True,
-        num_samples=1000,
-        batch_size=1,
-        model_path="",
-        seed=0,
-        out_dir="",
-        out="",
-        device="",
-    )
-    help_text = {
-        "data_dir": "folder of images or .npz (arr_0 uint8 NHWC)",
-        "clip_denoised": "clip predicted x_0 to [-1, 1]",
-        "num_samples": "number of data images to evaluate (0: all)",
-        "batch_size": "images per batch in each process",
-        "model_path": "checkpoint to evaluate",
-        "seed": "seed of the noise that calc_bpd_loop adds (per process: seed * W + rank)",
-        "out_dir": "where to write nll.json and the *_terms.npz files; empty: "
-                   "$OPENAI_LOGDIR, else the checkpoint's folder",
-        "out": "path of the JSON result; empty: OUT_DIR/nll.json",
-        "device": "cpu, cuda, cuda:1; empty: this rank's GPU if any, else cpu",
-    }
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_dict_to_argparser(parser, defaults, help_text)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_options(parser, FLAGS, table=config.SAMPLING, use="image_nll")
     config.add_options(parser, ["config"])
     config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
                        "(default: the training run's config.json beside --model_path)")

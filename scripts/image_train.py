@@ -20,9 +20,8 @@ import datetime
 import json
 import os
 
-import torch
-
 from improved_diffusion import config, dist_util, training
+from improved_diffusion.evaluator import for_training
 from improved_diffusion.image_datasets import load_image_dataset
 from improved_diffusion.logger import Logger
 from improved_diffusion.run_dir import RunDir
@@ -92,7 +91,8 @@ def start(args, opts, train_config, device, run_dir):
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
     evaluator = None
     if args.eval_interval:
-        evaluator = make_evaluator(args, train_config.precision, device, dataset.num_classes, logger)
+        evaluator = for_training(opts, training.model_options(opts), train_config.precision, device,
+                                 dataset.num_classes, args.log_dir, logger)
     loop = training.build_loop(
         opts, model, diffusion, dataset, device, rank=rank, world_size=world, log_dir=run_dir,
         logger=logger, resume=args.resume_checkpoint or args.resume, evaluator=evaluator, run_config=resolved,
@@ -100,64 +100,6 @@ def start(args, opts, train_config, device, run_dir):
     facts = {"data_num_classes": dataset.num_classes} if args.class_cond else {}
     run_dir.write_config({**resolved, **facts})  # only once the checkpoint has been found to fit these options
     return loop
-
-
-def make_evaluator(args, precision, device, num_classes, logger=None):
-    """
-    The --eval_metrics (FID by default) of the first EMA every --eval_interval steps, its
-    samples spread over all ranks. Rank 0 also saves the first 64 samples as a grid,
-    LOG_DIR/samples/step_NNNNNN.png, and hands it to `logger` as an image summary (written
-    when TensorBoard is installed).
-    """
-    import numpy as np
-    from PIL import Image
-
-    from improved_diffusion import fid, metrics, sampling
-    from improved_diffusion.script_util import create_diffusion_from_options
-
-    wanted = metrics.parse_metrics(args.eval_metrics, "--eval_metrics")
-    fewest = metrics.NEAREST_NEIGHBOURS + 1 if {"precision", "recall"} & set(wanted) else 2
-    if args.eval_num_samples < fewest:
-        raise ValueError(f"--eval_metrics {args.eval_metrics} needs --eval_num_samples of at least {fewest}")
-    # Fail now, not after hours of training: the file must hold what every metric needs.
-    reference = metrics.load_reference(args.eval_ref_stats, wanted)
-    model_opts = training.model_options(vars(args))
-    eval_diffusion = create_diffusion_from_options(model_opts, timestep_respacing=args.eval_respacing)
-    extractor = {}
-
-    def evaluate(ema_model, step):
-        images, _ = sampling.sample_images(
-            ema_model,
-            eval_diffusion,
-            num_samples=args.eval_num_samples,
-            batch_size=args.eval_batch_size,
-            image_size=args.image_size,
-            seed=args.seed,
-            use_ddim=args.eval_respacing.startswith("ddim"),
-            class_cond=args.class_cond,
-            num_classes=num_classes,  # the data's classes, not the embedding's 1000 rows
-            device=device,
-            progress=False,
-            autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
-        )
-        if not dist_util.is_main():
-            return {}
-        grid = os.path.join(args.log_dir, "samples", f"step_{step:06d}.png")
-        os.makedirs(os.path.dirname(grid), exist_ok=True)
-        sampling.save_grid(images[:64], grid)
-        if logger is not None:
-            with Image.open(grid) as image:
-                logger.log_image("samples", np.asarray(image.convert("RGB")), step)
-        if "net" not in extractor:
-            extractor["net"] = fid.load_inception(args.inception or None, device)
-        spatial = "sfid" in wanted
-        features = fid.compute_features(images, extractor["net"], spatial=spatial)
-        features, spatial_features = features if spatial else (features, None)
-        result = metrics.evaluate(features, reference, wanted, spatial=spatial_features, device=device)
-        result.pop("kid_std", None)
-        return result
-
-    return evaluate
 
 
 if __name__ == "__main__":

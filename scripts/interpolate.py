@@ -40,7 +40,7 @@ import numpy as np
 from improved_diffusion.checkpoint import read_file
 from improved_diffusion import analysis, config, dist_util, gan
 from improved_diffusion.sampling import run_differences, run_overrides
-from improved_diffusion.script_util import add_dict_to_argparser, args_to_dict, run_main
+from improved_diffusion.script_util import args_to_dict, run_main
 
 
 def check_args(args):
@@ -237,43 +237,15 @@ def plot(result, path):
     plt.close(fig)
 
 
-HELP = {
-    "compare": "comma-separated interpolation.json files to plot side by side (nothing else runs)",
-    "names": "labels of the --compare files",
-    "model_a": "checkpoint at alpha = 0 (diffusion, or a GAN: ganNNNNNN.pt or gan:PATH)",
-    "model_b": "checkpoint at alpha = 1 (same architecture)",
-    "data_dir": "image folder or .npz; the first batch_size images form the fixed batch",
-    "alphas": "explicit comma-separated alphas (write --alphas=-0.5,0,...); overrides the grid",
-    "alpha_min": "first alpha of the default grid",
-    "alpha_max": "last alpha of the default grid",
-    "num_alphas": "number of points of the default grid",
-    "batch_size": "size of the fixed batch",
-    "seed": "seed of the fixed timesteps and noise",
-    "timestep": "use this timestep for every image (-1: uniform random, fixed by --seed)",
-    "out": "output folder",
-}
+FLAGS = ["model_a", "model_b", "data_dir", "alphas", "alpha_min", "alpha_max", "num_alphas", "batch_size", "seed",
+         "timestep", "out", "compare", "names"]
 
 
 def create_argparser():
-    defaults = dict(
-        model_a="",
-        model_b="",
-        data_dir="",
-        alphas="",
-        alpha_min=-0.5,
-        alpha_max=1.5,
-        num_alphas=21,
-        batch_size=64,
-        seed=0,
-        timestep=-1,
-        out="interpolation_out",
-        compare="",
-        names="",
-    )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, FLAGS, table=config.SAMPLING, use="interpolate")
     config.add_options(parser, ["config"])
     config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
                        "(default: the training run's config.json beside --model_a)")

@@ -300,7 +300,8 @@ def fid_rows(fids, loss0=1.0):
 def test_summarize_best_fid_and_steps_to_baseline(tmp_path):
     out = tmp_path / "abl"
     write_progress(out / "baseline", fid_rows({100: 50.0, 200: 40.0, 300: 30.0, 400: 25.0}))
-    # reaches the baseline's final FID (25) at step 200: 2x; best 18 at step 400
+    # reaches the baseline's final FID (25) between steps 100 (45) and 200 (24): at
+    # 100 + 20/21 x 100 (stats.steps_to_target); best 18 at step 400
     write_progress(out / "all", fid_rows({100: 45.0, 200: 24.0, 300: 20.0, 400: 18.0}))
     # never reaches it
     write_progress(out / "md", fid_rows({100: 60.0, 200: 55.0, 300: 40.0, 400: 30.0}))
@@ -316,7 +317,8 @@ def test_summarize_best_fid_and_steps_to_baseline(tmp_path):
     assert [r["run"] for r in runs] == ["baseline", "md", "clts", "all"]  # runs.tsv order
     assert by["all"]["best_fid"] == 18.0 and by["all"]["best_fid_step"] == 400
     assert by["all"]["final_fid"] == 18.0 and by["all"]["steps"] == 400
-    assert by["all"]["steps_to_baseline_fid"] == 200 and by["all"]["speedup"] == pytest.approx(2.0)
+    assert by["all"]["steps_to_baseline_fid"] == pytest.approx(100 + 20 / 21 * 100)
+    assert by["all"]["speedup"] == pytest.approx(400 / (100 + 20 / 21 * 100))
     assert by["all"]["sample_fid"] == 3.5
     assert by["baseline"]["steps_to_baseline_fid"] == 400 and by["baseline"]["speedup"] == 1.0
     assert by["md"]["steps_to_baseline_fid"] is None and by["md"]["speedup"] is None
@@ -326,10 +328,10 @@ def test_summarize_best_fid_and_steps_to_baseline(tmp_path):
 
     with open(out / "summary.csv") as f:
         table = {row["run"]: row for row in csv.DictReader(f)}
-    assert float(table["all"]["speedup"]) == 2.0 and table["md"]["steps_to_baseline_fid"] == ""
+    assert float(table["all"]["speedup"]) == pytest.approx(2.04878) and table["md"]["steps_to_baseline_fid"] == ""
     assert table["baseline"]["fid@300"] == "30" and table["clts"]["fid@400"] == "22"
     md = (out / "summary.md").read_text()
-    assert md == text and "| all | 400 |" in md and "2.00x" in md and "final FID 25.00" in md
+    assert md == text and "| all | 400 |" in md and "2.05x" in md and "| 195 |" in md and "final FID 25.00" in md
     assert "`configs/x.json --a 1`" in md
 
     # No baseline run: no comparison, the rest still there.
@@ -343,9 +345,10 @@ def test_summarize_baseline_that_dipped_below_its_final_fid(tmp_path):
     runs, _ = summarize.summarize(str(tmp_path))
     by = {r["run"]: r for r in runs}
     assert [r["run"] for r in runs] == ["baseline", "clts"]  # no runs.tsv: baseline first
-    assert by["baseline"]["steps_to_baseline_fid"] == 200 and by["baseline"]["speedup"] == 1.0
+    # 29 is reached between steps 100 (30) and 200 (28): at 150
+    assert by["baseline"]["steps_to_baseline_fid"] == 150 and by["baseline"]["speedup"] == 1.0
     assert by["clts"]["steps_to_baseline_fid"] == 300
-    assert by["clts"]["speedup"] == pytest.approx(200 / 300)
+    assert by["clts"]["speedup"] == pytest.approx(150 / 300)
     assert by["baseline"]["best_fid"] == 28.0 and by["baseline"]["best_fid_step"] == 200
 
 

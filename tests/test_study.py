@@ -189,3 +189,29 @@ def test_digits_preset_scores_samples_with_the_digit_classifier(tmp_path):
         assert metrics["digit_fid"][step]["n"] == 2 and metrics["digit_fid"][step]["mean"] >= 0
         assert 0 <= metrics["recognisable"][step]["mean"] <= 1
     assert "digit-FID" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def test_training_options_are_rendered_from_the_table():
+    from improved_diffusion import study as package
+
+    opts = package.options_from_flags(["--lr", "1e-3", "--attention_resolutions", "", "--random_flip=True"])
+    assert opts == {"lr": 0.001, "attention_resolutions": "", "random_flip": True}
+    assert package.render_flags(opts) == ["--lr", "0.001", "--attention_resolutions", "", "--random_flip", "True"]
+    with pytest.raises(ValueError, match="--no_such_flag"):
+        package.options_from_flags(["--no_such_flag", "1"])
+    with pytest.raises(ValueError, match="--lr"):
+        package.options_from_flags(["--lr"])
+    with pytest.raises(ValueError, match="--lr must be positive"):
+        package.render_flags({"lr": -1.0})
+
+
+def test_committed_digits_summary_re_renders_from_its_runs():
+    """The committed results (docs/results.md section 4) come back from their run records
+    with today's statistics, steps-to-target rule included."""
+    out = os.path.join(ROOT, "docs", "study", "digits")
+    preset = study.PRESETS["digits"]
+    records = [json.load(open(os.path.join(out, "runs", f))) for f in sorted(os.listdir(os.path.join(out, "runs")))]
+    summary = study.summarize(preset, [r for r in records if study.run_done(r, preset)])
+    summary["preset"] = "digits"
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.loads(json.dumps(summary)) == json.load(f)

@@ -9,10 +9,11 @@ flags of the run), else every sub-folder with a progress.csv. Per run:
 - `steps`: the last logged step; `final_loss`: the last logged loss;
 - `final_fid` / `best_fid` (at `best_fid_step`): FID during training (the `fid` column,
   written with --eval_interval); `fid@STEP`: FID at each evaluation step;
-- `steps_to_baseline_fid`: the first evaluation step at which the run's FID is at or below the
-  baseline's final FID, and `speedup` = the baseline's own steps_to_baseline_fid / the run's (the
-  paper's "2x fewer iterations to the baseline's FID"); empty when never reached or when there
-  is no baseline run (`--baseline NAME` picks it; default `baseline`);
+- `steps_to_baseline_fid`: the step at which the run's FID reaches the baseline's final FID,
+  linearly interpolated between the evaluations around the first one at or below it (the
+  study's rule, `improved_diffusion.stats.steps_to_target`), and `speedup` = the baseline's
+  own steps_to_baseline_fid / the run's (the paper's "2x fewer iterations to the baseline's
+  FID"); empty when never reached or when there is no baseline run (`--baseline NAME` picks it; default `baseline`);
 - `sample_fid`: FID of the final samples (`samples/*_fid.json` written by train.sh), if any.
 
 Writes OUT_DIR/summary.csv and OUT_DIR/summary.md and prints the markdown.
@@ -29,7 +30,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from improved_diffusion import logger  # noqa: E402
+from improved_diffusion import config, logger  # noqa: E402
+from improved_diffusion.stats import steps_to_target  # noqa: E402
 
 
 def sample_fid(run_dir):
@@ -76,21 +78,15 @@ def summarize_run(name, run_dir):
     return out
 
 
-def steps_to_reach(fid, target):
-    """The first evaluation step whose FID is <= target, or None."""
-    for step, value in fid:
-        if value <= target:
-            return step
-    return None
-
-
 def add_baseline_comparison(runs, baseline):
     """
     Fill steps_to_baseline_fid and speedup of every run, against the baseline's final FID.
 
     The target is the baseline's last FID value; every run, the baseline included, is timed by
-    its first evaluation at or below it, and speedup = the baseline's time / the run's time
-    (so the baseline itself gets 1.0 even when its FID curve dipped below its final value earlier).
+    `stats.steps_to_target` (the study's rule: linear interpolation between the evaluations
+    around the first one at or below the target), and speedup = the baseline's time / the
+    run's time (so the baseline itself gets 1.0 even when its FID curve dipped below its final
+    value earlier).
     """
     base = next((r for r in runs if r["run"] == baseline), None)
     for r in runs:
@@ -98,9 +94,9 @@ def add_baseline_comparison(runs, baseline):
     if base is None or base["final_fid"] is None:
         return None
     target = base["final_fid"]
-    base_steps = steps_to_reach(base["fid"], target)
+    base_steps = steps_to_target(*zip(*base["fid"]), target)
     for r in runs:
-        step = steps_to_reach(r["fid"], target)
+        step = steps_to_target(*zip(*r["fid"]), target) if r["fid"] else None
         r["steps_to_baseline_fid"] = step
         if step:
             r["speedup"] = base_steps / step
@@ -156,8 +152,9 @@ def markdown(out_dir, runs, eval_steps, baseline, base):
     lines = [f"# Ablation summary: {out_dir}", ""]
     if base is not None:
         lines.append(f"Baseline `{baseline}`: final FID {base['final_fid']:.2f} (step "
-                     f"{base['final_fid_step']}). *Steps to baseline FID*: a run's first evaluation at "
-                     "or below it; *speed-up*: the baseline's steps to it / the run's.")
+                     f"{base['final_fid_step']}). *Steps to baseline FID*: where a run's FID curve "
+                     "reaches it (linear between evaluations); *speed-up*: the baseline's steps to it / "
+                     "the run's.")
     elif any(r["fid"] for r in runs):
         lines.append(f"No baseline run (`{baseline}`) with FID here: no steps-to-baseline column.")
     else:
@@ -176,7 +173,7 @@ def markdown(out_dir, runs, eval_steps, baseline, base):
         best = "" if r["best_fid"] is None else f"{r['best_fid']:.2f} ({r['best_fid_step']})"
         lines.append(
             f"| {r['run']} | {fmt(r['steps'], 'd')} | {fmt(r['final_loss'], '.4g')} "
-            f"| {fmt(r['final_fid'], '.2f')} | {best} | {fmt(r['steps_to_baseline_fid'], 'd')} "
+            f"| {fmt(r['final_fid'], '.2f')} | {best} | {fmt(r['steps_to_baseline_fid'], '.0f')} "
             f"| {fmt(r['speedup'], '.2f') + ('x' if r['speedup'] else '')} "
             f"| {fmt(r['sample_fid'], '.2f')} |"
         )
@@ -219,10 +216,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder holding one sub-folder per run")
-    parser.add_argument("--baseline", default="baseline",
-                        help="the run whose final FID the others are measured against")
-    parser.add_argument("--runs", default="", help="comma-separated run names (default: runs.tsv, "
-                                                   "else every sub-folder with a progress.csv)")
+    config.add_options(parser, ["baseline", "runs"], table=config.TOOLS)
     args = parser.parse_args(argv)
     if not os.path.isdir(args.out_dir):
         print(f"error: {args.out_dir}: no such directory", file=sys.stderr)
