@@ -2,7 +2,7 @@
 Defaults and factories for models and diffusions, with the original API.
 
 `model_and_diffusion_defaults()` gives the model/diffusion flags of the options table
-(`improved_diffusion/config.py`): improved-diffusion's keys and default values, plus
+(`improved_diffusion/options/config.py`): improved-diffusion's keys and default values, plus
 guided-diffusion's extra model keys at values that reproduce the improved-diffusion
 architecture. The original API is unchanged: `add_dict_to_argparser`, `args_to_dict`,
 `create_model_and_diffusion(**options)`. String flags (`attention_resolutions`,
@@ -12,9 +12,10 @@ architecture. The original API is unchanged: `add_dict_to_argparser`, `args_to_d
 import os
 import sys
 
-from . import config, methods
+from .options import config
+from . import methods
 from . import gaussian_diffusion as gd
-from .config import str2bool  # noqa: F401  (the original API's home of str2bool)
+from .options.config import str2bool  # noqa: F401  (the original API's home of str2bool)
 from .respace import SpacedDiffusion, space_timesteps
 from .unet import EncoderUNetModel, SuperResModel, UNetModel
 

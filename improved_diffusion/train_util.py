@@ -19,18 +19,18 @@ from typing import Callable, Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from . import checkpoint as ckpt
-from . import config as options
+from .run import checkpoint as ckpt
+from .options import config as options
 from . import dist_util
 from . import logger as logger_module
-from . import precision
-from .ema import EMA
+from .run import precision
+from .run.ema import EMA
 from .image_datasets import to_model_input
 from .logger import Logger
 from .methods.momentum import MomentumSchedule
-from .precision import MixedPrecision
+from .run.precision import MixedPrecision
 from .resample import UniformSampler
-from .run_dir import RunDir
+from .run.run_dir import RunDir
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")  # resolved: precision.resolve turns "auto" into one of these
 

@@ -1,7 +1,7 @@
 """
 Benchmark training and sampling throughput, FLOPs and MFU of the real training step.
 
-Times `TrainLoop.run_step`, built from the options table by `improved_diffusion/training.py`
+Times `TrainLoop.run_step`, built from the options table by `improved_diffusion/run/training.py`
 exactly as `image_train.py` builds it (schedules, diffusion loss, backward, gradient check,
 AdamW, EMA), on synthetic in-memory uint8 data already on the device, and the model forward used by sampling (one DDIM step = one forward). Prints one
 JSON document, then a table. Nothing here is a test: run it by hand on the machine you
@@ -54,7 +54,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from improved_diffusion import config, precision, training  # noqa: E402
+from improved_diffusion.options import config  # noqa: E402
+from improved_diffusion.run import precision, training
 from improved_diffusion.image_datasets import ImageDataset  # noqa: E402
 from improved_diffusion.logger import Logger  # noqa: E402
 from improved_diffusion.resample import UniformSampler  # noqa: E402
@@ -63,7 +64,7 @@ from improved_diffusion.script_util import (  # noqa: E402
     create_diffusion_from_options,
     create_model_and_diffusion,
 )
-from improved_diffusion.config import str2bool  # noqa: E402
+from improved_diffusion.options.config import str2bool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's configs with all of its methods on (CLTS + MD + LRC), so that the timed step
@@ -107,7 +108,7 @@ def create_argparser():
              "(their settings replace --precision, --channels_last, --optimizer_impl and --compile)")
     add("--json", default="", help="also write the JSON result to this file")
     add("--sample_images", type=int, default=0,
-        help="also time improved_diffusion.sampling.sample_images (what image_sample.py runs) for this many "
+        help="also time improved_diffusion.evaluation.sampling.sample_images (what image_sample.py runs) for this many "
              "DDIM-50 images at --sample_batch_size, end to end (0: off)")
     add("--profile_steps", type=int, default=0,
         help="profile this many training steps of the last run with torch.profiler: kernels per step, "
@@ -115,7 +116,7 @@ def create_argparser():
     add("--profile_out", default="", help="write the profiler's kernel table to this text file")
     for group in TABLE_GROUPS:
         config.add_options(parser, [n for n in config.names(group) if n not in ("data_dir",)],
-                           title=f"{group} options (improved_diffusion/config.py)")
+                           title=f"{group} options (improved_diffusion/options/config.py)")
     return parser
 
 
@@ -468,7 +469,7 @@ class Candidate:
 
 def time_sample_images(candidate, num_samples, seed):
     """Wall time of sample_images (per-sample seeds, uint8 out) for num_samples DDIM-50 images."""
-    from improved_diffusion.sampling import sample_images
+    from improved_diffusion.evaluation.sampling import sample_images
 
     opts, device = candidate.opts, candidate.device
     dtype = precision.DTYPES[candidate.settings["precision"]]

@@ -1,5 +1,5 @@
 """
-Time and memory of improved precision / recall (improved_diffusion/metrics.py) on two sets of
+Time and memory of improved precision / recall (improved_diffusion/evaluation/metrics.py) on two sets of
 random features, by default 50,000 x 2048 each: CIFAR-10's 50k samples against its 50k
 training images.
 
@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from improved_diffusion import metrics
+from improved_diffusion.evaluation import metrics
 
 
 def memory_mib(field):

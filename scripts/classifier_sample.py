@@ -15,7 +15,7 @@ run needs them given. The classifier must have been trained with the model's dif
 difference is an error. An unconditional model works too (the labels then only steer the
 classifier).
 
-Sample i is drawn with its own seed (improved_diffusion/sampling.py): the same (--seed, i)
+Sample i is drawn with its own seed (improved_diffusion/evaluation/sampling.py): the same (--seed, i)
 gives the same image whatever --batch_size and number of processes. Output: an .npz
 (`arr_0` images, `arr_1` labels) and a PNG grid, as image_sample.py.
 """
@@ -27,8 +27,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from improved_diffusion import config, dist_util
-from improved_diffusion.sampling import (
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.evaluation.sampling import (
     check_counts,
     classes_to_sample,
     load_for_sampling,

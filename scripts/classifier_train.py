@@ -35,11 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion import config, dist_util, precision
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.run import precision
 from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
 from improved_diffusion.resample import create_named_schedule_sampler
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import (
     CLASSIFIER_EXTRA_DEFAULTS,
     add_dict_to_argparser,

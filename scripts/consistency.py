@@ -38,9 +38,11 @@ import shlex
 
 import numpy as np
 
-from improved_diffusion import analysis, config, dist_util, gan
-from improved_diffusion.run_dir import load_run
-from improved_diffusion.sampling import (
+from improved_diffusion.experiments import analysis, gan
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.run.run_dir import load_run
+from improved_diffusion.evaluation.sampling import (
     check_counts,
     classes_to_sample,
     run_differences,

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from improved_diffusion.logger import progress_series, read_progress
-from improved_diffusion.sampling import make_grid
+from improved_diffusion.evaluation.sampling import make_grid
 from improved_diffusion.script_util import run_main
 
 SCALE = 4  # enlargement of the grids in samples_vs_real.png

@@ -7,7 +7,7 @@ A reference file, once per data set (a folder of images or an .npz with arr_0):
 
 It holds the statistics of the pooled and spatial Inception features and a sample of 10,000
 pooled feature rows (--keep_features), which is what every metric needs
-(improved_diffusion/metrics.py describes the format). The metrics of samples written by
+(improved_diffusion/evaluation/metrics.py describes the format). The metrics of samples written by
 image_sample.py:
 
     python scripts/fid.py fid --samples samples_50000x32x32x3.npz --ref ref/cifar10_train.npz
@@ -34,8 +34,9 @@ import time
 
 import torch
 
-from improved_diffusion import config, fid, metrics
-from improved_diffusion.evaluator import PR_METRICS, Evaluator
+from improved_diffusion.options import config
+from improved_diffusion.evaluation import fid, metrics
+from improved_diffusion.evaluation.evaluator import PR_METRICS, Evaluator
 from improved_diffusion.script_util import run_main
 
 NAMES = {"fid": "FID", "sfid": "sFID", "precision": "precision", "recall": "recall", "kid": "KID",

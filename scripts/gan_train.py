@@ -1,5 +1,5 @@
 """
-Train a small DCGAN (improved_diffusion/gan.py), the paper's contrast model for the
+Train a small DCGAN (improved_diffusion/experiments/gan.py), the paper's contrast model for the
 consistency, interpolation and Hessian analyses (docs/analysis.md).
 
     python scripts/gan_train.py --data_dir data/demo/mnist_demo.npz --log_dir runs/gan_seed0 \\
@@ -20,11 +20,12 @@ import time
 
 import torch as th
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion import dist_util, gan
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion import dist_util
+from improved_diffusion.experiments import gan
 from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
-from improved_diffusion.run_dir import RunDir
-from improved_diffusion.sampling import save_grid
+from improved_diffusion.run.run_dir import RunDir
+from improved_diffusion.evaluation.sampling import save_grid
 from improved_diffusion.script_util import add_dict_to_argparser, run_main
 
 # Options that fix the networks' shapes: a run cannot continue with other values.

@@ -28,9 +28,10 @@ import time
 import numpy as np
 import torch
 
-from improved_diffusion import config, dist_util
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
 from improved_diffusion.image_datasets import load_image_dataset, to_model_input
-from improved_diffusion.sampling import load_for_sampling, sampling_device
+from improved_diffusion.evaluation.sampling import load_for_sampling, sampling_device
 from improved_diffusion.script_util import run_main
 
 TERMS = ("vb", "mse", "xstart_mse")

@@ -10,7 +10,7 @@ the run's `config.json` beside the checkpoint (image_train.py writes it), so non
         --timestep_respacing 250 --num_samples 50000 --batch_size 256 --seed 0
 
 `--model_path` may also be the run's folder: its newest intact EMA checkpoint
-(improved_diffusion/run_dir.py `load_run`).
+(improved_diffusion/run/run_dir.py `load_run`).
 
 Several GPUs (images are identical to the one-process run with the same --seed):
 
@@ -30,7 +30,7 @@ DDIM with 50 steps: `--use_ddim True --timestep_respacing ddim50 [--eta 0.0]`. O
 the CIFAR-10 model on an H200, compilation aside; docs/benchmarks.md).
 (`ddim50` without `--use_ddim True` runs ordinary ancestral sampling on those 50 steps).
 
-Sample i is drawn with its own seed (see improved_diffusion/sampling.py), so a given
+Sample i is drawn with its own seed (see improved_diffusion/evaluation/sampling.py), so a given
 (--seed, i) gives the same image whatever --batch_size and number of processes.
 Output: --out (an .npz path, or a folder), default
 `{log_dir}/samples_{N}x{H}x{W}x3.npz` where log_dir is --log_dir, else $OPENAI_LOGDIR, else
@@ -43,9 +43,10 @@ import sys
 
 import torch
 
-from improved_diffusion import config, dist_util
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
 from improved_diffusion.respace import space_timesteps
-from improved_diffusion.sampling import (
+from improved_diffusion.evaluation.sampling import (
     check_counts,
     classes_to_sample,
     load_for_sampling,

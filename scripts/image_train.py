@@ -20,17 +20,19 @@ import datetime
 import json
 import os
 
-from improved_diffusion import config, dist_util, training
-from improved_diffusion.evaluator import for_training
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.run import training
+from improved_diffusion.evaluation.evaluator import for_training
 from improved_diffusion.image_datasets import load_image_dataset
 from improved_diffusion.logger import Logger
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import run_main
 from improved_diffusion.train_util import NonFiniteError
 
 
 def create_argparser():
-    """Every option of the table (improved_diffusion/config.py), grouped as there."""
+    """Every option of the table (improved_diffusion/options/config.py), grouped as there."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     for group in config.GROUPS:
         config.add_options(parser, config.names(group), title=f"{group} options")

@@ -37,9 +37,11 @@ import sys
 
 import numpy as np
 
-from improved_diffusion.checkpoint import read_file
-from improved_diffusion import analysis, config, dist_util, gan
-from improved_diffusion.sampling import run_differences, run_overrides
+from improved_diffusion.run.checkpoint import read_file
+from improved_diffusion.experiments import analysis, gan
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.evaluation.sampling import run_differences, run_overrides
 from improved_diffusion.script_util import args_to_dict, run_main
 
 

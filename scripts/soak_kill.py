@@ -27,7 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from improved_diffusion import checkpoint as ckpt  # noqa: E402
+from improved_diffusion.run import checkpoint as ckpt  # noqa: E402
 
 TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
         "--attention_resolutions", "4", "--num_heads", "2", "--diffusion_steps", "40", "--noise_schedule", "cosine",

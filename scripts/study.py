@@ -4,7 +4,7 @@ A multi-seed study: does a method train faster than the baseline, and by how muc
 Trains variants x seeds with scripts/image_train.py (one process per run, one thread
 each), evaluates the EMA model at fixed steps (held-out loss; FID or digit quality where the
 preset asks) and summarises over seeds: mean and 95% t-interval per variant and step, steps
-to reach the baseline's value and the speed-up (improved_diffusion/study.py says how).
+to reach the baseline's value and the speed-up (improved_diffusion/experiments/study.py says how).
 
 Resumable: each run's evaluations are written to OUT/runs/VARIANT_seedS.json as they are
 made; a run whose file holds every evaluation is skipped (training and all), a partly
@@ -28,8 +28,8 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from improved_diffusion import config  # noqa: E402
-from improved_diffusion.study import (  # noqa: E402,F401  (the study's API, as before)
+from improved_diffusion.options import config  # noqa: E402
+from improved_diffusion.experiments.study import (  # noqa: E402,F401  (the study's API, as before)
     MAIN_VARIANTS, PAPER_VARIANTS, PRESETS, SWEEPS, configure, markdown, mean_interval, plan_of, run_all, run_done,
     summarize, steps_to_target, t_quantile, with_steps, write_summary,
 )

@@ -20,8 +20,10 @@ import os
 import numpy as np
 import torch
 
-from improved_diffusion import config, dist_util, precision
-from improved_diffusion.sampling import (
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.run import precision
+from improved_diffusion.evaluation.sampling import (
     StackedRandomGenerator,
     check_counts,
     load_for_sampling,

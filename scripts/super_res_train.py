@@ -23,10 +23,12 @@ import os
 
 import torch
 
-from improved_diffusion import config, dist_util, training
+from improved_diffusion.options import config
+from improved_diffusion import dist_util
+from improved_diffusion.run import training
 from improved_diffusion.image_datasets import BatchStream, LowResStream, load_data, load_image_dataset, low_res_of
 from improved_diffusion.logger import Logger
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import run_main, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteError, TrainLoop
 

@@ -1,5 +1,5 @@
 """
-Tests of the consistency-phenomenon analysis tools (improved_diffusion/analysis.py) and of
+Tests of the consistency-phenomenon analysis tools (improved_diffusion/experiments/analysis.py) and of
 the three scripts that use them (scripts/consistency.py, interpolate.py, hessian.py).
 """
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from improved_diffusion import analysis
+from improved_diffusion.experiments import analysis
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,7 +305,7 @@ def test_lanczos_and_power_iteration_agree_on_tiny_unet():
 def tiny_run(tmp_path_factory):
     """Three tiny checkpoints (a and b of one architecture, c with 2 res blocks) and data."""
     pytest.importorskip("improved_diffusion.script_util")
-    pytest.importorskip("improved_diffusion.sampling")
+    pytest.importorskip("improved_diffusion.evaluation.sampling")
     root = tmp_path_factory.mktemp("analysis")
     saved = th.get_num_threads()
     th.set_num_threads(1)

@@ -1,5 +1,5 @@
 """
-The options table (improved_diffusion/config.py): every training option is defined once,
+The options table (improved_diffusion/options/config.py): every training option is defined once,
 and --help, config.json, --config files and the original API are all derived from it.
 """
 
@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from improved_diffusion import config
+from improved_diffusion.options import config
 from improved_diffusion.script_util import model_and_diffusion_defaults
 from tiny import TINY_MODEL, flags, make_npz, run_script
 

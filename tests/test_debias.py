@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import config, training
+from improved_diffusion.options import config
+from improved_diffusion.run import training
 from improved_diffusion.script_util import create_gaussian_diffusion
 
 

@@ -1,5 +1,5 @@
 """
-improved_diffusion/evaluator.py: the one evaluator of the training loop, scripts/fid.py and
+improved_diffusion/evaluation/evaluator.py: the one evaluator of the training loop, scripts/fid.py and
 the study gives the numbers of a direct computation (sampling, features, metrics), bit for bit.
 """
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import config, fid, metrics, sampling
-from improved_diffusion.evaluator import Evaluator, Sampling, for_training
+from improved_diffusion.options import config
+from improved_diffusion.evaluation import fid, metrics, sampling
+from improved_diffusion.evaluation.evaluator import Evaluator, Sampling, for_training
 from improved_diffusion.script_util import create_diffusion_from_options, create_model_and_diffusion
 from test_metrics import PooledAndSpatial
 

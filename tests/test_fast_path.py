@@ -31,7 +31,7 @@ from improved_diffusion.image_datasets import BatchStream, ImageDataset
 from improved_diffusion.logger import Logger
 from improved_diffusion.methods.clts import CLTSSampler
 from improved_diffusion.methods.momentum import MomentumSchedule
-from improved_diffusion.sampling import sample_images
+from improved_diffusion.evaluation.sampling import sample_images
 from improved_diffusion.script_util import (
     create_gaussian_diffusion,
     create_model_and_diffusion,
@@ -199,7 +199,7 @@ def test_fp64_reference_step_matches_fp32_and_stays_float64():
 
 
 def test_fp64_is_refused_for_sampling():
-    from improved_diffusion import precision
+    from improved_diffusion.run import precision
 
     assert precision.resolve("fp64", "cpu") == "fp64"
     with pytest.raises(ValueError, match="--precision fp64"):
@@ -207,7 +207,8 @@ def test_fp64_is_refused_for_sampling():
 
 
 def test_fp64_is_refused_with_evaluation_during_training():
-    from improved_diffusion import config, training
+    from improved_diffusion.options import config
+    from improved_diffusion.run import training
 
     opts = {**{o.name: o.default for o in config.OPTIONS}, "precision": "fp64"}
     training.check(opts, "cpu")

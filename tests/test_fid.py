@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from improved_diffusion import fid
+from improved_diffusion.evaluation import fid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,5 +1,5 @@
 """
-Tests of the DCGAN contrast (improved_diffusion/gan.py, scripts/gan_train.py) and of the
+Tests of the DCGAN contrast (improved_diffusion/experiments/gan.py, scripts/gan_train.py) and of the
 analysis tools on GANs (scripts/consistency.py, interpolate.py, hessian.py).
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch as th
 
-from improved_diffusion import analysis, gan
+from improved_diffusion.experiments import analysis, gan
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))

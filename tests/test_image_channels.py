@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from improved_diffusion import fid
+from improved_diffusion.evaluation import fid
 from improved_diffusion.image_datasets import center_crop_arr, load_image_dataset
-from improved_diffusion.sampling import image_channels_of, sample_images
+from improved_diffusion.evaluation.sampling import image_channels_of, sample_images
 from improved_diffusion.script_util import create_model_and_diffusion
 from tiny import TINY_MODEL, flags, run_script
 

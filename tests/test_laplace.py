@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from improved_diffusion import config, training
+from improved_diffusion.options import config
+from improved_diffusion.run import training
 from improved_diffusion.gaussian_diffusion import get_named_beta_schedule
 from improved_diffusion.methods.laplace import LaplaceSampler
 from improved_diffusion.script_util import create_gaussian_diffusion

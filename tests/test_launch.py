@@ -75,7 +75,7 @@ class StandInFeatures(nn.Module):
 @pytest.fixture
 def fid_stand_in(tmp_path):
     """(inception path, reference statistics path) made with the stand-in network."""
-    from improved_diffusion import fid
+    from improved_diffusion.evaluation import fid
 
     torch.manual_seed(0)
     net = str(tmp_path / "standin.pt")
@@ -128,7 +128,7 @@ def config_file(name):
 
 def test_paper_configs_match_global_batch():
     """configs/*: per-rank batch_size x 8 GPUs is the paper's global batch (SPEC section 3)."""
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     for exp, global_batch in (("cifar10", 128), ("imagenet128", 256)):
         for variant in VARIANTS:
@@ -142,7 +142,7 @@ def test_paper_configs_match_global_batch():
 @pytest.mark.parametrize("exp", ["cifar10", "imagenet128"])
 def test_paper_variants_are_overlays_of_the_baseline(exp):
     """Each variant file is the baseline plus its methods' keys, and nothing else."""
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     base = config.read_options_file(config_file(f"{exp}_baseline.json"))
     assert "base" not in base and not set(base) & set({**CLTS, **MD, **LRC})
@@ -156,7 +156,7 @@ def test_paper_variants_are_overlays_of_the_baseline(exp):
 
 
 def test_demo_variants_set_every_switch():
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     demo = config.read_options_file(config_file("demo.json"))
     for variant, (sampler, md, lrc) in SWITCHES.items():
@@ -167,7 +167,7 @@ def test_demo_variants_set_every_switch():
 
 def test_every_config_is_valid():
     """Every file in configs/ reads as --config does: known options, right types and ranges."""
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     for path in sorted(glob.glob(config_file("*.json"))):
         values = config.load_config(path, config.names())
@@ -196,7 +196,7 @@ def test_variants_come_from_the_config_files(tmp_path):
 
 def test_train_help_is_up_to_date():
     """docs/train-help.txt is the option table's help; `scripts/launch/train_help.py --write` renews it."""
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     with open(train_help.PATH) as f:
         text = f.read()
@@ -253,7 +253,7 @@ def test_config_flags_prints_model_flags(tmp_path):
 
 
 def test_config_flags_finds_newest_intact_ema_checkpoint(tmp_path, capsys):
-    from improved_diffusion import checkpoint as ckpt
+    from improved_diffusion.run import checkpoint as ckpt
 
     def write_checkpoint(step, intact=True):
         files = {}

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion.run_dir import load_run
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion.run.run_dir import load_run
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from tiny import TINY_MODEL
 

@@ -13,9 +13,10 @@ import pickle
 import pytest
 import torch
 
-from improved_diffusion import config, methods
+from improved_diffusion.options import config
+from improved_diffusion import methods
 from improved_diffusion.methods import registry
-from improved_diffusion.option import Option
+from improved_diffusion.options.option import Option
 from improved_diffusion.resample import ScheduleSampler, UniformSampler, create_named_schedule_sampler
 from improved_diffusion.script_util import create_gaussian_diffusion
 

@@ -1,6 +1,6 @@
 """
 sFID, improved precision / recall, Inception Score and the reference file
-(improved_diffusion/metrics.py): the maths against independent numpy computations, the
+(improved_diffusion/evaluation/metrics.py): the maths against independent numpy computations, the
 spatial features of the bundled Inception network, `scripts/fid.py` end to end, and the
 metrics and sample grids of evaluation during training.
 """
@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from improved_diffusion import config, fid, metrics
+from improved_diffusion.options import config
+from improved_diffusion.evaluation import fid, metrics
 from improved_diffusion.logger import Logger, read_progress
 from test_fid import load_script, smooth_images
 from tiny import TINY_MODEL, flags, make_npz, run_script

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
+from improved_diffusion.run import checkpoint as ckpt
 from tiny import ROOT, TINY_MODEL, flags, make_npz, run_script
 
 STEPS = 6

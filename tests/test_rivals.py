@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import config, training
+from improved_diffusion.options import config
+from improved_diffusion.run import training
 from improved_diffusion import gaussian_diffusion as gd
 from improved_diffusion.methods.lognormal import LogitNormalSampler
 from improved_diffusion.methods.speed import SpeeDSampler

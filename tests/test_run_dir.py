@@ -15,9 +15,9 @@ import sys
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion import run_dir, run_lock
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion.run import run_dir, run_lock
+from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.train_util import NonFiniteError, TrainLoop
 from test_train import assert_identical, load_checkpoint_files, read_progress, train_args
 from test_train_loop import NaNAt, make_loop

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from improved_diffusion import config
+from improved_diffusion.options import config
 from tiny import ROOT
 
 # script: the `use` whose defaults it takes (Option.uses)

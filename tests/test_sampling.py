@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import sampling
-from improved_diffusion.sampling import StackedRandomGenerator, sample_images, sample_seed
+from improved_diffusion.evaluation import sampling
+from improved_diffusion.evaluation.sampling import StackedRandomGenerator, sample_images, sample_seed
 from improved_diffusion.script_util import create_model_and_diffusion
 from tiny import flags, mpiexec, run_script
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from improved_diffusion import fid
+from improved_diffusion.evaluation import fid
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from tiny import TINY_MODEL, flags, make_npz, run_script
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from improved_diffusion import checkpoint as ckpt
+from improved_diffusion.run import checkpoint as ckpt
 from improved_diffusion import dist_util
 from improved_diffusion.dist_util import detect_launcher, expand_hostlist, slurm_task
 from test_train import assert_identical, load_checkpoint_files, train_args

@@ -1,8 +1,8 @@
-"""improved_diffusion/stats.py: the one steps-to-target rule of the study and the ablation summary."""
+"""improved_diffusion/experiments/stats.py: the one steps-to-target rule of the study and the ablation summary."""
 
 import pytest
 
-from improved_diffusion.stats import steps_to_target
+from improved_diffusion.experiments.stats import steps_to_target
 
 
 def test_steps_to_target_closed_forms():
@@ -29,6 +29,6 @@ def test_study_and_ablation_summary_share_the_rule():
     spec = importlib.util.spec_from_file_location("summarize", os.path.join(root, "scripts", "launch", "summarize.py"))
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
-    from improved_diffusion import study
+    from improved_diffusion.experiments import study
 
     assert summarize.steps_to_target is steps_to_target and study.steps_to_target is steps_to_target

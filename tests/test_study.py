@@ -192,7 +192,7 @@ def test_digits_preset_scores_samples_with_the_digit_classifier(tmp_path):
 
 
 def test_training_options_are_rendered_from_the_table():
-    from improved_diffusion import study as package
+    from improved_diffusion.experiments import study as package
 
     opts = package.options_from_flags(["--lr", "1e-3", "--attention_resolutions", "", "--random_flip=True"])
     assert opts == {"lr": 0.001, "attention_resolutions": "", "random_flip": True}

@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion.run.run_dir import RunDir
 from tiny import PYTHON, ROOT, TINY_MODEL, env, flags, make_npz, mpiexec, run_script, torchrun
 
 ALL_METHODS = {

@@ -12,7 +12,7 @@ from improved_diffusion import logger as logger_module
 from improved_diffusion.image_datasets import BatchStream, ImageDataset, load_data
 from improved_diffusion.logger import Logger
 from improved_diffusion.resample import UniformSampler
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import create_model_and_diffusion, model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteError, TrainConfig, TrainLoop
 from tiny import TINY_MODEL

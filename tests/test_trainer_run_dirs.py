@@ -1,6 +1,6 @@
 """
 Every trainer (diffusion, classifier, super-resolution, GAN) owns its --log_dir the same way
-(improved_diffusion/run_dir.py): a second run started into it at the same time is refused with
+(improved_diffusion/run/run_dir.py): a second run started into it at the same time is refused with
 a message naming the holder while the first finishes, and after the newest checkpoint is
 damaged the next start continues from the newest intact one, ending where an undamaged run ends.
 """
@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion import gan, run_lock
-from improved_diffusion.run_dir import RunDir
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion.experiments import gan
+from improved_diffusion.run import run_lock
+from improved_diffusion.run.run_dir import RunDir
 from test_classifier import CLASSIFIER_FLAGS
 from test_gan import TINY as GAN_FLAGS
 from test_super_res import SR as SR_FLAGS

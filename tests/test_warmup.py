@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from improved_diffusion import checkpoint as ckpt
-from improved_diffusion import config
-from improved_diffusion.ema import EMA, warmup_rate
+from improved_diffusion.run import checkpoint as ckpt
+from improved_diffusion.options import config
+from improved_diffusion.run.ema import EMA, warmup_rate
 from improved_diffusion.train_util import TrainConfig
 from test_train import ALL_METHODS, assert_identical, load_checkpoint_files, read_progress, train_args
 from tiny import make_npz, run_script

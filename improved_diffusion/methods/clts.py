@@ -6,7 +6,7 @@ registered timestep sampler: --schedule_sampler clts.
 import numpy as np
 import torch
 
-from ..option import Option
+from ..options.option import Option
 from ..resample import ScheduleSampler
 from .registry import GROUP, SAMPLER, Method
 

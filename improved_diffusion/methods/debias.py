@@ -12,7 +12,7 @@ the x_0 error: the noise MSE is SNR_t times the x_0 MSE, so the factor is sqrt(S
 import numpy as np
 
 from ..gaussian_diffusion import ModelMeanType
-from ..option import Option
+from ..options.option import Option
 from .loss_weights import refuse_vb_loss, snr
 from .registry import GROUP, WEIGHTING, Method
 

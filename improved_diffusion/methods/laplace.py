@@ -14,7 +14,7 @@ Every t gets loss weight 1: the objective changes, as in the paper (docs/methods
 import numpy as np
 import torch
 
-from ..option import Option, positive
+from ..options.option import Option, positive
 from .fixed_distribution import FixedDistributionSampler, draw
 from .registry import GROUP, SAMPLER, Method
 

@@ -6,7 +6,7 @@ for comparison: --schedule_sampler lognormal (docs/methods.md).
 import numpy as np
 import torch
 
-from ..option import Option, positive
+from ..options.option import Option, positive
 from .fixed_distribution import FixedDistributionSampler, draw
 from .registry import GROUP, SAMPLER, Method
 

@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from ..gaussian_diffusion import ModelMeanType
-from ..option import Option, non_negative, positive
+from ..options.option import Option, non_negative, positive
 from .registry import GROUP, WEIGHTING, Method
 
 # Min-SNR-gamma's value is checked by its builder (naming the flag), so the table has no check.

@@ -19,7 +19,7 @@ docs/methods.md.
 from dataclasses import dataclass
 from typing import Optional
 
-from ..option import Option
+from ..options.option import Option
 from .registry import GROUP, OPTIMIZER, Method
 
 # MomentumSchedule checks these values itself (naming the flag), so the table has no check.

@@ -28,7 +28,7 @@ import pkgutil
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
-from ..option import Option
+from ..options.option import Option
 
 SAMPLER, WEIGHTING, OPTIMIZER = "timestep sampler", "loss weighting", "optimizer"
 KINDS = (SAMPLER, WEIGHTING, OPTIMIZER)

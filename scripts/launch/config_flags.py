@@ -5,7 +5,7 @@ Read a training run's options back, for the launch scripts.
     # --attention_resolutions 16,8 --class_cond False --diffusion_steps 1000 ... (one line)
 
 prints the model and diffusion flags (the model and diffusion groups of the option table,
-`improved_diffusion/config.py`) of the run's `LOG_DIR/config.json` as `--key value` pairs,
+`improved_diffusion/options/config.py`) of the run's `LOG_DIR/config.json` as `--key value` pairs,
 shell-quoted, so that
 
     eval "MODEL_FLAGS=($(python scripts/launch/config_flags.py runs/x))"
@@ -37,7 +37,7 @@ def config_path(path):
 
 
 def load_config(path):
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     path = config_path(path)
     if not os.path.isfile(path):
@@ -65,7 +65,7 @@ def model_flags(values, exclude=()):
     `timestep_respacing`) is left out: it changes nothing, and without empty words the output
     also works word-split, unquoted (`$(config_flags.py LOG_DIR)`), in the usual cases.
     """
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     defaults = config.defaults(*config.MODEL_GROUPS)
     out = []
@@ -79,8 +79,8 @@ def model_flags(values, exclude=()):
 
 def ema_checkpoint(log_dir):
     """Path of the first-rate EMA file of the newest intact checkpoint in `log_dir`."""
-    from improved_diffusion import checkpoint as ckpt
-    from improved_diffusion.run_dir import RunDir
+    from improved_diffusion.run import checkpoint as ckpt
+    from improved_diffusion.run.run_dir import RunDir
 
     found = RunDir(log_dir).latest(verify=False)
     if found is None:

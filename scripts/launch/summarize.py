@@ -11,7 +11,7 @@ flags of the run), else every sub-folder with a progress.csv. Per run:
   written with --eval_interval); `fid@STEP`: FID at each evaluation step;
 - `steps_to_baseline_fid`: the step at which the run's FID reaches the baseline's final FID,
   linearly interpolated between the evaluations around the first one at or below it (the
-  study's rule, `improved_diffusion.stats.steps_to_target`), and `speedup` = the baseline's
+  study's rule, `improved_diffusion.experiments.stats.steps_to_target`), and `speedup` = the baseline's
   own steps_to_baseline_fid / the run's (the paper's "2x fewer iterations to the baseline's
   FID"); empty when never reached or when there is no baseline run (`--baseline NAME` picks it; default `baseline`);
 - `sample_fid`: FID of the final samples (`samples/*_fid.json` written by train.sh), if any.
@@ -30,8 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from improved_diffusion import config, logger  # noqa: E402
-from improved_diffusion.stats import steps_to_target  # noqa: E402
+from improved_diffusion.options import config  # noqa: E402
+from improved_diffusion import logger
+from improved_diffusion.experiments.stats import steps_to_target  # noqa: E402
 
 
 def sample_fid(run_dir):

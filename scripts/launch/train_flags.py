@@ -4,7 +4,7 @@ Check image_train.py flags without training, for the launch scripts.
     python scripts/launch/train_flags.py [--sweep KEY=V1,V2,...] [--] [FLAG VALUE ...]
 
 Exits 0 when every FLAG is an option of `scripts/image_train.py` (the table of
-`improved_diffusion/config.py`) with a value of the right type and range, and when KEY names
+`improved_diffusion/options/config.py`) with a value of the right type and range, and when KEY names
 such an option exactly and each of its values passes. Otherwise it prints what is wrong, with
 the closest option names, and exits 2:
 
@@ -33,14 +33,14 @@ class FlagError(Exception):
 
 def option_names():
     """Every option name of image_train.py (without the leading --), sorted."""
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     return sorted(config.names())
 
 
 def _parser():
     """image_train.py's flags as argparse reads them (types, choices, unique prefixes), from the table."""
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     parser = argparse.ArgumentParser(prog="image_train.py")
     config.add_options(parser, config.names())
@@ -90,7 +90,7 @@ def check(flags, sweep=None):
     :return: the sweep key's option name, or None.
     :raises FlagError: naming the bad flag or value.
     """
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     names = option_names()
     given = [check_name(n, names, f"--{n}") for n in flag_names(flags)]

@@ -1,5 +1,5 @@
 """
-docs/train-help.txt from the option table (improved_diffusion/config.py), so the two cannot drift
+docs/train-help.txt from the option table (improved_diffusion/options/config.py), so the two cannot drift
 (tests/test_launch.py checks that the file is up to date):
 
     python scripts/launch/train_help.py            # print it
@@ -18,13 +18,13 @@ PATH = os.path.join(ROOT, "docs", "train-help.txt")
 HEADER = """\
 Options of scripts/image_train.py by group, as --name (default): help. Command-line flags
 override a --config file, which overrides these defaults. `python scripts/image_train.py --help`
-prints them too. Generated from improved_diffusion/config.py by
+prints them too. Generated from improved_diffusion/options/config.py by
 `python scripts/launch/train_help.py --write`: do not edit by hand.
 """
 
 
 def text():
-    from improved_diffusion import config
+    from improved_diffusion.options import config
 
     return HEADER + "\n" + config.help_text(config.names()) + "\n"
 

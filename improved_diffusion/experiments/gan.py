@@ -29,7 +29,7 @@ sampled in eval mode (running averages), so image m depends on its latent alone.
 A checkpoint of step N in a run folder (`checkpoint_files`, saved by run_dir.RunDir):
 `ganNNNNNN.pt` {"generator", "discriminator": state dicts, "arch": dict}, `gan_optNNNNNN.pt`
 {"generator", "discriminator": optimizer states} and `stateNNNNNN.pt`, the state file of
-improved_diffusion.checkpoint (step, file sizes and SHA-256, RNG states, data position),
+improved_diffusion.run.checkpoint (step, file sizes and SHA-256, RNG states, data position),
 written last; `gan_config.json` beside them marks the folder as a GAN run.
 """
 
@@ -43,7 +43,7 @@ import torch as th
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import checkpoint as ckpt
+from ..run import checkpoint as ckpt
 
 GAN_CONFIG = "gan_config.json"
 GAN_PATTERN = re.compile(r"^gan(\d{6,})\.pt$")
@@ -179,7 +179,7 @@ def sample_latents(num_samples, latent_dim, seed):
     sampling.sample_seed(seed, m): the same latents for every GAN of that latent_dim, whatever
     the batch size.
     """
-    from .sampling import sample_seed
+    from ..evaluation.sampling import sample_seed
 
     rows = [
         th.randn(latent_dim, generator=th.Generator().manual_seed(sample_seed(seed, m)))
@@ -191,7 +191,7 @@ def sample_latents(num_samples, latent_dim, seed):
 @th.no_grad()
 def generate(generator, z, batch_size=64):
     """uint8 NHWC images of latents z, the generator in eval mode (running averages)."""
-    from .sampling import to_uint8
+    from ..evaluation.sampling import to_uint8
 
     was_training = generator.training
     generator.eval()

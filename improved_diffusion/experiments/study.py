@@ -29,11 +29,12 @@ import time
 
 import numpy as np
 
-from . import config, methods
-from .evaluator import Evaluator, Sampling
+from ..options import config
+from .. import methods
+from ..evaluation.evaluator import Evaluator, Sampling
 from .stats import mean_interval, steps_to_target, t_quantile  # noqa: F401  (the study's statistics)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # The paper's five, then one variant per rival method (improved_diffusion/methods/ declares them).
 PAPER_VARIANTS = methods.PAPER_VARIANTS
@@ -175,7 +176,7 @@ def prepare_data(preset, out_data):
         source = preset.get("heldout_source")
         if not source:
             return preset["data"], None
-        from .fid import load_reference_images
+        from ..evaluation.fid import load_reference_images
 
         return preset["data"], np.asarray(load_reference_images(source, preset.get("heldout_image_size"))[: preset["heldout_images"]])
     src = os.path.join(ROOT, preset["data"])  # an absolute path stays as it is
@@ -206,7 +207,7 @@ def prepare_data(preset, out_data):
 
 def reference_stats(preset, train_path, out_data, networks):
     """The FID reference file of the training split (`scripts/fid.py ref`'s), made once."""
-    from . import fid, metrics
+    from ..evaluation import fid, metrics
 
     path = os.path.join(out_data, f"ref_stats_{preset['ref_images']}.npz")
     if not os.path.exists(path):
@@ -404,7 +405,7 @@ def digit_quality(images, preset, cache, threshold=0.9):
     training digits' (digit-FID)."""
     import torch
 
-    from .fid import compute_statistics, frechet_distance
+    from ..evaluation.fid import compute_statistics, frechet_distance
 
     if "digits" not in cache:
         sys.path.insert(0, os.path.join(ROOT, "scripts"))

@@ -18,7 +18,7 @@ import argparse
 import json
 import os
 
-from . import methods
+from .. import methods
 from .option import Option, non_negative, open_unit_interval, positive, str2bool  # noqa: F401  (their home was here)
 
 GROUPS = ("model", "diffusion", "train", "methods", "eval", "gpu", "run")
@@ -142,7 +142,7 @@ TOOL_OPTIONS = [
     _o("kid_subset_size", 1000, "KID: subset size", "fid", check=positive),
     _o("keep_features", 10000, "pooled feature rows stored for precision, recall and KID, a fixed random subset "
        "of the images (0: all; float16, 4 KB a row)", "fid", check=non_negative),
-    _o("preset", "cpu", "the study's setting (improved_diffusion/study.py PRESETS)", "study",
+    _o("preset", "cpu", "the study's setting (improved_diffusion/experiments/study.py PRESETS)", "study",
        choices=("cpu", "digits", "gpu", "paper", "paper_imagenet128")),
     _o("out", "", "summaries (default docs/study/PRESET)", "study"),
     _o("runs_dir", "", "training runs (default runs/study/PRESET)", "study"),

@@ -29,8 +29,9 @@ from typing import Optional
 import torch
 
 from . import checkpoint as ckpt
-from . import dist_util, run_lock
-from .logger import Logger
+from .. import dist_util
+from . import run_lock
+from ..logger import Logger
 
 CONFIG = "config.json"
 DIVERGED = "diverged.json"  # written when a run stops for a non-finite streak
@@ -442,8 +443,8 @@ def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cp
         path, step). Errors name the path: FileNotFoundError for nothing there, ValueError
         (CheckpointMismatchError) for weights that do not fit the options.
     """
-    from . import config
-    from .sampling import load_model_weights
+    from ..options import config
+    from ..evaluation.sampling import load_model_weights
 
     path = str(path)
     if os.path.isdir(path):
@@ -466,7 +467,7 @@ def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cp
 def run_options(run_config, overrides=None, where="config.json"):
     """The model and diffusion options of a run: the table's defaults < its config.json
     (`where`, for errors) < `overrides`; a super-resolution run keeps its two sizes."""
-    from . import config
+    from ..options import config
 
     names = config.names(*config.MODEL_GROUPS)
     options = {n: config.BY_NAME[n].default for n in names}
@@ -485,7 +486,7 @@ SR_SIZES = ("large_size", "small_size")  # options of a super-resolution run (su
 
 def _build(options):
     """Model and diffusion of `options`: a super-resolution model when they have its sizes."""
-    from . import script_util
+    from .. import script_util
 
     if "large_size" in options:
         keys = [k for k in script_util.sr_model_and_diffusion_defaults() if k not in SR_SIZES]
@@ -497,7 +498,7 @@ def _build(options):
 
 def _read_run_config(path):
     """A run's config.json, or None when there is none (a damaged one is an error naming it)."""
-    from . import config
+    from ..options import config
 
     return config.read_options_file(path) if os.path.isfile(path) else None
 

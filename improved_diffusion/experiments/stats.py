@@ -1,5 +1,5 @@
 """
-Statistics of training curves over seeds, shared by the study (improved_diffusion/study.py)
+Statistics of training curves over seeds, shared by the study (improved_diffusion/experiments/study.py)
 and the ablation summary (scripts/launch/summarize.py), so that "steps to reach the
 baseline" means one thing in every table: `steps_to_target`.
 """

@@ -3,7 +3,7 @@ Analysis tools for the consistency phenomenon (section 3 of "Towards Faster Trai
 Diffusion Models: An Inspiration of A Consistency Phenomenon").
 
 Three measurements, all model-agnostic at this level (the diffusion loss and the GAN losses of
-improved_diffusion/gan.py have their own helpers):
+improved_diffusion/experiments/gan.py have their own helpers):
 
 - **Consistency (Eq. 1)**: N models sample M images from the same seeds (same initial and
   per-step noise); the PSNR between every pair of image sets, and their mean C.
@@ -26,8 +26,8 @@ from typing import Optional
 import numpy as np
 import torch as th
 
-from . import config
-from .respace import space_timesteps
+from ..options import config
+from ..respace import space_timesteps
 
 __all__ = [
     "PSNR_CAP_DB",
@@ -647,7 +647,7 @@ def load_model_and_diffusion(path, flags, device="cpu"):
     :param flags: model and diffusion options (the keywords of create_model_and_diffusion).
     :return: (model, diffusion, the loaded state dict on the CPU).
     """
-    from .run_dir import load_run
+    from ..run.run_dir import load_run
 
     run = load_run(path, overrides=flags, device=device)
     state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
@@ -675,7 +675,7 @@ def fixed_batch_from_args(args, diffusion, device):
     The fixed (batch, t, noise, model_kwargs) of the analysis scripts' flags (--data_dir,
     --batch_size, --seed, --timestep, --class_cond), with notes for surprising values.
     """
-    from .image_datasets import load_image_dataset
+    from ..image_datasets import load_image_dataset
 
     if args.timestep_respacing:
         print(f"note: --timestep_respacing {args.timestep_respacing!r} is set; the loss is that of "
@@ -695,7 +695,7 @@ def fixed_batch_from_args(args, diffusion, device):
 
 
 # ----------------------------------------------------------------------------------------
-# The GAN contrast (improved_diffusion/gan.py): consistency by kind, GAN losses, roughness
+# The GAN contrast (improved_diffusion/experiments/gan.py): consistency by kind, GAN losses, roughness
 # ----------------------------------------------------------------------------------------
 
 

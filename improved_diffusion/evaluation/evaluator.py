@@ -17,8 +17,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import dist_util, fid, metrics, sampling
-from .script_util import create_diffusion_from_options
+from .. import dist_util
+from . import fid, metrics, sampling
+from ..script_util import create_diffusion_from_options
 
 PR_METRICS = ("precision", "recall", "kid")  # the metrics that need reference features
 GRID_SIZE = 64  # images in the grid saved at each training evaluation

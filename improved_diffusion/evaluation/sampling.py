@@ -24,9 +24,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import config
-from .checkpoint import CheckpointMismatchError, check_state_dict_matches, read_file  # noqa: F401 (re-exported)
-from .script_util import NUM_CLASSES
+from ..options import config
+from ..run.checkpoint import CheckpointMismatchError, check_state_dict_matches, read_file  # noqa: F401 (re-exported)
+from ..script_util import NUM_CLASSES
 
 SEED_STRIDE = 2**31 - 1
 
@@ -447,7 +447,7 @@ def check_counts(args, flags=("num_samples", "batch_size")):
 
 def sampling_device(args):
     """--device, or this rank's device."""
-    from . import dist_util
+    from .. import dist_util
 
     return torch.device(args.device) if args.device else dist_util.dev()
 
@@ -465,7 +465,7 @@ def load_for_sampling(args, run_config, device, log=print, argv=None, use_fp16=T
     for each flag that overrides the run's value, the model in eval mode on `device`, fp16
     with --use_fp16 True (the original's way; `use_fp16=False` ignores it, as image_nll.py did).
     """
-    from .run_dir import load_run
+    from ..run.run_dir import load_run
 
     for note in run_overrides(args, run_config, args.model_path, argv):
         log(note)
@@ -480,7 +480,8 @@ def sample_with_flags(model, diffusion, args, device, *, image_size, class_cond,
     `sample_images` with the sample group's flags of `args` (--num_samples, --batch_size,
     --seed, --use_ddim, --eta, --clip_denoised, --precision); returns (images, labels, seconds).
     """
-    from . import dist_util, precision
+    from .. import dist_util
+    from ..run import precision
 
     autocast_dtype = precision.DTYPES[precision.resolve(args.precision, device, purpose="sample")]
     start = time.time()

@@ -11,10 +11,12 @@ import random
 import numpy as np
 import torch
 
-from . import config, methods, precision
-from .image_datasets import BatchStream
-from .script_util import create_model_and_diffusion
-from .train_util import TrainConfig, TrainLoop, parse_ema_rates
+from ..options import config
+from .. import methods
+from . import precision
+from ..image_datasets import BatchStream
+from ..script_util import create_model_and_diffusion
+from ..train_util import TrainConfig, TrainLoop, parse_ema_rates
 
 
 def model_options(opts):

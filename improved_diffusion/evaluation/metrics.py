@@ -1,5 +1,5 @@
 """
-The metrics of the ADM papers beside FID and KID (improved_diffusion/fid.py): sFID, improved
+The metrics of the ADM papers beside FID and KID (improved_diffusion/evaluation/fid.py): sFID, improved
 precision and recall, and the Inception Score; the reference file that holds what each of
 them needs; and one function that scores samples against it.
 

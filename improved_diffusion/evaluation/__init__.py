@@ -1,0 +1,1 @@
+"""Sampling images and measuring them: FID and the ADM metrics, the one evaluator."""
