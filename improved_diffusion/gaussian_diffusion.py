@@ -799,7 +799,7 @@ class GaussianDiffusion:
         output = torch.where(t == 0, decoder_nll, kl)
         return {"output": output, "pred_xstart": out["pred_xstart"]}
 
-    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None):
+    def training_losses(self, model, x_start, t, model_kwargs=None, noise=None, input_noise=None, mse_weights=None):
         """
         Per-sample training losses at the given timesteps.
 
@@ -811,6 +811,11 @@ class GaussianDiffusion:
         :param t: 1-D tensor of timestep indices.
         :param model_kwargs: optional dict of extra model arguments.
         :param noise: optional Gaussian noise to add (default: fresh draw).
+        :param input_noise: optional noise that makes x_t instead of `noise`, which stays
+                 the epsilon target (input perturbation, methods/input_perturbation.py);
+                 everything computed from x_t uses this x_t.
+        :param mse_weights: optional [N] factors of the MSE term alone, the vb term
+                 unweighted (SpeeD's weights, as its code applies them).
         :return: a dict of shape-[N] tensors: 'loss' always; 'mse' for the
                  MSE losses (already multiplied by the factors of the loss
                  weightings that are on, see loss_weights); 'vb' when the variance is learned with an
@@ -821,8 +826,10 @@ class GaussianDiffusion:
             model_kwargs = {}
         if noise is None:
             noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
+        x_t = self.q_sample(x_start, t, noise=noise if input_noise is None else input_noise)
         terms = {}
+        if mse_weights is not None and self.loss_type.is_vb():
+            raise ValueError(f"mse_weights weight the MSE term, but loss type {self.loss_type.name} has none")
 
         if self.loss_type.is_vb():
             terms["loss"] = self._vb_terms_bpd(
@@ -874,6 +881,8 @@ class GaussianDiffusion:
             terms["mse"] = mean_flat((target - model_output) ** 2)
             for name in self.loss_weighting.names:  # the one place a loss weighting is applied
                 terms["mse"] = terms["mse"] * self._loss_weight(name, t)
+            if mse_weights is not None:
+                terms["mse"] = terms["mse"] * mse_weights
             if "vb" in terms:
                 terms["loss"] = terms["mse"] + terms["vb"]
             else:

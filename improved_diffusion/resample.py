@@ -55,6 +55,11 @@ class ScheduleSampler(ABC):
     no-ops here, so a training loop can call them on any sampler.
     """
 
+    # What the weights of sample() multiply in TrainLoop: False, the whole per-sample loss
+    # (importance weights must, to keep the objective); True, the MSE term alone, the vb
+    # term of learned sigmas unweighted (SpeeD's weights, as its code applies them).
+    weights_mse_only = False
+
     @abstractmethod
     def weights(self):
         """

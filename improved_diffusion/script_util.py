@@ -61,7 +61,7 @@ def sr_model_and_diffusion_defaults():
     res = model_and_diffusion_defaults()
     for key in ("image_size", "channel_mult", "sigma_small", "use_new_attention_order"):
         del res[key]
-    return dict(large_size=256, small_size=64, **res)
+    return {**{o.name: o.default for o in config.TOOLS["super_res"].values()}, **res}
 
 
 def _merge_options(kwargs, defaults, caller):
@@ -478,14 +478,11 @@ def run_main(main, errors=(ValueError, FileNotFoundError)):
 # The noise-aware classifier (guided-diffusion)
 # ---------------------------------------------------------------------------------------
 
-# Classifier flags beyond guided-diffusion's; their defaults build its classifier. The
-# originals' multiplier table has no entry below 64 pixels, 64 channels per attention
-# head is more than a small classifier has, and its head always has 1000 logits.
-CLASSIFIER_EXTRA_DEFAULTS = dict(
-    classifier_channel_mult="",
-    classifier_num_head_channels=64,
-    classifier_num_classes=NUM_CLASSES,
-)
+# Classifier flags beyond guided-diffusion's (the table's classifier group, in_defaults=False);
+# their defaults build its classifier. The originals' multiplier table has no entry below 64
+# pixels, 64 channels per attention head is more than a small classifier has, and its head
+# always has 1000 logits.
+CLASSIFIER_EXTRA_DEFAULTS = {o.name: o.default for o in config.TOOLS["classifier"].values() if not o.in_defaults}
 
 
 def diffusion_defaults():
@@ -500,18 +497,11 @@ def diffusion_defaults():
 
 def classifier_defaults():
     """
-    Default flags of the noise-aware classifier, guided-diffusion's keys and values.
+    Default flags of the noise-aware classifier, guided-diffusion's keys and values: the
+    table's image_size and its classifier group.
     """
-    return dict(
-        image_size=64,
-        classifier_use_fp16=False,
-        classifier_width=128,
-        classifier_depth=2,
-        classifier_attention_resolutions="32,16,8",
-        classifier_use_scale_shift_norm=True,
-        classifier_resblock_updown=True,
-        classifier_pool="attention",
-    )
+    return {"image_size": config.BY_NAME["image_size"].default,
+            **{o.name: o.default for o in config.TOOLS["classifier"].values() if o.in_defaults}}
 
 
 def classifier_and_diffusion_defaults():

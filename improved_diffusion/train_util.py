@@ -24,7 +24,7 @@ from .options import config as options
 from . import dist_util
 from . import logger as logger_module
 from .run import precision
-from .run.ema import EMA
+from .run.ema import EMA, PowerEMA
 from .image_datasets import to_model_input
 from .logger import Logger
 from .methods.momentum import MomentumSchedule
@@ -54,6 +54,8 @@ class TrainConfig:
     stop_at: Optional[int] = None  # leave this run at this step, schedules unchanged (job time limits)
     ema_rate: tuple = field(default_factory=lambda: parse_ema_rates(options.BY_NAME["ema_rate"].default))
     ema_warmup: bool = _default("ema_warmup")  # decay min(rate, (1+k)/(10+k)) at step k
+    phema_stds: tuple = _default("phema_stds")  # power-function EMAs' relative stds (a tuple once built)
+    phema_snapshot_interval: int = _default("phema_snapshot_interval")  # 0: every save_interval
     log_interval: int = _default("log_interval")
     save_interval: int = _default("save_interval")
     keep_checkpoints: int = _default("keep_checkpoints")
@@ -90,6 +92,11 @@ class TrainConfig:
             raise ValueError(f"--total_steps must be positive, got {self.total_steps}")
         if self.lr_warmup_steps < 0:
             raise ValueError(f"--lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
+        self.phema_stds = parse_phema_stds(self.phema_stds)
+
+    def snapshot_due(self, step):
+        """Whether a power-function EMA snapshot is written after `step` updates."""
+        return bool(self.phema_stds) and step % (self.phema_snapshot_interval or self.save_interval) == 0
 
     def end_step(self):
         """The step this run stops at: --total_steps (else --lr_anneal_steps), capped by
@@ -135,6 +142,15 @@ def parse_ema_rates(text):
         raise ValueError(f"--ema_rate must be a comma-separated list of numbers, got {text!r}") from None
 
 
+def parse_phema_stds(value):
+    """'0.05,0.1' -> (0.05, 0.1); a string is checked by the table's option (ValueError naming
+    --phema_stds), a sequence by PowerEMA."""
+    if isinstance(value, (tuple, list)):
+        return tuple(float(s) for s in value)
+    options.BY_NAME["phema_stds"].validate(value)
+    return tuple(float(s) for s in str(value).split(",") if s.strip())
+
+
 class NonFiniteError(RuntimeError):
     pass
 
@@ -155,6 +171,9 @@ class TrainLoop:
     :param evaluator: optional callable(ema_model, step) -> dict of metrics, run every
         `config.eval_interval` steps on every rank (e.g. FID of the EMA model).
     :param run_config: a JSON-able dict of the run's options, stored in state files.
+    :param noise_transform: optional `(x_start, noise) -> (noise, input_noise)` applied to the
+        whole batch's noise where it is drawn (`methods.noise_transform`: immiscible
+        assignment, input perturbation); None: the noise is used as drawn.
 
     The original keyword form also works: `TrainLoop(model=, diffusion=, data=, batch_size=,
     microbatch=, lr=, ema_rate=, log_interval=, save_interval=, resume_checkpoint=, ...)`
@@ -163,7 +182,7 @@ class TrainLoop:
 
     def __init__(self, *, model, diffusion, data, config: Optional[TrainConfig] = None, schedule_sampler=None,
                  log_dir=None, resume="auto", logger: Optional[Logger] = None, evaluator: Optional[Callable] = None,
-                 run_config: Optional[dict] = None, **original_options):
+                 run_config: Optional[dict] = None, noise_transform: Optional[Callable] = None, **original_options):
         if config is None:
             resume = original_options.pop("resume_checkpoint", "") or "none"
             config = TrainConfig.from_original_options(**original_options)
@@ -180,6 +199,7 @@ class TrainLoop:
         self.logger = logger or self.run_dir.logger
         self.evaluator = evaluator
         self.run_config = run_config or {}
+        self.noise_transform = noise_transform
         self.device = next(model.parameters()).device
         self.rank = dist_util.get_rank()
         self.world_size = dist_util.get_world_size()
@@ -199,6 +219,7 @@ class TrainLoop:
         self.opt = make_adamw(self.params, config, self.device)
         self.mixed = MixedPrecision(config.precision, self.device, self.opt, config.fp16_scale_growth)
         self.ema = EMA(self.model, config.ema_rate)
+        self.phema = PowerEMA(self.model, config.phema_stds) if config.phema_stds else None
 
         self._resume(resume)
         self._interval_start = (time.perf_counter(), self.step)
@@ -262,6 +283,8 @@ class TrainLoop:
                 self.dump_logs()
             if self.step % self.config.save_interval == 0:
                 self.save()
+            if self.config.snapshot_due(self.step):
+                self.run_dir.save_snapshot(self.step, self.phema.state_dict)
         if bar is not None:
             bar.close()
         if self.last_saved_step != self.step:
@@ -283,38 +306,45 @@ class TrainLoop:
         x = to_model_input(batch, self.device, self.input_dtype).contiguous(memory_format=self.memory_format)
         cond = {k: v.to(self.device, non_blocking=True) for k, v in cond.items()}
         # Timesteps and noise for the whole batch (so --microbatch changes nothing); the noise
-        # is drawn in NCHW order, so the memory format never changes it either.
+        # is drawn in NCHW order, so the memory format never changes it either. The noise
+        # methods (immiscible, input perturbation) change it here, on the whole batch too.
         t, weights = self.schedule_sampler.sample(x.shape[0], self.device)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype).contiguous(memory_format=self.memory_format)
+        noise, input_noise = draw_noise(x, self.noise_transform, self.memory_format)
         self.opt.zero_grad(set_to_none=True)
         for start in range(0, x.shape[0], self.microbatch):
-            self._accumulate(slice(start, start + self.microbatch), x, cond, t, weights, noise)
+            self._accumulate(slice(start, start + self.microbatch), x, cond, t, weights, noise, input_noise)
 
         # The update is skipped when the loss or a gradient is not finite, decided on the device.
         self.mixed.unscale_()
-        grad_norm = self._grad_norm_and_clip()
+        grad_norm = grad_norm_and_clip(self.params, self.config.grad_clip)
         finite = torch.isfinite(grad_norm)
         self.mixed.step(finite)
         self.ema.update(finite, self.ema_rates(self.step))
+        if self.phema is not None:  # the same mask: a skipped update does not count (run/ema.py)
+            self.phema.update(finite)
         self.logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
         self.nonfinite.count(finite)
 
-    def _accumulate(self, piece, x, cond, t, weights, noise):
+    def _accumulate(self, piece, x, cond, t, weights, noise, input_noise=None):
         """Backward of one microbatch, its loss weighted by its share of the batch, so the
         gradient is that of the batch mean whatever --microbatch is."""
         n_total = x.shape[0]
         micro, t, weights = x[piece], t[piece], weights[piece]
+        mse_weights = None
+        if getattr(self.schedule_sampler, "weights_mse_only", False):  # SpeeD's: on the MSE term alone
+            mse_weights, weights = weights, torch.ones_like(weights)
         last = piece.stop >= n_total
         sync = nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
         with sync:
             with self.mixed.autocast():
                 losses = self.diffusion.training_losses(
                     self.train_model, micro, t, model_kwargs={k: v[piece] for k, v in cond.items()},
-                    noise=noise[piece],
+                    noise=noise[piece], input_noise=None if input_noise is None else input_noise[piece],
+                    mse_weights=mse_weights,
                 )
             self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())  # loss-aware ones learn
             loss = (losses["loss"].float() * weights).mean() * (micro.shape[0] / n_total)
-            self._log_losses(t, losses, weights)
+            log_losses(self.logger, t, losses, weights, self.diffusion.num_timesteps)
             self.mixed.backward(loss)
 
     def _stop_if_diverged(self, worst_streak):
@@ -326,26 +356,6 @@ class TrainLoop:
                 f"{self.config.max_nonfinite_steps}) by step {self.step}: the run has diverged. "
                 + self.run_dir.mark_diverged(self.step, worst_streak)
             )
-
-    def _grad_norm_and_clip(self):
-        """The global gradient norm; clips to --grad_clip only when that is on (no extra pass)."""
-        if self.config.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip, foreach=True)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-
-    def _log_losses(self, t, losses, weights):
-        """Mean of each loss term times its sampler weight, overall and per timestep quartile,
-        as the original logs them, in a handful of device ops (a NaN stays in its quartile)."""
-        keys = list(losses)
-        values = torch.stack([losses[k].detach().float() for k in keys]) * weights  # (terms, batch)
-        rows = torch.cat([values, torch.ones_like(values[:1])])  # a last row of ones counts
-        quartile = (4 * t // self.diffusion.num_timesteps).clamp_(0, 3).expand_as(rows)
-        per_quartile = rows.new_zeros(len(rows), 4).scatter_add_(1, quartile, rows)
-        totals = torch.cat([rows.sum(1, keepdim=True), per_quartile], dim=1)  # (terms + 1, 5)
-        names = [name for k in keys for name in (k, f"{k}_q0", f"{k}_q1", f"{k}_q2", f"{k}_q3")]
-        counts = totals[-1].repeat(len(keys))
-        self.logger.logkv_sums(names, totals[:-1].flatten(), counts)
 
     def dump_logs(self):
         now = time.perf_counter()
@@ -390,6 +400,8 @@ class TrainLoop:
             for i, rate in enumerate(self.config.ema_rate):
                 files[ckpt.ema_name(rate, self.step)] = self.ema.state_dict(i)
             files[ckpt.opt_name(self.step)] = self.opt.state_dict()
+            if self.phema is not None:
+                files[ckpt.phema_name(self.step)] = self.phema.state_dict()
             return files, {
                 "world_size": self.world_size,
                 "ranks": rank_states,
@@ -416,6 +428,8 @@ class TrainLoop:
         for i, rate in enumerate(self.config.ema_rate):
             ema_state = read(found, ckpt.ema_name(rate, step), f"EMA (rate {rate})", optional=True, fits=self.model)
             self.ema.load_state_dict(i, weights if ema_state is None else ema_state)
+        if self.phema is not None:
+            resume_power_ema(self.phema, self.run_dir, found, self.logger)
         opt_state = read(found, ckpt.opt_name(step), "optimizer", optional=True)
         if opt_state is not None:
             self.opt.load_state_dict(opt_state)
@@ -465,6 +479,51 @@ class NonFiniteSteps:
         """The streak a checkpoint was written in (a resumed run continues counting it)."""
         self.current.fill_(streak)
         self.worst.copy_(self.current)
+
+
+def draw_noise(x, transform, memory_format):
+    """The batch's noise, drawn in NCHW order (so the memory format never changes it), then
+    changed by the noise methods (immiscible, input perturbation) on the whole batch:
+    (the noise the loss regresses, the noise that makes x_t or None when they are the same)."""
+    noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)
+    input_noise = None
+    if transform is not None:
+        noise, input_noise = transform(x, noise)
+        input_noise = input_noise.contiguous(memory_format=memory_format)
+    return noise.contiguous(memory_format=memory_format), input_noise
+
+
+def grad_norm_and_clip(params, grad_clip):
+    """The global gradient norm; clips to `grad_clip` only when it is positive (no extra pass)."""
+    if grad_clip > 0:
+        return torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def log_losses(logger, t, losses, weights, num_timesteps):
+    """Mean of each loss term times its sampler weight, overall and per timestep quartile,
+    as the original logs them, in a handful of device ops (a NaN stays in its quartile)."""
+    keys = list(losses)
+    values = torch.stack([losses[k].detach().float() for k in keys]) * weights  # (terms, batch)
+    rows = torch.cat([values, torch.ones_like(values[:1])])  # a last row of ones counts
+    quartile = (4 * t // num_timesteps).clamp_(0, 3).expand_as(rows)
+    per_quartile = rows.new_zeros(len(rows), 4).scatter_add_(1, quartile, rows)
+    totals = torch.cat([rows.sum(1, keepdim=True), per_quartile], dim=1)  # (terms + 1, 5)
+    names = [name for k in keys for name in (k, f"{k}_q0", f"{k}_q1", f"{k}_q2", f"{k}_q3")]
+    counts = totals[-1].repeat(len(keys))
+    logger.logkv_sums(names, totals[:-1].flatten(), counts)
+
+
+def resume_power_ema(phema, run_dir, found, logger):
+    """The power-function EMAs of checkpoint `found`; a checkpoint without them (a run that
+    tracked none) starts them there: they then average the updates from that step on."""
+    name = ckpt.phema_name(found.step)
+    if name in (found.state or {}).get("files", {}):
+        phema.load_state_dict(run_dir.read(found, name, "power-function EMA"))
+    else:
+        logger.log(f"WARNING: checkpoint {found.step:06d} has no power-function EMAs: they start at "
+                   "this step and average the updates from here on")
 
 
 def _refuse_nonfinite(tensors, step):

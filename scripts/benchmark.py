@@ -64,7 +64,6 @@ from improved_diffusion.script_util import (  # noqa: E402
     create_diffusion_from_options,
     create_model_and_diffusion,
 )
-from improved_diffusion.options.config import str2bool  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The paper's configs with all of its methods on (CLTS + MD + LRC), so that the timed step
@@ -74,7 +73,6 @@ NAMED_CONFIGS = {"cifar10": "cifar10_all", "imagenet128": "imagenet128_all", "de
 TABLE_GROUPS = ("model", "diffusion", "train", "methods", "gpu")
 SPEC_CIFAR10_FORWARD_GFLOP = 16.8  # SPEC section 6
 DEFAULT_CUDA_PEAK_TFLOPS = 790.0  # SPEC section 6: one H100, dense bf16
-ATTENTION_BACKENDS = ("auto", "math", "flash", "efficient", "cudnn")
 DDIM_STEPS = 50
 
 
@@ -88,32 +86,7 @@ def create_argparser():
         description=__doc__.split("\n\n")[0].strip(),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add("--config", default="cifar10", help="cifar10, imagenet128, demo (their _all variants), a name in configs/, "
-        "or a JSON path; the table's flags below override it")
-    add("--sample_batch_size", type=int, default=0, help="images per sampling forward (0: --batch_size)")
-    add("--device", default="", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    add("--attention_backend", default="auto", choices=ATTENTION_BACKENDS,
-        help="SDPA kernel via torch.nn.attention.sdpa_kernel; on CPU only auto, math, flash")
-    add("--steps", type=int, default=20, help="timed steps (training) and timed forwards (sampling)")
-    add("--warmup", type=int, default=3, help="untimed steps first (compilation, allocator, autotuning)")
-    add("--overhead_iters", type=int, default=2000, help="calls timed for the CLTS / MDLRC overhead")
-    add("--parts", default="train,sample,overhead",
-        help="comma-separated subset of train,sample,overhead; 'flops' alone only counts FLOPs")
-    add("--peak_tflops", type=float, default=0.0,
-        help=f"peak TFLOP/s for MFU (0: {DEFAULT_CUDA_PEAK_TFLOPS:g} on CUDA, none on CPU)")
-    add("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
-    add("--compare", type=str2bool, default=False,
-        help="run the plain fp32 path and the fast path in one process and print the ratio "
-             "(their settings replace --precision, --channels_last, --optimizer_impl and --compile)")
-    add("--json", default="", help="also write the JSON result to this file")
-    add("--sample_images", type=int, default=0,
-        help="also time improved_diffusion.evaluation.sampling.sample_images (what image_sample.py runs) for this many "
-             "DDIM-50 images at --sample_batch_size, end to end (0: off)")
-    add("--profile_steps", type=int, default=0,
-        help="profile this many training steps of the last run with torch.profiler: kernels per step, "
-             "device-busy share of the step, top kernels (0: off)")
-    add("--profile_out", default="", help="write the profiler's kernel table to this text file")
+    config.add_options(parser, config.TOOLS["benchmark"], table=config.TOOLS["benchmark"])
     for group in TABLE_GROUPS:
         config.add_options(parser, [n for n in config.names(group) if n not in ("data_dir",)],
                            title=f"{group} options (improved_diffusion/options/config.py)")

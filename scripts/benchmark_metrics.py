@@ -7,7 +7,8 @@ training images.
 
 Prints one JSON line: the sizes, seconds, the process's resident memory with the features
 alone (`rss_features_mib`) and at its peak (`peak_rss_mib`), what the full distance matrix
-would have taken (`full_matrix_mib`), and the precision and recall found.
+would have taken (`full_matrix_mib`), and the precision and recall found. `--pr_mode adm`
+times guided-diffusion's float16 arithmetic instead of the exact float32 one.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from improved_diffusion.evaluation import metrics
+from improved_diffusion.options import config
 
 
 def memory_mib(field):
@@ -41,23 +43,20 @@ def random_features(num, dim, seed, shift=0.0):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num", type=int, default=50000, help="feature rows in each set")
-    parser.add_argument("--dim", type=int, default=2048, help="feature dimension")
-    parser.add_argument("--block_size", type=int, default=metrics.DEFAULT_BLOCK_SIZE,
-                        help="rows and columns of each block of distances")
-    parser.add_argument("--device", default="cpu", help="where the distances are computed")
+    config.add_options(parser, config.TOOLS["benchmark_metrics"], table=config.TOOLS["benchmark_metrics"])
     args = parser.parse_args()
 
     ref = random_features(args.num, args.dim, seed=0, shift=0.0)
     samples = random_features(args.num, args.dim, seed=1, shift=0.0)
     rss_features = memory_mib("VmRSS")
     start = time.time()
-    precision, recall = metrics.precision_recall(ref, samples, block_size=args.block_size, device=args.device)
+    precision, recall = metrics.precision_recall(ref, samples, block_size=args.block_size, device=args.device,
+                                                 mode=args.pr_mode)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.time() - start
     print(json.dumps({
-        "num": args.num, "dim": args.dim, "block_size": args.block_size, "device": args.device,
+        "num": args.num, "dim": args.dim, "block_size": args.block_size, "device": args.device, "pr_mode": args.pr_mode,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
         "rss_features_mib": round(rss_features), "peak_rss_mib": round(memory_mib("VmHWM")),
         "full_matrix_mib": round(args.num * args.num * 4 / 2**20),

@@ -40,17 +40,14 @@ from improved_diffusion.evaluation.sampling import (
     save_samples,
 )
 from improved_diffusion.script_util import (
-    CLASSIFIER_EXTRA_DEFAULTS,
-    add_dict_to_argparser,
     args_to_dict,
-    classifier_defaults,
     create_classifier,
     run_main,
 )
 
 SAMPLE_FLAGS = ["model_path", "classifier_path", "classifier_scale", "num_samples", "batch_size", "use_ddim", "eta",
                 "clip_denoised", "seed", "num_classes", "out", "grid", "grid_size", "device"]
-CLASSIFIER_FLAGS = [k for k in (*classifier_defaults(), *CLASSIFIER_EXTRA_DEFAULTS) if k != "image_size"]
+CLASSIFIER_FLAGS = list(config.TOOLS["classifier"])
 # The classifier's diffusion must be the model's: the noise levels it learned, and the
 # timesteps it was shown.
 SHARED_DIFFUSION_FLAGS = ("diffusion_steps", "noise_schedule", "rescale_timesteps")
@@ -183,12 +180,9 @@ def main(argv=None):
 def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_options(parser, SAMPLE_FLAGS, table=config.SAMPLING)
-    classifier_flags = {**classifier_defaults(), **CLASSIFIER_EXTRA_DEFAULTS}
-    add_dict_to_argparser(parser, {k: classifier_flags[k] for k in CLASSIFIER_FLAGS},
-                          {"classifier_pool": "the classifier's head: attention, adaptive, spatial or spatial_v2"})
+    config.add_options(parser, CLASSIFIER_FLAGS, table=config.TOOLS["classifier"])
     config.add_options(parser, ["config", "precision"])
-    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
-                       "(default: the training run's config.json beside --model_path)")
+    config.add_model_options(parser)
     return parser
 
 

@@ -44,15 +44,17 @@ from improved_diffusion.resample import create_named_schedule_sampler
 from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import (
     CLASSIFIER_EXTRA_DEFAULTS,
-    add_dict_to_argparser,
     args_to_dict,
     classifier_and_diffusion_defaults,
     create_classifier_and_diffusion,
+    diffusion_defaults,
     run_main,
 )
 from improved_diffusion.train_util import make_adamw, TrainConfig
 
 CLASSIFIER_KEYS = (*classifier_and_diffusion_defaults(), *CLASSIFIER_EXTRA_DEFAULTS)
+# Options of the training table that this script shares (lr and batch_size at its own defaults).
+TRAIN_FLAGS = ("lr", "weight_decay", "batch_size", "log_interval", "save_interval", "seed")
 
 
 def model_timesteps(diffusion, t):
@@ -264,61 +266,13 @@ def _plain(options):
 
 
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        val_data_dir="",
-        noised=True,
-        iterations=150000,
-        lr=3e-4,
-        weight_decay=0.0,
-        anneal_lr=False,
-        batch_size=4,
-        microbatch=-1,
-        schedule_sampler="uniform",
-        resume_checkpoint="",
-        log_interval=10,
-        eval_interval=5,
-        save_interval=10000,
-        log_dir="",
-        resume="auto",
-        seed=0,
-        precision="auto",
-        random_flip=False,
-        stop_at=0,
-    )
-    help_text = {
-        "data_dir": "labelled training images: a folder (class = file-name prefix) or an .npz with arr_1",
-        "val_data_dir": "labelled validation images; one batch every --eval_interval steps",
-        "noised": "train on images noised by the diffusion at uniformly drawn timesteps (False: clean, t = 0)",
-        "iterations": "total optimizer steps",
-        "anneal_lr": "decay the lr linearly to 0 over --iterations",
-        "microbatch": "split each batch into pieces of this size (-1: off); the update is the same",
-        "schedule_sampler": "timestep sampler for --noised: uniform (the original's), ...",
-        "resume_checkpoint": "a modelNNNNNN.pt to start from (its optNNNNNN.pt too, when beside it)",
-        "eval_interval": "steps between validation batches",
-        "log_dir": "where logs and checkpoints go (default $OPENAI_LOGDIR, else runs/classifier)",
-        "resume": "auto: continue from the newest intact checkpoint in --log_dir; none: start afresh",
-        "stop_at": "leave the run at this step with a checkpoint; --anneal_lr keeps --iterations (0: off)",
-        "seed": "seed of weights, data order, timesteps and noise",
-        "precision": "fp32, bf16, fp16 or auto (bf16 on GPUs that have it, else fp32)",
-        "random_flip": "random horizontal flips of training images (the original flipped; off "
-                       "by default here, as flips change some classes, e.g. digits)",
-        "image_size": "image side length in pixels",
-        "classifier_use_fp16": "fp16 autocast with loss scaling (= --precision fp16)",
-        "classifier_width": "base channel count of the classifier",
-        "classifier_depth": "residual blocks per resolution",
-        "classifier_attention_resolutions": "comma-separated resolutions (in pixels) with attention",
-        "classifier_use_scale_shift_norm": "FiLM-like scale/shift timestep conditioning",
-        "classifier_resblock_updown": "downsample with residual blocks",
-        "classifier_pool": "the head: attention, adaptive, spatial or spatial_v2",
-        "classifier_channel_mult": "channel multipliers per level; empty = by image size (64, 128, 256, 512; 32)",
-        "classifier_num_head_channels": "channels per attention head",
-        "classifier_num_classes": "number of logits (at least the number of classes in the data)",
-    }
+    """This script's options (config.TOOLS), those it shares with image_train.py (at its own
+    defaults), the image size and the diffusion's, and the classifier's."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dict_to_argparser(parser, defaults, help_text)
-    add_dict_to_argparser(parser, classifier_and_diffusion_defaults(), help_text)
-    add_dict_to_argparser(parser, CLASSIFIER_EXTRA_DEFAULTS, help_text)
+    config.add_options(parser, config.TOOLS["classifier_train"], table=config.TOOLS["classifier_train"])
+    config.add_options(parser, TRAIN_FLAGS, use="classifier_train")
+    config.add_options(parser, ["image_size", *diffusion_defaults()])
+    config.add_options(parser, config.TOOLS["classifier"], table=config.TOOLS["classifier"])
     return parser
 
 

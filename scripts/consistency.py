@@ -262,13 +262,7 @@ def create_argparser():
     config.add_options(parser, ["config", "precision"])
     config.add_options(parser, MODEL_FLAGS, "model and diffusion (default: the training run's "
                        "config.json beside the first of --model_paths)")
-    parser.add_argument(
-        "--model_flags",
-        nargs="+",
-        default=[],
-        help="per-model flag overrides, one quoted string or .json file per model "
-        "(or one for all); e.g. --model_flags \"--num_channels 64\" \"--num_channels 32\"",
-    )
+    config.add_options(parser, ["model_flags"], table=config.SAMPLING)
     return parser
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from improved_diffusion.logger import progress_series, read_progress
+from improved_diffusion.options import config
 from improved_diffusion.evaluation.sampling import make_grid
 from improved_diffusion.script_util import run_main
 
@@ -166,9 +167,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("run", help="the demo's output folder (with train/ and report/)")
     parser.add_argument("--data", required=True, help="the training digits (.npz), for the grid of real digits")
-    parser.add_argument("--sampling", default="DDPM, 100 steps", help="how the samples were drawn, for the titles")
-    parser.add_argument("--seconds", type=float, default=None, help="wall-clock time of this invocation of the demo")
-    parser.add_argument("--stages", default="", help="NAME=SECONDS,... per stage of this invocation")
+    config.add_options(parser, config.TOOLS["demo_report"], table=config.TOOLS["demo_report"])
     parser.add_argument("--record_time", action="store_true",
                         help="this invocation trained from step 0: record --seconds and --stages in RUN/timing.json")
     return parser

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from improved_diffusion.options import config
 from improved_diffusion.script_util import run_main
 
 NOT_A_DIGIT = 10  # the 11th output
@@ -221,9 +222,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", required=True, help="the labelled digits (.npz: arr_0 images, arr_1 labels)")
-    parser.add_argument("--samples", default=None, help="a sample .npz to score (arr_0 uint8 NHWC)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="top-class probability that counts as recognisable")
-    parser.add_argument("--json", default=None, help="also write the result to this JSON file")
+    config.add_options(parser, config.TOOLS["digit_score"], table=config.TOOLS["digit_score"])
     args = parser.parse_args()
     if not 0 < args.threshold <= 1:
         parser.error(f"--threshold must be in (0, 1], got {args.threshold}")

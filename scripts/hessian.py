@@ -50,12 +50,7 @@ def check_args(args):
     """Reject bad flags before the model is built and the data are read."""
     if args.method not in ("lanczos", "power", "both"):
         raise ValueError(f"--method must be lanczos, power or both, not {args.method!r}")
-    for flag, path in (("model_path", args.model_path), ("data_dir", args.data_dir)):
-        if not path:
-            what = "a checkpoint" if flag != "data_dir" else "images (folder or .npz)"
-            raise ValueError(f"--{flag} is required: {what}")
-        if not os.path.exists(gan.strip_prefix(path)):
-            raise FileNotFoundError(f"--{flag} {gan.strip_prefix(path)}: no such file or folder")
+    analysis.require_inputs(args, ("model_path", "data_dir"))
     for flag in ("batch_size", "top_k", "power_iters"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
@@ -308,8 +303,7 @@ def create_argparser():
     )
     config.add_options(parser, FLAGS, table=config.SAMPLING, use="hessian")
     config.add_options(parser, ["config"])
-    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
-                       "(default: the training run's config.json beside --model_path)")
+    config.add_model_options(parser)
     return parser
 
 

@@ -177,8 +177,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_options(parser, FLAGS, table=config.SAMPLING, use="image_nll")
     config.add_options(parser, ["config"])
-    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
-                       "(default: the training run's config.json beside --model_path)")
+    config.add_model_options(parser)
     return parser
 
 

@@ -148,8 +148,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_options(parser, SAMPLE_FLAGS, table=config.SAMPLING)
     config.add_options(parser, ["config", "precision", "compile", "compile_mode"])
-    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
-                       "(default: the training run's config.json beside --model_path)")
+    config.add_model_options(parser)
     return parser
 
 

@@ -47,13 +47,7 @@ from improved_diffusion.script_util import args_to_dict, run_main
 
 def check_args(args):
     """Reject bad flags before the models are built and the data are read."""
-    for flag in ("model_a", "model_b", "data_dir"):
-        path = getattr(args, flag)
-        if not path:
-            what = "a checkpoint" if flag != "data_dir" else "images (folder or .npz)"
-            raise ValueError(f"--{flag} is required: {what}")
-        if not os.path.exists(gan.strip_prefix(path)):
-            raise FileNotFoundError(f"--{flag} {gan.strip_prefix(path)}: no such file or folder")
+    analysis.require_inputs(args, ("model_a", "model_b", "data_dir"))
     if gan.is_gan_checkpoint(args.model_a) != gan.is_gan_checkpoint(args.model_b):
         raise ValueError("--model_a and --model_b must both be diffusion checkpoints or both GAN checkpoints")
     if args.batch_size < 1:
@@ -249,8 +243,7 @@ def create_argparser():
     )
     config.add_options(parser, FLAGS, table=config.SAMPLING, use="interpolate")
     config.add_options(parser, ["config"])
-    config.add_options(parser, config.names(*config.MODEL_GROUPS), "model and diffusion "
-                       "(default: the training run's config.json beside --model_a)")
+    config.add_model_options(parser, "model_a")
     return parser
 
 

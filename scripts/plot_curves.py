@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from improved_diffusion import logger  # noqa: E402
+from improved_diffusion.options import config  # noqa: E402
 
 
 def read_progress(log_dir):
@@ -81,13 +82,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("log_dirs", nargs="+", metavar="LOGDIR", help="run directories")
-    parser.add_argument("--out", default="", help="output PNG (default: curves.png in the first run's folder)")
-    parser.add_argument("--names", default="", help="comma-separated run names "
-                                                    "(default: directory names)")
-    parser.add_argument("--smooth", type=float, default=0.9,
-                        help="EMA factor for the loss curve, in [0, 1)")
-    parser.add_argument("--loss_key", default="loss", help="progress.csv column for the loss")
-    parser.add_argument("--fid_key", default="fid", help="progress.csv column for FID")
+    config.add_options(parser, config.TOOLS["plot_curves"], table=config.TOOLS["plot_curves"])
     args = parser.parse_args(argv)
     names = [n for n in args.names.split(",")] if args.names else [
         os.path.basename(os.path.normpath(d)) for d in args.log_dirs

@@ -27,6 +27,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from improved_diffusion.options import config  # noqa: E402
 from improved_diffusion.run import checkpoint as ckpt  # noqa: E402
 
 TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
@@ -53,10 +54,7 @@ def identical(a, b):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    parser.add_argument("--kills", type=int, default=20, help="SIGKILLs to deliver before letting the run finish")
-    parser.add_argument("--steps", type=int, default=200, help="training steps of the run")
-    parser.add_argument("--out", default="runs/soak", help="work folder (emptied first)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
+    config.add_options(parser, config.TOOLS["soak_kill"], table=config.TOOLS["soak_kill"])
     args = parser.parse_args()
     if args.kills < 1 or args.steps < 2:
         parser.error("--kills must be >= 1 and --steps >= 2")

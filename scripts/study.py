@@ -40,9 +40,7 @@ OPTIONS = ("preset", "out", "runs_dir", "variants", "seeds", "sweep_seeds", "ste
 
 def create_argparser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_options(p, OPTIONS, table=config.TOOLS)
-    p.add_argument("--sweeps", nargs="?", const="all", default="",
-                   help="also run sweeps: all, or comma-separated of " + ", ".join(s[0] for s in SWEEPS))
+    config.add_options(p, OPTIONS + ("sweeps",), table=config.TOOLS["study"])
     p.add_argument("--summarize_only", action="store_true")
     p.add_argument("--plan", action="store_true", help="print the runs and stop")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep a finished run's checkpoints")
@@ -52,7 +50,7 @@ def create_argparser():
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     for name in OPTIONS:
-        config.TOOLS[name].validate(getattr(args, name))
+        config.TOOLS["study"][name].validate(getattr(args, name))
     preset = configure(args)
     out, runs_dir, plan = plan_of(args, preset)
     if args.plan:

@@ -32,7 +32,7 @@ from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import run_main, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
 from improved_diffusion.train_util import NonFiniteError, TrainLoop
 
-SR_SIZES = dict(large_size=256, small_size=64)
+SR_SIZES = config.TOOLS["super_res"]  # --large_size and --small_size
 # Table options a super-resolution model does not take (image_size is --large_size).
 NOT_SR = ("image_size", "use_new_attention_order", "class_dropout_prob")
 
@@ -68,6 +68,7 @@ def check(args, opts, device):
     with torch.device("meta"):
         _, diffusion = sr_create_model_and_diffusion(**sr_options(opts))
     training.schedule_sampler(opts, diffusion)
+    training.noise_transform(opts)
     if not args.data_dir:
         raise ValueError("--data_dir is required: an image folder or an .npz of images")
     if not os.path.exists(args.data_dir):
@@ -118,6 +119,7 @@ def start(args, opts, train_config, device, run_dir, resolved):
         data=LowResStream(stream, args.small_size),
         config=train_config,
         schedule_sampler=training.schedule_sampler(opts, diffusion),
+        noise_transform=training.noise_transform(opts),
         log_dir=run_dir,
         resume=args.resume_checkpoint or args.resume,
         logger=logger,
@@ -133,11 +135,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for group in config.GROUPS:
         config.add_options(parser, [n for n in config.names(group) if n != "image_size"], title=f"{group} options")
-    sizes = parser.add_argument_group("super-resolution")
-    sizes.add_argument("--large_size", type=int, default=SR_SIZES["large_size"],
-                       help="side of the generated (high-resolution) images (default: %(default)s)")
-    sizes.add_argument("--small_size", type=int, default=SR_SIZES["small_size"],
-                       help="side of the low-resolution condition (default: %(default)s)")
+    config.add_options(parser, SR_SIZES, "super-resolution", table=SR_SIZES)
     return parser
 
 

@@ -3,14 +3,21 @@ The options table (improved_diffusion/options/config.py): every training option 
 and --help, config.json, --config files and the original API are all derived from it.
 """
 
+import ast
+import glob
+import importlib.util
 import json
+import os
 import re
 
 import pytest
 
 from improved_diffusion.options import config
 from improved_diffusion.script_util import model_and_diffusion_defaults
-from tiny import TINY_MODEL, flags, make_npz, run_script
+from tiny import ROOT, TINY_MODEL, flags, make_npz, run_script
+
+# Where the defaults passed in come from the caller: the original API's helper.
+DEFAULT_TAKERS = ("add_dict_to_argparser",)
 
 
 def help_flags(script):
@@ -88,3 +95,72 @@ def test_bad_values_fail_before_any_work(tmp_path, flag, value, message):
                       check=False)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "missing.npz" not in proc.stderr
+
+
+def _writes_values(node):
+    """A dict written out with values: `{"lr": 1e-4, ...}` or `dict(lr=1e-4, ...)`."""
+    if isinstance(node, ast.Dict):
+        return any(key is not None for key in node.keys)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+        return any(k.arg for k in node.keywords)
+    return False
+
+
+def written_defaults(path):
+    """Lines of `path` that write a flag's default: `add_argument(..., default=...)` (also through
+    an alias such as `add = parser.add_argument`), or `add_dict_to_argparser` given a dict
+    written out (directly or through a name assigned one)."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    assigned, adders = {}, {"add_argument"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned[target.id] = node.value
+                    if isinstance(node.value, ast.Attribute) and node.value.attr == "add_argument":
+                        adders.add(target.id)
+    exempt = {id(n) for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name in DEFAULT_TAKERS
+              for n in ast.walk(f)}
+    lines = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or id(node) in exempt:
+            continue
+        callee = getattr(node.func, "attr", getattr(node.func, "id", ""))
+        if callee in adders and any(k.arg == "default" for k in node.keywords):
+            lines.append(node.lineno)
+        if callee == "add_dict_to_argparser" and len(node.args) > 1:
+            given = node.args[1]
+            if isinstance(given, ast.Name):
+                given = assigned.get(given.id, given)
+            if _writes_values(given):
+                lines.append(node.lineno)
+    return sorted(lines)
+
+
+def test_no_option_default_is_written_outside_the_tables():
+    """Every flag default of the scripts and the package is a table's (config.OPTIONS, SAMPLING,
+    TOOL_OPTIONS): none is written in an add_argument call or a dict of flags."""
+    paths = sorted(glob.glob(os.path.join(ROOT, "scripts", "*.py"))
+                   + glob.glob(os.path.join(ROOT, "scripts", "launch", "*.py"))
+                   + glob.glob(os.path.join(ROOT, "improved_diffusion", "**", "*.py"), recursive=True))
+    found = [f"{os.path.relpath(p, ROOT)}:{line}" for p in paths for line in written_defaults(p)]
+    assert not found, ("defaults written outside the tables (improved_diffusion/options/config.py):\n"
+                       + "\n".join(found))
+
+
+def test_tool_options_repeat_the_codes_values():
+    """Where a tool option's default or help text repeats a value of the code, they agree."""
+    from improved_diffusion.evaluation import metrics
+    from improved_diffusion.experiments.study import SWEEPS
+    from improved_diffusion.script_util import NUM_CLASSES
+
+    spec = importlib.util.spec_from_file_location("benchmark", os.path.join(ROOT, "scripts", "benchmark.py"))
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    tools = config.TOOLS
+    assert f"(0: {benchmark.DEFAULT_CUDA_PEAK_TFLOPS:g} on CUDA" in tools["benchmark"]["peak_tflops"].help
+    assert tools["benchmark_metrics"]["block_size"].default == metrics.DEFAULT_BLOCK_SIZE
+    assert f"among {', '.join(metrics.METRICS)} " in tools["fid"]["metrics"].help
+    assert tools["study"]["sweeps"].help.endswith(", ".join(s[0] for s in SWEEPS))
+    assert tools["classifier"]["classifier_num_classes"].default == NUM_CLASSES

@@ -94,4 +94,4 @@ def test_for_training_checks_its_flags_before_any_training(tmp_path):
 
 
 def test_tool_option_defaults_match_the_package():
-    assert config.TOOLS["keep_features"].default == metrics.DEFAULT_KEEP_FEATURES
+    assert config.TOOLS["fid"]["keep_features"].default == metrics.DEFAULT_KEEP_FEATURES

@@ -13,6 +13,7 @@ import pytest
 import torch as th
 
 from improved_diffusion.experiments import analysis, gan
+from tiny import assert_identical
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "scripts"))
@@ -45,21 +46,6 @@ def _train(data, log_dir, steps, *extra):
                     "--save_interval", "3", *TINY, *extra])
 
 
-def _assert_same(a, b, where=""):
-    if isinstance(a, th.Tensor):
-        assert th.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
-
-
 def test_networks_shapes_and_levels():
     for size in (8, 16, 32):
         g, d = gan.create_gan({"latent_dim": 5, "g_width": 4, "d_width": 4, "image_size": size})
@@ -76,7 +62,7 @@ def test_batch_statistics_leaves_running_averages():
     before = {k: v.clone() for k, v in g.state_dict().items()}
     losses = gan.gan_losses(g, d, th.rand(6, 3, 8, 8) * 2 - 1, th.randn(6, 4))
     assert set(losses) == {"generator", "discriminator"}
-    _assert_same(before, g.state_dict())
+    assert_identical(before, g.state_dict())
     assert not g.training and d.training  # each module's mode is restored
 
 
@@ -89,10 +75,10 @@ def test_train_resumes_bitwise(data, tmp_path):
     for name in ("gan000006.pt", "gan_opt000006.pt"):
         a = th.load(tmp_path / "once" / name, weights_only=True)
         b = th.load(tmp_path / "twice" / name, weights_only=True)
-        _assert_same(a, b, name)
+        assert_identical(a, b, name)
     sa = th.load(tmp_path / "once" / "state000006.pt", weights_only=True)
     sb = th.load(tmp_path / "twice" / "state000006.pt", weights_only=True)
-    _assert_same(sa["rank"], sb["rank"], "rank state")
+    assert_identical(sa["rank"], sb["rank"], "rank state")
     assert os.path.isfile(tmp_path / "twice" / "samples.png")
     with open(tmp_path / "twice" / gan.GAN_CONFIG) as f:
         assert json.load(f)["image_size"] == 8

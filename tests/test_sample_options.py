@@ -15,13 +15,9 @@ from tiny import ROOT
 # script: the `use` whose defaults it takes (Option.uses)
 SCRIPTS = {"image_sample": None, "classifier_sample": None, "super_res_sample": None, "consistency": "consistency",
            "image_nll": "image_nll", "hessian": "hessian", "interpolate": "interpolate"}
-# flags of a script beyond the tables: the classifier's (script_util.classifier_defaults, the
-# original API) and consistency.py's list-valued --model_flags
-OWN_FLAGS = {"classifier_sample": {"classifier_use_fp16", "classifier_width", "classifier_depth",
-                                   "classifier_attention_resolutions", "classifier_use_scale_shift_norm",
-                                   "classifier_resblock_updown", "classifier_pool", "classifier_channel_mult",
-                                   "classifier_num_head_channels", "classifier_num_classes"},
-             "consistency": {"model_flags"}}
+# flags of a script from the tools' table: the classifier's (script_util.classifier_defaults, the
+# original API)
+TOOL_FLAGS = {"classifier_sample": config.TOOLS["classifier"]}
 
 
 def _parser(script):
@@ -42,7 +38,8 @@ def test_every_default_comes_from_the_table(script):
         elif action.dest in config.BY_NAME:
             assert action.default == config.BY_NAME[action.dest].default, action.dest
         else:
-            assert action.dest in OWN_FLAGS.get(script, ()), f"{script}: --{action.dest} is not in a table"
+            assert action.dest in TOOL_FLAGS.get(script, ()), f"{script}: --{action.dest} is not in a table"
+            assert action.default == TOOL_FLAGS[script][action.dest].default, action.dest
 
 
 def test_the_original_sampling_flags_keep_their_names_and_defaults():

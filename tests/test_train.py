@@ -16,7 +16,7 @@ import torch
 
 from improved_diffusion.run import checkpoint as ckpt
 from improved_diffusion.run.run_dir import RunDir
-from tiny import PYTHON, ROOT, TINY_MODEL, env, flags, make_npz, mpiexec, run_script, torchrun
+from tiny import PYTHON, ROOT, TINY_MODEL, assert_identical, env, flags, make_npz, mpiexec, run_script, torchrun
 
 ALL_METHODS = {
     "schedule_sampler": "clts",
@@ -42,23 +42,6 @@ def train_args(data, log_dir, **extra):
 def load_checkpoint_files(log_dir, step):
     names = [ckpt.model_name(step), ckpt.ema_name(0.9, step), ckpt.ema_name(0.99, step), ckpt.opt_name(step)]
     return {n: torch.load(os.path.join(log_dir, n), weights_only=True) for n in names}
-
-
-def assert_identical(a, b, path="checkpoint"):
-    """Bitwise equality of nested state dicts."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.shape == b.shape, path
-        assert torch.equal(a, b), f"{path} differs (max abs diff {(a.float() - b.float()).abs().max()})"
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys differ"
-        for k in a:
-            assert_identical(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_identical(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"{path}: {a} != {b}"
 
 
 def read_progress(log_dir):

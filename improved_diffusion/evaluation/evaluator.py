@@ -54,6 +54,8 @@ class Evaluator:
     :param inception: path of the feature network ("": the bundled Inception-v3).
     :param logits_network: path of a classifier for the Inception Score ("": none).
     :param feature_batch: images per forward pass of the feature network.
+    :param pr_mode: how precision and recall round their distances, "adm" or "exact"
+                    (`metrics.precision_recall`).
     :param log_dir: training: where the sample grids go (LOG_DIR/samples/step_NNNNNN.png).
     :param logger: training: receives each grid as an image summary.
     :param networks: a dict to keep the loaded feature networks in, shared between evaluators.
@@ -61,7 +63,7 @@ class Evaluator:
 
     def __init__(self, reference=None, wanted=("fid",), *, sampling=None, device="cpu", inception="",
                  logits_network="", feature_batch=64, kid_subsets=100, kid_subset_size=1000, progress=False,
-                 log_dir=None, logger=None, networks=None):
+                 log_dir=None, logger=None, networks=None, pr_mode=metrics.DEFAULT_PR_MODE):
         if isinstance(reference, str):
             reference = metrics.load_reference(reference, wanted)
         self.reference = reference
@@ -73,6 +75,9 @@ class Evaluator:
         self.feature_batch = feature_batch
         self.kid_subsets = kid_subsets
         self.kid_subset_size = kid_subset_size
+        if pr_mode not in metrics.PR_MODES:
+            raise ValueError(f"--pr_mode must be one of {', '.join(metrics.PR_MODES)}, got {pr_mode!r}")
+        self.pr_mode = pr_mode
         self.progress = progress
         self.log_dir = log_dir
         self.logger = logger
@@ -133,6 +138,7 @@ class Evaluator:
         result = metrics.evaluate(
             pooled, self.reference, self.wanted, spatial=spatial_features, ref_features=ref_features,
             kid_subsets=self.kid_subsets, kid_subset_size=self.kid_subset_size, device=self.device,
+            pr_mode=self.pr_mode,
         )
         if self.logits_network:
             logits = fid.compute_features(images, self.classifier, self.feature_batch, self.device,
@@ -173,7 +179,8 @@ def for_training(opts, model_options, precision, device, num_classes, log_dir, l
     """
     The evaluator of `--eval_interval`: the --eval_metrics of --eval_num_samples samples
     (--eval_respacing, seeded by --seed, bf16 autocast when the run is bf16) against
-    --eval_ref_stats. Every problem with these flags fails here, before any training.
+    --eval_ref_stats, precision and recall as --pr_mode says. Every problem with these flags
+    fails here, before any training.
     """
     wanted = metrics.parse_metrics(opts["eval_metrics"], "--eval_metrics")
     fewest = metrics.NEAREST_NEIGHBOURS + 1 if {"precision", "recall"} & set(wanted) else 2
@@ -190,4 +197,4 @@ def for_training(opts, model_options, precision, device, num_classes, log_dir, l
         autocast_dtype=torch.bfloat16 if precision == "bf16" else None,
     )
     return Evaluator(reference, wanted, sampling=spec, device=device, inception=opts["inception"],
-                     log_dir=log_dir, logger=logger)
+                     log_dir=log_dir, logger=logger, pr_mode=opts["pr_mode"])

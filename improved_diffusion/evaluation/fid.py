@@ -527,11 +527,15 @@ def reference_features(
     :param max_images: use a fixed random subset of this many images (seeded by `seed`).
     :param spatial: also the spatial features (see :func:`compute_features`).
     """
-    images = load_reference_images(source, image_size, progress=progress or None)
-    if max_images and max_images < len(images):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images])
-        images = images[keep]
+    images = image_subset(load_reference_images(source, image_size, progress=progress or None), max_images, seed)
     return compute_features(images, extractor, batch_size, device, progress, spatial=spatial)
+
+
+def image_subset(images, max_images, seed=0):
+    """A fixed random subset of `max_images` images (seeded by `seed`, in their order), or all of them."""
+    if max_images and max_images < len(images):
+        images = images[np.sort(np.random.default_rng(seed).permutation(len(images))[:max_images])]
+    return images
 
 
 def reference_statistics(

@@ -12,11 +12,16 @@ them needs; and one function that scores samples against it.
 A set's manifold (Kynkaanniemi et al., 2019) is the union of balls around its points, each
 ball's radius the distance from its centre to its k-th nearest other point of the set
 (k = 3). Precision and recall are computed on the pooled features in blocks of pairwise
-distances, so two sets of 50,000 take memory for the features plus one block, never the
-50,000 x 50,000 matrix (docs/benchmarks.md).
+distances, so two sets of 50,000 take memory for the features plus a few blocks, never the
+50,000 x 50,000 matrix (docs/benchmarks.md). Two ways (``pr_mode``): "exact", float32
+distances of centred features, and "adm", the float16 arithmetic of guided-diffusion's
+evaluator, which the published numbers come from and whose rounding moved the values by
+up to about 0.8 points where measured (:func:`precision_recall`).
 
-The Inception Score needs classifier logits, which the bundled feature network lacks: it is
-computed only with a separate logits network (:func:`load_logits_network`).
+The Inception Score needs classifier logits, which the bundled feature network lacks (it
+ends at pool_3; the evaluator's softmax weights are not in the file): it is computed only
+with a separate logits network (:func:`load_logits_network`), and is then not comparable
+with published Inception Scores.
 
 Reference file (.npz), written by :func:`save_reference` (``scripts/fid.py ref``):
 
@@ -25,12 +30,16 @@ Reference file (.npz), written by :func:`save_reference` (``scripts/fid.py ref``
     pool_features      float16 (M, 2048)  a fixed random sample of the pooled
                        features, M <= 10,000 by default                       -> precision, recall, kid
     num_images         int64              images the statistics come from
+    arr_0              uint8 (N, H, W, 3)  the images, only with --adm_compatible
 
 A file with ``mu`` and ``sigma`` only (written before these metrics existed) still gives FID;
 guided-diffusion's reference batches (``mu``, ``sigma``, ``mu_s``, ``sigma_s`` and the
 images in ``arr_0``) give FID and sFID, and precision, recall and KID from their images.
+``save_reference(..., images=...)`` adds ``arr_0``, which makes the file one of those
+reference batches for the evaluator's command line too (``scripts/fid.py ref --adm_compatible``).
 """
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -46,6 +55,9 @@ NEAREST_NEIGHBOURS = 3
 DEFAULT_KEEP_FEATURES = 10000
 DEFAULT_BLOCK_SIZE = 4096
 IS_SPLIT_SIZE = 5000  # images per Inception Score split, as guided-diffusion's evaluator
+PR_MODES = ("adm", "exact")  # see precision_recall
+DEFAULT_PR_MODE = "adm"  # of evaluate and the --pr_mode flags: the numbers papers report
+ADM_BATCH_SIZE = 10000  # the evaluator's row and column batch: where it picks float16 or float32
 REMAKE = "make it again with `scripts/fid.py ref`"
 
 
@@ -87,25 +99,44 @@ def knn_radii(features, k=NEAREST_NEIGHBOURS, block_size=DEFAULT_BLOCK_SIZE, dev
 
 def precision_recall(
     ref_features, sample_features, k=NEAREST_NEIGHBOURS, block_size=DEFAULT_BLOCK_SIZE, device=None,
-    dtype=torch.float32,
+    dtype=torch.float32, mode="exact",
 ):
     """
     Improved precision and recall (Kynkaanniemi et al., 2019) of samples against reference
-    images, as guided-diffusion's evaluator computes them.
+    images.
 
-    precision: the fraction of samples within distance r_i of some reference point i, where
-    r_i is the distance from i to its k-th nearest other reference point; recall: the same
-    with the roles swapped. Both sets are shifted by the reference mean first (distances do
-    not change; float32 keeps more of them), and every distance matrix is handled in blocks
-    of ``block_size`` x ``block_size``, so the memory used is the features plus a few blocks
-    (64 MiB per block at the default 4096 and float32).
+    precision: the fraction of samples within distance r_i of some reference point i (ties
+    count as inside), where r_i is the distance from i to its k-th nearest other reference
+    point; recall: the same with the roles swapped. Every distance matrix is handled in
+    blocks of ``block_size`` x ``block_size``, so the memory used is the features plus a few
+    blocks (64 MiB per block at the default 4096 and float32).
+
+    mode "exact": both sets are shifted by the reference mean first (distances do not
+    change; float32 keeps more of them) and the distances are computed in ``dtype``.
+
+    mode "adm": the distances are rounded as guided-diffusion's evaluator rounds them
+    (``evaluations/evaluator.py``, ``ManifoldEstimator`` and ``DistanceBlock``), which is
+    how the ADM papers' numbers, and those of later papers that used the evaluator, were
+    computed: the features as they are (not centred), cast to float16, each step of
+    ``max(|u|^2 - 2 u.v + |v|^2, 0)`` in float16, unless some value of the evaluator's
+    10,000 x 10,000 block is not finite, when that whole block is computed in float32; a
+    radius is entry k of the k + 1 smallest distances of the point's row, its own distance
+    among them as rounded (not always 0). Rounding makes many distances equal, and ties
+    count as inside: on the features measured (issue 30's Inception features, random ones
+    in docs/evaluation.md) the values came out higher than exact ones, by up to about 0.8
+    points. The one thing not reproduced is the order in which the evaluator's device
+    sums the 2048 terms of a norm or a product: here each such sum is taken in float64
+    and rounded once, the same on every device. ``dtype`` is not used. On a CPU this takes
+    about 2.4 times the exact mode's time (float64 products) and a 10,000 x 10,000 float32
+    block (400 MB) more memory.
 
     :param ref_features: [N1 x D] pooled features of reference images, N1 > k.
     :param sample_features: [N2 x D] pooled features of samples, N2 > k.
     :param k: the neighbour whose distance is a ball's radius.
     :param block_size: rows and columns of each block of distances.
     :param device: where to compute (default: the CPU).
-    :param dtype: of the distance computation; float64 to compare exactly with a reference.
+    :param dtype: of the exact distance computation; float64 to compare exactly with a reference.
+    :param mode: "exact" or "adm" (PR_MODES).
     :return: (precision, recall) as floats.
     """
     ref_features, sample_features = np.asarray(ref_features), np.asarray(sample_features)
@@ -113,6 +144,10 @@ def precision_recall(
         raise ValueError(
             f"precision/recall needs [N, D] features of equal D, got {ref_features.shape} and {sample_features.shape}"
         )
+    if mode not in PR_MODES:
+        raise ValueError(f"precision/recall mode must be one of {', '.join(PR_MODES)}, got {mode!r}")
+    if mode == "adm":
+        return _adm_precision_recall(ref_features, sample_features, k, block_size, device)
     center = _center(ref_features)
     x, x_norms = _prepare(ref_features, center, device, dtype)
     y, y_norms = _prepare(sample_features, center, device, dtype)
@@ -185,6 +220,129 @@ def _radii(x, norms, k, block_size):
 
 
 # ----------------------------------------------------------------------------------------
+# Precision and recall in the evaluator's arithmetic (mode "adm").
+#
+# What guided-diffusion's evaluations/evaluator.py does, read for its semantics:
+# ManifoldEstimator(row_batch_size=col_batch_size=10000, nhood_sizes=(3,), no clamping)
+# fills blocks of distances with DistanceBlock, whose graph casts both feature blocks to
+# float16, computes max(|u|^2 - 2 u.v + |v|^2, 0) there (norms as sums of float16
+# squares; the subtraction first), and keeps that block, cast to float32, when all of it is
+# finite, else recomputes the block from the float32 features. A radius is entry k of the
+# row's k + 1 smallest distances within the set, the point's own distance included as it was
+# computed; a point is inside a ball when its distance is <= the radius (evaluate_pr with
+# the reference features as rows and the samples as columns). The features are not centred.
+#
+# Here the two sums (a norm, a product) are accumulated in float64 and rounded once to
+# float16 (by hand, round_to_half: torch's CPU cast from float64 to float16 goes through
+# float32 and rounds twice). Squares, differences and sums of two float16 values are float16
+# tensor arithmetic, correctly rounded on GPUs (native) and CPUs alike (there computed in
+# float32, where such a result is exact or close enough that rounding it to float16 gives
+# the correctly rounded value).
+
+
+def round_to_half(x):
+    """
+    The float16 value nearest to each element of a float64 tensor (ties to even), as
+    float64; beyond float16's range (|x| >= 65520) +-inf, as a cast to float16 gives.
+    """
+    y = x.clamp(-65536.0, 65536.0)  # 65536 already rounds to inf; keeps the exponents small
+    # float16 keeps 11 significant bits: |y| in [2^e, 2^(e+1)) is rounded to a multiple of
+    # 2^(e-10), and below 2^-14 (subnormals) of 2^-24. That step, as float64 bits, from y's
+    # biased exponent (bits 52-62).
+    exponent = (y.view(torch.int64) >> 52) & 0x7FF
+    step = ((exponent - 10).clamp_(min=1023 - 24) << 52).view(torch.float64)
+    y.div_(step).round_().mul_(step)  # exact scalings by powers of two; round() ties to even
+    return y.masked_fill_(y > 65504.0, math.inf).masked_fill_(y < -65504.0, -math.inf)
+
+
+@dataclass
+class _AdmFeatures:
+    """One set of features as the evaluator holds it: float32, and its float16 cast."""
+
+    x32: torch.Tensor  # [N, D] float32: the evaluator's input
+    norms32: torch.Tensor  # |x|^2 in float32, for the blocks that fall back
+    x16: torch.Tensor  # [N, D] float16
+    norms16: torch.Tensor  # |x|^2 in float16: the squares rounded, their sum rounded once
+
+    @classmethod
+    def of(cls, features, device):
+        x32 = torch.empty(features.shape, dtype=torch.float32, device=device or "cpu")
+        x16 = torch.empty(features.shape, dtype=torch.float16, device=x32.device)
+        norms16 = torch.empty(len(features), dtype=torch.float16, device=x32.device)
+        for start in range(0, len(features), DEFAULT_BLOCK_SIZE):
+            part = torch.from_numpy(np.ascontiguousarray(features[start : start + DEFAULT_BLOCK_SIZE]))
+            part = part.to(x32.device, torch.float32)
+            half = round_to_half(part.double()).to(torch.float16)  # float16 values: this cast is exact
+            x32[start : start + len(part)] = part
+            x16[start : start + len(part)] = half
+            norms16[start : start + len(part)] = round_to_half((half * half).double().sum(dim=1)).to(torch.float16)
+        return cls(x32, (x32 * x32).sum(dim=1), x16, norms16)
+
+    def __len__(self):
+        return len(self.x32)
+
+    def rows(self, start, stop):
+        return _AdmFeatures(self.x32[start:stop], self.norms32[start:stop], self.x16[start:stop],
+                            self.norms16[start:stop])
+
+
+def _adm_distances(a, b, block_size):
+    """
+    One of the evaluator's blocks of squared distances, rows of `a` to rows of `b`
+    (_AdmFeatures), as float32: in float16 arithmetic if all of it is finite, else in
+    float32. Computed in pieces of `block_size`, so the float64 temporaries stay small.
+    """
+    out = torch.empty(len(a), len(b), dtype=torch.float32, device=a.x32.device)
+    pieces = [(i, min(i + block_size, len(a)), j, min(j + block_size, len(b)))
+              for i in range(0, len(a), block_size) for j in range(0, len(b), block_size)]
+    for i0, i1, j0, j1 in pieces:
+        product = round_to_half(a.x16[i0:i1].double() @ b.x16[j0:j1].double().T).to(torch.float16)
+        # float16 tensors: each operation rounds its result to float16 (2 u.v may overflow to inf)
+        d = (a.norms16[i0:i1, None] - 2 * product + b.norms16[None, j0:j1]).clamp_(min=0)
+        # (as max(d, 0): -inf, from an overflowed 2 u.v, becomes 0; NaN stays NaN)
+        if not torch.isfinite(d).all():
+            break
+        out[i0:i1, j0:j1] = d
+    else:  # every piece finite
+        return out
+    for i0, i1, j0, j1 in pieces:  # the evaluator's float32 graph for the whole block
+        product = a.x32[i0:i1] @ b.x32[j0:j1].T
+        out[i0:i1, j0:j1] = (a.norms32[i0:i1, None] - 2 * product + b.norms32[None, j0:j1]).clamp_(min=0)
+    return out
+
+
+def _adm_radii(x, k, block_size):
+    """Radii (squared, float32) of one set in the evaluator's arithmetic: entry k of each row's k + 1 smallest."""
+    radii = torch.empty(len(x), dtype=torch.float32, device=x.x32.device)
+    for i0 in range(0, len(x), ADM_BATCH_SIZE):
+        i1 = min(i0 + ADM_BATCH_SIZE, len(x))
+        smallest = None
+        for j0 in range(0, len(x), ADM_BATCH_SIZE):
+            d = _adm_distances(x.rows(i0, i1), x.rows(j0, j0 + ADM_BATCH_SIZE), block_size)
+            candidates = d if smallest is None else torch.cat([smallest, d], dim=1)
+            smallest = candidates.topk(min(k + 1, candidates.shape[1]), dim=1, largest=False, sorted=True).values
+        radii[i0:i1] = smallest[:, k]
+    return radii
+
+
+def _adm_precision_recall(ref_features, sample_features, k, block_size, device):
+    _check_count(len(ref_features), k)
+    _check_count(len(sample_features), k)
+    ref, samples = _AdmFeatures.of(ref_features, device), _AdmFeatures.of(sample_features, device)
+    ref_radii, sample_radii = _adm_radii(ref, k, block_size), _adm_radii(samples, k, block_size)
+    sample_inside = torch.zeros(len(samples), dtype=torch.bool, device=ref.x32.device)
+    ref_inside = torch.zeros(len(ref), dtype=torch.bool, device=ref.x32.device)
+    for i0 in range(0, len(ref), ADM_BATCH_SIZE):
+        i1 = min(i0 + ADM_BATCH_SIZE, len(ref))
+        for j0 in range(0, len(samples), ADM_BATCH_SIZE):
+            j1 = min(j0 + ADM_BATCH_SIZE, len(samples))
+            d = _adm_distances(ref.rows(i0, i1), samples.rows(j0, j1), block_size)
+            sample_inside[j0:j1] |= (d <= ref_radii[i0:i1, None]).any(dim=0)
+            ref_inside[i0:i1] |= (d <= sample_radii[None, j0:j1]).any(dim=1)
+    return sample_inside.double().mean().item(), ref_inside.double().mean().item()
+
+
+# ----------------------------------------------------------------------------------------
 # Inception Score.
 
 
@@ -219,7 +377,10 @@ def load_logits_network(path, device="cpu"):
     :param path: a TorchScript file, or a state dict (``torch.load``, weights only) of
                  torchvision's ``inception_v3`` (the classes from ``fc.weight``; auxiliary
                  classifier weights are ignored). torchvision's ImageNet Inception-v3
-                 weights, ported from TensorFlow, expect exactly this input.
+                 weights, ported from TensorFlow, expect exactly this input, but their
+                 1000-class logits (with a bias) are not the evaluator's (pool_3 times the
+                 TF graph's 1008-class softmax weights, no bias): the score is not
+                 comparable with published Inception Scores.
     :return: a :class:`fid.FeatureExtractor` whose "features" are the logits.
     """
     if not os.path.isfile(path):
@@ -295,7 +456,7 @@ class Reference:
         return out
 
 
-def save_reference(path, pool, spatial=None, keep_features=DEFAULT_KEEP_FEATURES, seed=0):
+def save_reference(path, pool, spatial=None, keep_features=DEFAULT_KEEP_FEATURES, seed=0, images=None):
     """
     Write a reference file (see the module docstring), atomically.
 
@@ -304,10 +465,25 @@ def save_reference(path, pool, spatial=None, keep_features=DEFAULT_KEEP_FEATURES
     :param keep_features: rows of pooled features kept for precision, recall and KID, a
                           fixed random subset when N is larger (seeded by `seed`); 0: all.
                           Stored as float16 (float32 if float16 would overflow).
+    :param images: the N uint8 [N x H x W x C] images the features come from, or None.
+                   Stored as ``arr_0`` (RGB: grey repeated, alpha dropped, as the feature
+                   network saw them), so that guided-diffusion's evaluator can read the file
+                   as a reference batch: it takes its own features of ``arr_0`` for
+                   precision and recall, and ``mu``, ``sigma``, ``mu_s``, ``sigma_s`` as
+                   they are (all four whenever ``mu`` is there, so `spatial` is required).
     :return: the number of feature rows kept.
     """
     pool = np.asarray(pool)
     arrays = {}
+    if images is not None:
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or len(images) != len(pool):
+            raise ValueError(f"images must be {len(pool)} uint8 [N, H, W, C] images (C 1, 3 or 4), got "
+                             f"{images.dtype} {images.shape}")
+        if spatial is None:
+            raise ValueError("a reference file with images for guided-diffusion's evaluator needs the spatial "
+                             "statistics (the evaluator reads mu_s and sigma_s whenever the file has mu)")
+        arrays["arr_0"] = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images[..., :3]
     arrays["mu"], arrays["sigma"] = fid.compute_statistics(pool)
     if spatial is not None:
         arrays["mu_s"], arrays["sigma_s"] = fid.compute_statistics(spatial)
@@ -364,7 +540,7 @@ def load_reference(path, metrics=None):
 
 def evaluate(
     features, reference, metrics=METRICS, spatial=None, ref_features=None, kid_subsets=100,
-    kid_subset_size=1000, device=None, block_size=DEFAULT_BLOCK_SIZE,
+    kid_subset_size=1000, device=None, block_size=DEFAULT_BLOCK_SIZE, pr_mode=DEFAULT_PR_MODE,
 ):
     """
     Score samples' features against a reference.
@@ -376,6 +552,8 @@ def evaluate(
     :param ref_features: pooled features of reference images for precision, recall and KID
                          (default: the reference's pool_features).
     :param device: where precision and recall compute their distances.
+    :param pr_mode: how precision and recall round their distances (:func:`precision_recall`);
+                    "adm" by default, as the published numbers were computed.
     :return: {metric: value}, plus kid_std with kid.
     """
     features = np.asarray(features)
@@ -406,7 +584,8 @@ def evaluate(
             )
         results["sfid"] = fid.frechet_distance(*fid.compute_statistics(spatial), reference.mu_s, reference.sigma_s)
     if "precision" in metrics or "recall" in metrics:
-        precision, recall = precision_recall(ref_features, features, block_size=block_size, device=device)
+        precision, recall = precision_recall(ref_features, features, block_size=block_size, device=device,
+                                             mode=pr_mode)
         if "precision" in metrics:
             results["precision"] = precision
         if "recall" in metrics:

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..options import config
-from ..run.checkpoint import CheckpointMismatchError, check_state_dict_matches, read_file  # noqa: F401 (re-exported)
+from ..run.checkpoint import CheckpointMismatchError, load_model_weights  # noqa: F401 (re-exported)
 from ..script_util import NUM_CLASSES
 
 SEED_STRIDE = 2**31 - 1
@@ -315,36 +315,6 @@ def make_grid(images, nrow=None, padding=2):
         x = padding + col * (w + padding)
         grid[y : y + h, x : x + w] = images[k]
     return grid
-
-
-def load_model_weights(model, path):
-    """
-    Load a plain state dict file into ``model`` strictly, with readable errors.
-
-    The file is read with ``torch.load(weights_only=True, map_location="cpu")``, so nothing
-    in it is executed. Works for ``modelNNNNNN.pt`` / ``ema_RATE_NNNNNN.pt`` and for the
-    released improved-diffusion / guided-diffusion checkpoints.
-
-    :raises FileNotFoundError: no such file.
-    :raises ValueError: the file is not a readable state dict.
-    :raises CheckpointMismatchError: missing, unexpected or shape-mismatched keys (all
-                                     listed), which means the model flags are wrong.
-    """
-    if not path:
-        raise FileNotFoundError("no checkpoint given: pass --model_path")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"model checkpoint not found: {path}")
-    state = read_file(path, "model checkpoint")
-    if not isinstance(state, dict) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise ValueError(
-            f"{path} is not a model state dict (a dict of tensors, as in modelNNNNNN.pt or "
-            f"ema_RATE_NNNNNN.pt); got {type(state).__name__}"
-        )
-    check_state_dict_matches(model, state, what=f"checkpoint {path}")
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 run_config_path = config.run_config_path

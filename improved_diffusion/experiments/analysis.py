@@ -19,6 +19,7 @@ these to checkpoints; `docs/analysis.md` gives the formulas and caveats.
 
 import contextlib
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -653,6 +654,19 @@ def load_model_and_diffusion(path, flags, device="cpu"):
     state = {k: v.detach().to("cpu", copy=True) for k, v in run.model.state_dict().items()}
     return run.model, run.diffusion, state
 
+
+def require_inputs(args, flags):
+    """Each of `flags` given and on disk: the data (`data_dir`) or a checkpoint, diffusion or
+    GAN (a GAN checkpoint may carry gan.py's prefix)."""
+    from . import gan
+
+    for flag in flags:
+        path = getattr(args, flag)
+        if not path:
+            what = "a checkpoint" if flag != "data_dir" else "images (folder or .npz)"
+            raise ValueError(f"--{flag} is required: {what}")
+        if not os.path.exists(gan.strip_prefix(path)):
+            raise FileNotFoundError(f"--{flag} {gan.strip_prefix(path)}: no such file or folder")
 
 def check_timestep(diffusion_steps, timestep_respacing, timestep):
     """--timestep must index the (respaced) process whose loss is analysed, or be -1 (random)."""

@@ -715,4 +715,5 @@ def write_summary(preset, out, preset_name):
     return summary
 
 
-assert set(PRESETS) == set(config.TOOLS["preset"].choices), "--preset's choices (config.TOOL_OPTIONS) list PRESETS"
+assert set(PRESETS) == set(config.TOOLS["study"]["preset"].choices), \
+    "--preset's choices (config.TOOL_OPTIONS) list PRESETS"

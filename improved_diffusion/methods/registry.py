@@ -1,6 +1,6 @@
 """
-The registry of training methods: every timestep sampler, loss weighting and optimizer-side
-schedule is one `Method` entry in the `METHODS` tuple of a module of this package.
+The registry of training methods: every timestep sampler, loss weighting, optimizer-side
+schedule and change to the training noise is one `Method` entry in the `METHODS` tuple of a module of this package.
 
 An entry declares what the rest of the code needs to know, so that nothing else lists
 methods: its name, its options (`Option` entries that `config.OPTIONS` gathers, so `--help`,
@@ -17,6 +17,11 @@ What a builder is given and returns, by kind:
   timestep of `diffusion`, applied in one place, `GaussianDiffusion.training_losses`.
 - OPTIMIZER: `build(total_steps, **keywords)` -> the schedule of Adam's beta1 and the lr
   factor that `TrainLoop` applies each step.
+- NOISE (on when the value of its `switch` option is not 0 / False; several compose in
+  registry order): `build(**keywords)` -> a function `(x_start, noise, input_noise) ->
+  (noise, input_noise)` over one rank's whole batch, where `noise` is the noise the loss
+  regresses and `input_noise` the noise that makes x_t; `noise_transform` composes them and
+  `TrainLoop.run_step` applies the result in one place, where it draws the batch's noise.
 
 `keywords` are the builder's keyword arguments: `Method.options` maps each to its option.
 """
@@ -30,8 +35,8 @@ from typing import Callable, Mapping
 
 from ..options.option import Option
 
-SAMPLER, WEIGHTING, OPTIMIZER = "timestep sampler", "loss weighting", "optimizer"
-KINDS = (SAMPLER, WEIGHTING, OPTIMIZER)
+SAMPLER, WEIGHTING, OPTIMIZER, NOISE = "timestep sampler", "loss weighting", "optimizer", "noise"
+KINDS = (SAMPLER, WEIGHTING, OPTIMIZER, NOISE)
 GROUP = "methods"  # the options table's group of every method option
 DEFAULT_SAMPLER = "uniform"
 # The paper's ablation: combinations of its methods (CLTS, MD, LRC), each an overlay config.
@@ -45,7 +50,7 @@ class Method:
     kind: str  # one of KINDS
     build: Callable
     options: Mapping[str, Option] = field(default_factory=dict)  # builder keyword -> its option
-    switch: str = ""  # WEIGHTING: the keyword whose value turns it on (0 / False: off)
+    switch: str = ""  # WEIGHTING, NOISE: the keyword whose value turns it on (0 / False: off)
     variant: str = ""  # a rival's study and launch variant: configs/EXPERIMENT_VARIANT.json
     # SAMPLER: builder keywords that are no option (an original constructor's), which only
     # resample.create_named_schedule_sampler passes
@@ -57,8 +62,8 @@ class Method:
         for keyword, o in self.options.items():
             if o.group != GROUP:
                 raise ValueError(f"method {self.name!r}: option --{o.name} must be in group {GROUP!r}")
-        if self.kind == WEIGHTING and self.switch not in self.options:
-            raise ValueError(f"loss weighting {self.name!r}: its switch must be one of its options' keywords")
+        if self.kind in (WEIGHTING, NOISE) and self.switch not in self.options:
+            raise ValueError(f"{self.kind} {self.name!r}: its switch must be one of its options' keywords")
 
     @property
     def keywords_accepted(self):
@@ -70,7 +75,7 @@ class Method:
         return {kw: values.get(o.name, o.default) for kw, o in self.options.items()}
 
     def active(self, values):
-        """Whether a weighting is switched on by `values` (samplers: chosen by name)."""
+        """Whether a weighting or noise method is switched on by `values` (samplers: chosen by name)."""
         o = self.options[self.switch]
         return bool(values.get(o.name, o.default))
 
@@ -142,6 +147,27 @@ def build_sampler(name, diffusion, values):
 def build_optimizer_schedule(name, values, total_steps):
     m = get(OPTIMIZER, name)
     return m.build(total_steps=total_steps, **m.keywords(values))
+
+
+def noise_transform(values):
+    """
+    The NOISE methods that `values` ({option name: value}) switch on, composed in registry
+    order into one function `(x_start, noise) -> (noise, input_noise)`; None when none is on,
+    so that the loop then draws and uses its noise exactly as without them. The order is the
+    modules' (immiscible before input_perturbation): the noise is assigned to the images
+    first and the perturbation added to the assigned noise, as a run of both sources would.
+    """
+    steps = [m.build(**m.keywords(values)) for m in methods(NOISE) if m.active(values)]
+    if not steps:
+        return None
+
+    def transform(x_start, noise):
+        input_noise = noise
+        for step in steps:
+            noise, input_noise = step(x_start, noise, input_noise)
+        return noise, input_noise
+
+    return transform
 
 
 @dataclass(frozen=True)

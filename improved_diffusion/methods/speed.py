@@ -16,6 +16,9 @@ K = Option("speed_k", 5.0, "SpeeD sampler: probability ratio of timesteps below 
            check=positive)
 LAMBDA = Option("speed_lambda", 0.6, "SpeeD sampler: loss weights below tau span [1 - lambda, lambda] (change-aware)",
                 GROUP)
+WEIGHT_TERMS = Option("speed_weight_terms", "mse", "SpeeD sampler: the loss terms its weight multiplies: mse (SpeeD's "
+                      "code: the MSE term, vb of learned sigmas unweighted) or all (mse + vb)", GROUP,
+                      choices=("mse", "all"))
 
 
 class SpeeDSampler(FixedDistributionSampler):
@@ -37,21 +40,32 @@ class SpeeDSampler(FixedDistributionSampler):
       (1 - lam) + (2 lam - 1) d_t for t < tau_T and 1 otherwise (lam = 0.6: weights
       in [0.4, 0.6] below tau).
 
-    The weights come back from sample() and so multiply the whole per-sample loss
-    (SpeeD's code multiplies the MSE term only; the same unless sigmas are learned).
-    SpeeD's published constants for T = 1000: tau = 700 (0.7 here), k = 5,
-    lam = 0.6; the options' defaults are those.
+    The weights come back from sample(); with weight_terms "mse" (the default) they
+    multiply the MSE term alone, as SpeeD's `training_losses` applies them (the vb term
+    of learned sigmas unweighted; TrainLoop passes them as `mse_weights`), with "all"
+    the whole per-sample loss, mse + vb (this project's behaviour before; the two agree
+    unless sigmas are learned). SpeeD's published constants for T = 1000: tau = 700
+    (0.7 here), k = 5, lam = 0.6; the options' defaults are those.
 
     :param diffusion: the diffusion process (T and alpha_bar).
     :param tau: the boundary as a fraction of T, in (0, 1].
     :param k: the probability ratio below / above the boundary, > 0.
     :param lam: the weighting constant lambda.
+    :param weight_terms: "mse" or "all", the terms the weights multiply.
     """
 
     THRESHOLD = 1e-4
 
-    def __init__(self, diffusion, tau=TAU.default, k=K.default, lam=LAMBDA.default):
+    def __init__(self, diffusion, tau=TAU.default, k=K.default, lam=LAMBDA.default,
+                 weight_terms=WEIGHT_TERMS.default):
         tau, k, lam = float(tau), float(k), float(lam)
+        if weight_terms not in WEIGHT_TERMS.choices:
+            raise ValueError(f"speed_weight_terms must be one of {WEIGHT_TERMS.choices}, got {weight_terms!r}")
+        if weight_terms == "mse" and diffusion.loss_type.is_vb():
+            raise ValueError(f"SpeeD weights the MSE term, but loss type {diffusion.loss_type.name} has none: "
+                             "use_kl must be False, or --speed_weight_terms all weights the bound")
+        self.weight_terms = weight_terms
+        self.weights_mse_only = weight_terms == "mse"
         if not 0.0 < tau <= 1.0:
             raise ValueError(f"speed_tau must lie in (0, 1], got {tau}")
         if not k > 0 or not np.isfinite(k):
@@ -90,4 +104,5 @@ class SpeeDSampler(FixedDistributionSampler):
         return indices, w[indices].float()
 
 
-METHODS = (Method("speed", SAMPLER, SpeeDSampler, options={"tau": TAU, "k": K, "lam": LAMBDA}, variant="speed"),)
+METHODS = (Method("speed", SAMPLER, SpeeDSampler,
+                  options={"tau": TAU, "k": K, "lam": LAMBDA, "weight_terms": WEIGHT_TERMS}, variant="speed"),)

@@ -39,6 +39,19 @@ def _o(name, default, help, group, **kw):
     return Option(name, default, help, group, **kw)
 
 
+def _relative_stds(text):
+    """--phema_stds: what is wrong with a list of relative stds, or None (run/ema.py's range)."""
+    try:
+        stds = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        return "must be a comma-separated list of numbers"
+    if not all(0.0 < x <= 0.3 for x in stds):
+        return "values must be in (0, 0.3] (0.3003 is the widest power-function profile)"
+    if len(set(stds)) != len(stds):
+        return "lists a value twice"
+    return None
+
+
 OPTIONS = [
     # ---- model and diffusion: improved-diffusion's keys and defaults (their order is the
     # original dict's), plus guided-diffusion's model keys at values that keep the
@@ -75,14 +88,19 @@ OPTIONS = [
     # ---- training: the original's flags first
     _o("data_dir", "", "image folder (recursive) or .npz of uint8 images to train on", "train"),
     methods.sampler_option(),
-    _o("lr", 1e-4, "base learning rate", "train", check=positive),
+    _o("lr", 1e-4, "base learning rate", "train", check=positive, uses=(("classifier_train", 3e-4),)),
     _o("weight_decay", 0.0, "AdamW weight decay", "train", check=non_negative),
     _o("lr_anneal_steps", 0, "linear decay of the lr to 0 over this many steps (0: constant)", "train", check=non_negative),
     _o("lr_warmup_steps", 0, "linear lr warm-up: step k has lr x min(1, (k+1)/this) (0: off)", "train", check=non_negative),
     _o("ema_warmup", False, "ramp each EMA decay up as min(rate, (1+k)/(10+k)) at step k", "train"),
-    _o("batch_size", 1, "images per rank per step (global batch = this x ranks)", "train"),
+    _o("batch_size", 1, "images per rank per step (global batch = this x ranks)", "train",
+       uses=(("classifier_train", 4),)),
     _o("microbatch", -1, "split each batch into pieces of this size to save memory (-1: off)", "train"),
     _o("ema_rate", "0.9999", "comma-separated EMA rates, one EMA checkpoint per rate", "train"),
+    _o("phema_stds", "", "comma-separated relative stds of power-function EMAs (EDM2), each in (0, 0.3], "
+       "tracked beside --ema_rate, e.g. 0.05,0.1 (empty: off; docs/methods.md)", "train", check=_relative_stds),
+    _o("phema_snapshot_interval", 0, "steps between power-function EMA snapshots for scripts/posthoc_ema.py, "
+       "never pruned (0: every --save_interval)", "train", check=non_negative),
     _o("log_interval", 10, "steps between metric dumps", "train"),
     _o("save_interval", 10000, "steps between checkpoints", "train"),
     _o("fp16_scale_growth", 1e-3, "fp16: the loss scale doubles after 1/this clean steps", "train"),
@@ -107,6 +125,8 @@ OPTIONS = [
     _o("eval_respacing", "ddim50", "sampling steps during evaluation (e.g. ddim50, 100)", "eval"),
     _o("eval_metrics", "fid", "comma-separated metrics of each evaluation: fid, sfid, precision, recall, kid", "eval",
        check=lambda v: None if {m.strip() for m in v.split(",")} <= {"fid", "sfid", "precision", "recall", "kid"} else "must list only fid, sfid, precision, recall, kid"),
+    _o("pr_mode", "adm", "precision and recall: adm (guided-diffusion's evaluator's float16 distances, as "
+       "published numbers) or exact (float32)", "eval", choices=("adm", "exact")),
     _o("inception", "", "path of the Inception-v3 FID network (default: the bundled one)", "eval"),
     # ---- speed settings: what is computed stays the same
     _o("data_on_device", False, "copy the data set to the GPU once; batches are gathered and flipped there", "gpu"),
@@ -133,15 +153,37 @@ BY_NAME = {o.name: o for o in OPTIONS}
 assert len(BY_NAME) == len(OPTIONS), "an option is defined twice"
 assert all(o.group in GROUPS for o in OPTIONS)
 
-# Options of the evaluation and study tools (scripts/fid.py, study.py, launch/summarize.py),
-# not of a training run: a table of their own, so that image_train.py's flags and config.json
-# stay as they are (a tool's --batch_size is not the training one). add_options(..., table=TOOLS).
-TOOL_GROUPS = ("fid", "study", "summarize")
+# Options of the other scripts (evaluation, study, benchmarks, reports, the classifier, the GAN
+# and super-resolution), not of a diffusion training run: a table of their own, so that
+# image_train.py's flags and config.json stay as they are. A group is one script's (the
+# classifier's: classifier_train.py's and classifier_sample.py's), so a name may come back in
+# another group with another meaning: a tool's --batch_size is not the training one.
+# add_options(..., table=TOOLS["fid"]).
+TOOL_GROUPS = ("fid", "study", "summarize", "benchmark", "benchmark_metrics", "classifier", "classifier_train",
+               "config_flags", "demo_report", "digit_score", "gan_train", "plot_curves", "soak_kill", "super_res",
+               "posthoc_ema")
 TOOL_OPTIONS = [
+    _o("batch_size", 64, "images per forward pass", "fid"),
+    _o("device", "", "cpu, cuda, cuda:1 (default: cuda if present)", "fid"),
+    _o("image_size", None, "resize/center-crop images read from a folder to this size (needed for a folder; a "
+       "reference .npz is used as is without it, a samples .npz always)", "fid", argparse_kw=(("type", int),)),
+    _o("max_images", 0, "use a fixed random subset of this many images (0: all)", "fid"),
+    _o("metrics", "", "comma-separated metrics among fid, sfid, precision, recall, kid (default: every one the "
+       "reference file allows)", "fid"),
+    _o("num_samples", 0, "use only the first N samples (0: all)", "fid"),
+    _o("ref_source", "", "reference images (folder or .npz): precision, recall and KID against their features "
+       "instead of the reference file's pool_features", "fid"),
+    _o("logits_network", "", "classifier for the Inception Score: TorchScript, or a torchvision inception_v3 state "
+       "dict, fed as the Inception network (299x299, [-1, 1])", "fid", argparse_kw=(("metavar", "PATH"),)),
+    _o("out", "", "also write the JSON result to this file", "fid"),
     _o("kid_subsets", 100, "KID: number of subsets", "fid", check=positive),
     _o("kid_subset_size", 1000, "KID: subset size", "fid", check=positive),
     _o("keep_features", 10000, "pooled feature rows stored for precision, recall and KID, a fixed random subset "
        "of the images (0: all; float16, 4 KB a row)", "fid", check=non_negative),
+    _o("pr_mode", "adm", "precision and recall: adm (guided-diffusion's evaluator's float16 distances, as "
+       "published numbers) or exact (float32)", "fid", choices=("adm", "exact")),
+    _o("adm_compatible", False, "also store the images as arr_0, so that guided-diffusion's evaluations/"
+       "evaluator.py reads the file as a reference batch", "fid"),
     _o("preset", "cpu", "the study's setting (improved_diffusion/experiments/study.py PRESETS)", "study",
        choices=("cpu", "digits", "gpu", "paper", "paper_imagenet128")),
     _o("out", "", "summaries (default docs/study/PRESET)", "study"),
@@ -157,12 +199,127 @@ TOOL_OPTIONS = [
     _o("data", "", "the data .npz (default: the preset's)", "study"),
     _o("holdout", -1, "images held out at the end of --data (default: the preset's)", "study"),
     _o("extra_flags", "", "extra image_train.py flags for every run (tests)", "study"),
+    _o("sweeps", "", "also run sweeps: all, or comma-separated of clts_sigma, clts_mu, md_beta_min", "study",
+       argparse_kw=(("nargs", "?"), ("const", "all"))),
     _o("baseline", "baseline", "the run whose final FID the others are measured against", "summarize"),
     _o("runs", "", "comma-separated run names (default: runs.tsv, else every sub-folder with a progress.csv)",
        "summarize"),
+    _o("config", "cifar10", "cifar10, imagenet128, demo (their _all variants), a name in configs/, or a JSON path; "
+       "the table's flags below override it", "benchmark"),
+    _o("sample_batch_size", 0, "images per sampling forward (0: --batch_size)", "benchmark"),
+    _o("device", "", "cuda, cuda:1, cpu, ... (default: cuda when available)", "benchmark"),
+    _o("attention_backend", "auto", "SDPA kernel via torch.nn.attention.sdpa_kernel; on CPU only auto, math, flash",
+       "benchmark", choices=("auto", "math", "flash", "efficient", "cudnn")),
+    _o("steps", 20, "timed steps (training) and timed forwards (sampling)", "benchmark"),
+    _o("warmup", 3, "untimed steps first (compilation, allocator, autotuning)", "benchmark"),
+    _o("overhead_iters", 2000, "calls timed for the CLTS / MDLRC overhead", "benchmark"),
+    _o("parts", "train,sample,overhead", "comma-separated subset of train,sample,overhead; 'flops' alone only "
+       "counts FLOPs", "benchmark"),
+    _o("peak_tflops", 0.0, "peak TFLOP/s for MFU (0: 790 on CUDA, none on CPU)", "benchmark"),
+    _o("threads", 0, "torch.set_num_threads (0: leave torch's default)", "benchmark"),
+    _o("compare", False, "run the plain fp32 path and the fast path in one process and print the ratio (their "
+       "settings replace --precision, --channels_last, --optimizer_impl and --compile)", "benchmark"),
+    _o("json", "", "also write the JSON result to this file", "benchmark"),
+    _o("sample_images", 0, "also time improved_diffusion.evaluation.sampling.sample_images (what image_sample.py "
+       "runs) for this many DDIM-50 images at --sample_batch_size, end to end (0: off)", "benchmark"),
+    _o("profile_steps", 0, "profile this many training steps of the last run with torch.profiler: kernels per "
+       "step, device-busy share of the step, top kernels (0: off)", "benchmark"),
+    _o("profile_out", "", "write the profiler's kernel table to this text file", "benchmark"),
+    _o("num", 50000, "feature rows in each set", "benchmark_metrics"),
+    _o("dim", 2048, "feature dimension", "benchmark_metrics"),
+    _o("block_size", 4096, "rows and columns of each block of distances", "benchmark_metrics"),
+    _o("device", "cpu", "where the distances are computed", "benchmark_metrics"),
+    _o("pr_mode", "exact", "exact (float32) or adm (guided-diffusion's evaluator's float16 arithmetic)",
+       "benchmark_metrics", choices=("adm", "exact")),
+    # the noise-aware classifier: guided-diffusion's keys and values (script_util.classifier_defaults,
+    # with the table's --image_size), then three of ours (CLASSIFIER_EXTRA_DEFAULTS)
+    _o("classifier_use_fp16", False, "fp16 autocast with loss scaling (= --precision fp16)", "classifier"),
+    _o("classifier_width", 128, "base channel count of the classifier", "classifier"),
+    _o("classifier_depth", 2, "residual blocks per resolution", "classifier"),
+    _o("classifier_attention_resolutions", "32,16,8", "comma-separated resolutions (in pixels) with attention",
+       "classifier"),
+    _o("classifier_use_scale_shift_norm", True, "FiLM-like scale/shift timestep conditioning", "classifier"),
+    _o("classifier_resblock_updown", True, "downsample with residual blocks", "classifier"),
+    _o("classifier_pool", "attention", "the head: attention, adaptive, spatial or spatial_v2", "classifier"),
+    _o("classifier_channel_mult", "", "channel multipliers per level; empty = by image size (64, 128, 256, 512; "
+       "32)", "classifier", in_defaults=False),
+    _o("classifier_num_head_channels", 64, "channels per attention head", "classifier", in_defaults=False),
+    _o("classifier_num_classes", 1000, "number of logits (at least the number of classes in the data)",
+       "classifier", in_defaults=False),
+    _o("data_dir", "", "labelled training images: a folder (class = file-name prefix) or an .npz with arr_1",
+       "classifier_train"),
+    _o("val_data_dir", "", "labelled validation images; one batch every --eval_interval steps", "classifier_train"),
+    _o("noised", True, "train on images noised by the diffusion at uniformly drawn timesteps (False: clean, t = 0)",
+       "classifier_train"),
+    _o("iterations", 150000, "total optimizer steps", "classifier_train"),
+    _o("anneal_lr", False, "decay the lr linearly to 0 over --iterations", "classifier_train"),
+    _o("microbatch", -1, "split each batch into pieces of this size (-1: off); the update is the same",
+       "classifier_train"),
+    _o("schedule_sampler", "uniform", "timestep sampler for --noised: uniform (the original's), ...",
+       "classifier_train"),
+    _o("resume_checkpoint", "", "a modelNNNNNN.pt to start from (its optNNNNNN.pt too, when beside it)",
+       "classifier_train"),
+    _o("eval_interval", 5, "steps between validation batches", "classifier_train"),
+    _o("log_dir", "", "where logs and checkpoints go (default $OPENAI_LOGDIR, else runs/classifier)",
+       "classifier_train"),
+    _o("resume", "auto", "auto: continue from the newest intact checkpoint in --log_dir; none: start afresh",
+       "classifier_train"),
+    _o("precision", "auto", "fp32, bf16, fp16 or auto (bf16 on GPUs that have it, else fp32)", "classifier_train"),
+    _o("random_flip", False, "random horizontal flips of training images (the original flipped; off by default "
+       "here, as flips change some classes, e.g. digits)", "classifier_train"),
+    _o("stop_at", 0, "leave the run at this step with a checkpoint; --anneal_lr keeps --iterations (0: off)",
+       "classifier_train"),
+    _o("exclude", "", "comma-separated keys to leave out", "config_flags"),
+    _o("get", "", "print the value of one key of the config ('' when absent)", "config_flags",
+       argparse_kw=(("metavar", "KEY"),)),
+    _o("sampling", "DDPM, 100 steps", "how the samples were drawn, for the titles", "demo_report"),
+    _o("seconds", None, "wall-clock time of this invocation of the demo", "demo_report",
+       argparse_kw=(("type", float),)),
+    _o("stages", "", "NAME=SECONDS,... per stage of this invocation", "demo_report"),
+    _o("samples", None, "a sample .npz to score (arr_0 uint8 NHWC)", "digit_score", argparse_kw=(("type", str),)),
+    _o("threshold", 0.9, "top-class probability that counts as recognisable", "digit_score"),
+    _o("json", None, "also write the result to this JSON file", "digit_score", argparse_kw=(("type", str),)),
+    _o("data_dir", "", "image folder or .npz of uint8 images (the demo: data/demo/mnist_demo.npz)", "gan_train"),
+    _o("log_dir", "", "run folder: checkpoints, gan_config.json, progress, samples.png (run again to continue)",
+       "gan_train"),
+    _o("image_size", 0, "image side, a power of two >= 8 (0: the .npz's own size)", "gan_train"),
+    _o("seed", 0, "seed of the initial weights, the data order and the latents", "gan_train"),
+    _o("total_steps", 1000, "training steps (one discriminator and one generator update each)", "gan_train"),
+    _o("batch_size", 64, "images per step", "gan_train"),
+    _o("lr", 2e-4, "Adam learning rate of both networks", "gan_train"),
+    _o("beta1", 0.5, "Adam beta1 (DCGAN: 0.5)", "gan_train"),
+    _o("beta2", 0.999, "Adam beta2", "gan_train"),
+    _o("latent_dim", 64, "dimension of the latent z", "gan_train"),
+    _o("g_width", 64, "generator width (channels of its last hidden layer)", "gan_train"),
+    _o("d_width", 64, "discriminator width (channels of its first layer)", "gan_train"),
+    _o("save_interval", 250, "steps between checkpoints (the last step is always saved)", "gan_train"),
+    _o("log_interval", 100, "steps between progress rows", "gan_train"),
+    _o("grid_images", 64, "images in samples.png", "gan_train"),
+    _o("grid_seed", 0, "latent seed of samples.png", "gan_train"),
+    _o("out", "", "output PNG (default: curves.png in the first run's folder)", "plot_curves"),
+    _o("names", "", "comma-separated run names (default: directory names)", "plot_curves"),
+    _o("smooth", 0.9, "EMA factor for the loss curve, in [0, 1)", "plot_curves"),
+    _o("loss_key", "loss", "progress.csv column for the loss", "plot_curves"),
+    _o("fid_key", "fid", "progress.csv column for FID", "plot_curves"),
+    _o("kills", 20, "SIGKILLs to deliver before letting the run finish", "soak_kill"),
+    _o("steps", 200, "training steps of the run", "soak_kill"),
+    _o("out", "runs/soak", "work folder (emptied first)", "soak_kill"),
+    _o("seed", 0, "seed of the kill moments", "soak_kill"),
+    # super-resolution (super_res_train.py; script_util.sr_model_and_diffusion_defaults)
+    _o("large_size", 256, "side of the generated (high-resolution) images", "super_res"),
+    _o("small_size", 64, "side of the low-resolution condition", "super_res"),
+    # post-hoc EMA (scripts/posthoc_ema.py; improved_diffusion/run/posthoc_ema.py)
+    _o("run", "", "the run folder (--log_dir of a run trained with --phema_stds)", "posthoc_ema",
+       check=lambda v: None if v else "is required"),
+    _o("std", None, "relative std of the EMA to rebuild, in (0, 0.3]", "posthoc_ema", argparse_kw=(("type", float),),
+       check=lambda v: "is required" if v is None else None if 0 < v <= 0.3 else "must be in (0, 0.3]"),
+    _o("step", None, "the saved step to rebuild it at (a snapshot's or a checkpoint's; default: the newest)",
+       "posthoc_ema", argparse_kw=(("type", int),), check=lambda v: None if v is None or v > 0 else "must be positive"),
+    _o("out", "", "the .pt to write (default RUN/ema_std{STD}_{STEP}.pt); its folder gets the run's config.json",
+       "posthoc_ema"),
 ]
-TOOLS = {o.name: o for o in TOOL_OPTIONS}
-assert len(TOOLS) == len(TOOL_OPTIONS) and all(o.group in TOOL_GROUPS for o in TOOL_OPTIONS)
+TOOLS = {group: {o.name: o for o in TOOL_OPTIONS if o.group == group} for group in TOOL_GROUPS}
+assert sum(map(len, TOOLS.values())) == len(TOOL_OPTIONS), "a tool option is defined twice, or has no group"
 
 # Options of the scripts that use a trained model: sampling (image_sample.py,
 # classifier_sample.py, super_res_sample.py) and analysis (consistency.py, image_nll.py,
@@ -229,6 +386,9 @@ SAMPLE_OPTIONS = [
        "(L_D, its parameters)", "analysis"),
     _o("cap_db", 100.0, "cap for the PSNR of identical images (infinite otherwise)", "analysis"),
     _o("grid_images", 8, "images per model shown in consistency.png", "analysis"),
+    _o("model_flags", [], "per-model flag overrides, one quoted string or .json file per model (or one for all); "
+       'e.g. --model_flags "--num_channels 64" "--num_channels 32"', "analysis",
+       argparse_kw=(("nargs", "+"), ("type", str))),
 ]
 SAMPLING = {o.name: o for o in SAMPLE_OPTIONS}
 assert len(SAMPLING) == len(SAMPLE_OPTIONS) and all(o.group in SAMPLE_GROUPS for o in SAMPLE_OPTIONS)
@@ -255,11 +415,18 @@ def add_options(parser, option_names, title=None, table=None, use=None):
     target = parser.add_argument_group(title) if title else parser
     for name in option_names:
         o = (BY_NAME if table is None else table)[name]
-        kwargs = dict(default=o.default_for(use), type=o.parse, help=f"{o.help} (default: %(default)r)")
+        kwargs = dict(o.argparse_kw, default=o.default_for(use), type=o.parse, help=f"{o.help} (default: %(default)r)")
         if o.choices:
             kwargs["choices"] = o.choices
         target.add_argument(f"--{name}", **kwargs)
 
+
+
+def add_model_options(parser, weights_flag="model_path"):
+    """The model and diffusion flags of a script that loads trained weights; `parse` fills
+    the ones not given from the run's config.json beside `--weights_flag`."""
+    add_options(parser, names(*MODEL_GROUPS), "model and diffusion (default: the training run's config.json "
+                f"beside --{weights_flag})")
 
 def validate(values):
     """Each option's own check, for every known key of `values`; ValueError naming the flag."""

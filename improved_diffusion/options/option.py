@@ -51,6 +51,9 @@ class Option:
     # sampling batch size of consistency.py; `config.add_options(..., use=...)` picks them, so
     # a script's default is still written here, in the table.
     uses: tuple = ()
+    # argparse keywords of the flag beyond its default, help and choices, as ((keyword, value),
+    # ...): nargs, const, metavar, or the type where the default does not tell it (None, a list)
+    argparse_kw: tuple = ()
 
     def default_for(self, use=None):
         """The default of this option for `use` (a script's name; None: the plain default)."""
@@ -58,7 +61,9 @@ class Option:
 
     @property
     def parse(self):
-        """The argparse type: from the default (str2bool for booleans)."""
+        """The argparse type: `argparse_kw`'s, else from the default (str2bool for booleans)."""
+        if "type" in dict(self.argparse_kw):
+            return dict(self.argparse_kw)["type"]
         if isinstance(self.default, bool):
             return str2bool
         return type(self.default)

@@ -12,6 +12,10 @@ The state file records each file's size and SHA-256, and a digest of its own con
 truncated, zeroed or bit-flipped file of any of the four kinds is found before it is used
 (`damage`). Which checkpoint of a run folder to use, saving into it and pruning it are
 run_dir.py's; this module is the format of one checkpoint.
+
+With --phema_stds a checkpoint also lists `phemaNNNNNN.pt` (the power-function EMAs, for
+resuming), and `phema_snapshotNNNNNN.pt` files are written beside the checkpoints: each one
+file checked by its own digest, as a state file is, and no checkpoint's, so never pruned.
 """
 
 import errno
@@ -41,6 +45,19 @@ def opt_name(step):
 
 def state_name(step):
     return f"state{step:06d}.pt"
+
+
+def phema_name(step):
+    """The power-function EMAs (--phema_stds) of the checkpoint of `step`: pruned with it."""
+    return f"phema{step:06d}.pt"
+
+
+def snapshot_name(step):
+    """A power-function EMA snapshot (--phema_snapshot_interval): no checkpoint's, never pruned."""
+    return f"phema_snapshot{step:06d}.pt"
+
+
+SNAPSHOT_PATTERN = re.compile(r"^phema_snapshot(\d{6,})\.pt$")
 
 
 class CheckpointError(ValueError):
@@ -252,6 +269,36 @@ def check_state_dict_matches(model, state, what="checkpoint"):
 # ---------------------------------------------------------------------------------------
 
 
+def load_model_weights(model, path):
+    """
+    Load a plain state dict file into ``model`` strictly, with readable errors.
+
+    The file is read with ``torch.load(weights_only=True, map_location="cpu")``, so nothing
+    in it is executed. Works for ``modelNNNNNN.pt`` / ``ema_RATE_NNNNNN.pt`` and for the
+    released improved-diffusion / guided-diffusion checkpoints.
+
+    :raises FileNotFoundError: no such file.
+    :raises ValueError: the file is not a readable state dict.
+    :raises CheckpointMismatchError: missing, unexpected or shape-mismatched keys (all
+                                     listed), which means the model flags are wrong.
+    """
+    if not path:
+        raise FileNotFoundError("no checkpoint given: pass --model_path")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"model checkpoint not found: {path}")
+    state = read_file(path, "model checkpoint")
+    if not isinstance(state, dict) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ValueError(
+            f"{path} is not a model state dict (a dict of tensors, as in modelNNNNNN.pt or "
+            f"ema_RATE_NNNNNN.pt); got {type(state).__name__}"
+        )
+    check_state_dict_matches(model, state, what=f"checkpoint {path}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
 def write_checkpoint(directory, step, files, state):
     """
     Write the checkpoint of `step`: each {file name: object} of `files` in order, then last the
@@ -277,6 +324,22 @@ def write_checkpoint(directory, step, files, state):
                 pass
         needed = sum(_tensor_bytes(obj) for obj in files.values())
         raise CheckpointError(f"{e} (a checkpoint needs about {needed / 2**20:,.1f} MiB in {directory})") from None
+
+
+def write_snapshot(directory, step, snapshot):
+    """A power-function EMA snapshot of `step` (`PowerEMA.state_dict()`), written atomically with
+    a digest of its contents, as a state file is: one self-checking file."""
+    full = {"step": step, **snapshot}
+    full["sha256"] = state_digest(full)
+    atomic_save(full, os.path.join(directory, snapshot_name(step)))
+
+
+def read_snapshot(path):
+    """A snapshot written by `write_snapshot`, its digest verified; CheckpointError names a damaged one."""
+    snapshot = read_file(path, "power-function EMA snapshot")
+    if not isinstance(snapshot, dict) or "sha256" not in snapshot or state_digest(snapshot) != snapshot["sha256"]:
+        raise CheckpointError(f"power-function EMA snapshot {path} is damaged (checksum mismatch)")
+    return snapshot
 
 
 def _tensor_bytes(obj):

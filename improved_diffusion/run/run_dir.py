@@ -199,8 +199,27 @@ class RunDir:
             self.prune(keep)
         dist_util.barrier()
 
+    def save_snapshot(self, step, contents):
+        """
+        Write the power-function EMA snapshot of `step` (every rank calls, rank 0 writes;
+        `contents()` gives `PowerEMA.state_dict()`). Snapshots belong to no checkpoint, so
+        `prune` never removes them: post-hoc reconstruction needs every one.
+        """
+        if self.path is None:
+            return
+        if dist_util.is_main():
+            ckpt.write_snapshot(self.path, step, contents())
+        dist_util.barrier()
+
+    def snapshots(self):
+        """Steps with a power-function EMA snapshot, newest first (intact or not)."""
+        if self.path is None or not os.path.isdir(self.path):
+            return []
+        matches = map(ckpt.SNAPSHOT_PATTERN.match, os.listdir(self.path))
+        return sorted((int(m.group(1)) for m in matches if m), reverse=True)
+
     def prune(self, keep):
-        """Keep only the newest `keep` checkpoints (0: keep all)."""
+        """Keep only the newest `keep` checkpoints (0: keep all); snapshots are not checkpoints."""
         for step in self.steps()[keep:] if keep > 0 else ():
             for name in ckpt.checkpoint_files(self.path, step):  # the state file first
                 try:
@@ -332,16 +351,19 @@ class RunDir:
                 pass
 
     def _set_aside_after(self, step):
+        """Move the checkpoints, and the snapshots, of steps after `step` to superseded/ (that
+        part of the run is redone); returns the checkpoints' steps."""
         newer = [s for s in self.steps() if s > step]
-        if newer:
+        names = [name for s in newer for name in ckpt.checkpoint_files(self.path, s)]  # state files first
+        names += [ckpt.snapshot_name(s) for s in self.snapshots() if s > step]
+        if names:
             target = os.path.join(self.path, SUPERSEDED)
             os.makedirs(target, exist_ok=True)
-            for s in newer:
-                for name in ckpt.checkpoint_files(self.path, s):  # the state file first
-                    try:
-                        os.replace(os.path.join(self.path, name), os.path.join(target, name))
-                    except FileNotFoundError:
-                        pass
+            for name in names:
+                try:
+                    os.replace(os.path.join(self.path, name), os.path.join(target, name))
+                except FileNotFoundError:
+                    pass
         return newer
 
     # ------------------------------------------------------------------ a diverged run
@@ -444,7 +466,6 @@ def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cp
         (CheckpointMismatchError) for weights that do not fit the options.
     """
     from ..options import config
-    from ..evaluation.sampling import load_model_weights
 
     path = str(path)
     if os.path.isdir(path):
@@ -459,7 +480,7 @@ def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cp
     run_config = _read_run_config(config.run_config_path(path))
     options = run_options(run_config, overrides, config.run_config_path(path))
     model, diffusion = _build(options)
-    load_model_weights(model, path)
+    ckpt.load_model_weights(model, path)
     model.to(device).eval()
     return LoadedRun(model, diffusion, options, run_config, path, step)
 

@@ -55,6 +55,12 @@ def schedule_sampler(opts, diffusion):
     return methods.build_sampler(opts["schedule_sampler"], diffusion, opts)
 
 
+def noise_transform(opts):
+    """The registered noise methods switched on in `opts` (immiscible, input perturbation),
+    composed; None when none is on."""
+    return methods.noise_transform(opts)
+
+
 def loss_weighting(opts):
     """The options of every registered loss weighting, keywords of the diffusion factory."""
     return {name: opts[name] for name in methods.option_names(methods.WEIGHTING)}
@@ -73,6 +79,7 @@ def check(opts, device):
     with torch.device("meta"):
         _, diffusion = create_model_and_diffusion(**model_options(opts), **loss_weighting(opts))
     schedule_sampler(opts, diffusion)
+    noise_transform(opts)  # e.g. --immiscible without scipy fails here
     return cfg
 
 
@@ -125,4 +132,5 @@ def build_loop(opts, model, diffusion, dataset, device, *, rank=0, world_size=1,
         logger=logger,
         evaluator=evaluator,
         run_config=run_config,
+        noise_transform=noise_transform(opts),
     )

@@ -98,18 +98,19 @@ def ema_checkpoint(log_dir):
 
 
 def main(argv=None):
+    from improved_diffusion.options import config
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("log_dir", metavar="LOG_DIR", help="training log dir (or a config .json)")
-    parser.add_argument("--exclude", default="", help="comma-separated keys to leave out")
+    config.add_options(parser, ["exclude"], table=config.TOOLS["config_flags"])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--ema_checkpoint", action="store_true",
                       help="print the newest intact EMA checkpoint of LOG_DIR instead")
     mode.add_argument("--with_checkpoint", action="store_true",
                       help="start the line with --model_path and the newest intact EMA checkpoint")
-    mode.add_argument("--get", metavar="KEY", default="",
-                      help="print the value of one key of the config ('' when absent)")
+    config.add_options(mode, ["get"], table=config.TOOLS["config_flags"])
     args = parser.parse_args(argv)
 
     if args.ema_checkpoint:

@@ -217,7 +217,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder holding one sub-folder per run")
-    config.add_options(parser, ["baseline", "runs"], table=config.TOOLS)
+    config.add_options(parser, ["baseline", "runs"], table=config.TOOLS["summarize"])
     args = parser.parse_args(argv)
     if not os.path.isdir(args.out_dir):
         print(f"error: {args.out_dir}: no such directory", file=sys.stderr)
