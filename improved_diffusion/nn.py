@@ -26,10 +26,40 @@ class GroupNorm32(nn.GroupNorm):
 
     Variance over a group of a half-precision activation loses most of its digits;
     doing the reduction in float32 is what keeps fp16/bf16 training stable.
+
+    Under torch.compile it computes the same on views (`group_norm_float32`), so that the
+    compiler fuses the casts into its kernels and channels-last stays channels-last; eagerly
+    it runs PyTorch's kernel on a float32 copy, as the original does.
     """
 
     def forward(self, x):
+        if torch.compiler.is_compiling():
+            return group_norm_float32(x, self.num_groups, self.weight, self.bias, self.eps)
         return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).type(x.dtype)
+
+
+def group_norm_float32(x, num_groups, weight=None, bias=None, eps=1e-5):
+    """
+    GroupNorm with its statistics and arithmetic in float32 (float64 for float64 inputs),
+    returning the input dtype: GroupNorm32's numbers, up to the order of a float32 sum.
+
+    Written with views and element-wise ops instead of a float32 copy and PyTorch's kernel,
+    because that kernel returns NCHW for a channels-last input and its reference splits the
+    groups with a reshape that copies: here the groups are a view (N, G, C/G, ...) in any
+    memory layout, the output keeps the input's layout, and a compiler turns the whole into
+    a reduction and one element-wise kernel (taking the SiLU that follows, in the UNet).
+    """
+    channels = x.shape[1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    groups = x.unflatten(1, (num_groups, channels // num_groups)).to(compute)
+    var, mean = torch.var_mean(groups, dim=tuple(range(2, groups.dim())), keepdim=True, correction=0)
+    out = ((groups - mean) * torch.rsqrt(var + eps)).flatten(1, 2)
+    shape = (1, channels) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.to(compute).view(shape)
+    if bias is not None:
+        out = out + bias.to(compute).view(shape)
+    return out.to(x.dtype)
 
 
 def conv_nd(dims, *args, **kwargs):

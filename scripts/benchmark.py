@@ -28,8 +28,10 @@ cifar10_baseline), or a path to a JSON config; the table's flags (`--num_channel
 `--precision bf16`, `--cudnn_benchmark True`, ...) override it. FLOPs are counted with
 `torch.utils.flop_counter.FlopCounterMode` on one forward of batch 1 (convolutions,
 matmuls, and the attention itself: the CPU SDPA kernels, which the counter does not know,
-are added here). MFU = 3 x forward FLOPs x images/s / --peak_tflops (default 790 on CUDA,
-the SPEC's H100 dense bf16 figure; on CPU give your own or MFU is null).
+are added here). MFU = 3 x forward FLOPs x images/s / --peak_tflops (default on CUDA 989, the dense
+bf16 peak of an H100 SXM and of the H200 without sparsity; give your card's for another GPU,
+e.g. about 756 for an H100 PCIe or 312 for an A100; on CPU give your own or MFU is null).
+The table's first line names the peak it used.
 
 The timed step reads nothing back to the host with fused AdamW (the default where torch has
 it): the skip of a non-finite step is decided on the device, timesteps are drawn there, and
@@ -72,7 +74,10 @@ NAMED_CONFIGS = {"cifar10": "cifar10_all", "imagenet128": "imagenet128_all", "de
 # The table's options the benchmark takes: model, training, methods and speed settings.
 TABLE_GROUPS = ("model", "diffusion", "train", "methods", "gpu")
 SPEC_CIFAR10_FORWARD_GFLOP = 16.8  # SPEC section 6
-DEFAULT_CUDA_PEAK_TFLOPS = 790.0  # SPEC section 6: one H100, dense bf16
+# Dense bf16 tensor-core peak of one H100 SXM and of one H200 (NVIDIA's datasheets give 1,979
+# TFLOP/s "with sparsity", twice the dense figure); SPEC section 6. Sessions before 2026-12
+# divided by 790, which overstated every MFU by a quarter.
+DENSE_BF16_PEAK_TFLOPS = 989.0
 DDIM_STEPS = 50
 
 
@@ -732,7 +737,7 @@ def main(argv=None):
     device = benchmark_device(args)
     parts = parts_of(args)
     model_opts = training.model_options(opts)
-    peak = args.peak_tflops or (DEFAULT_CUDA_PEAK_TFLOPS if device.type == "cuda" else 0.0)
+    peak = args.peak_tflops or (DENSE_BF16_PEAK_TFLOPS if device.type == "cuda" else 0.0)
     result, fwd_flops = describe(args, opts, model_opts, device, peak)
     labels = time_runs(result, args, opts, device, parts, fwd_flops, peak)
     text = json.dumps(result, indent=2, default=str)
@@ -768,6 +773,8 @@ def format_table(result, labels):
         f"config {result['config']} ({result['config_path']}), {result['params']:,} parameters, "
         f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
         f"{result['threads']} threads",
+        f"MFU against a peak of {result['peak_tflops']:g} TFLOP/s (--peak_tflops)" if result["peak_tflops"]
+        else "MFU: none (no peak on this device: give --peak_tflops)",
         f"FLOPs per image: forward {flops['forward_gflop_per_image']:.2f} GFLOP "
         f"(SPEC CIFAR-10: {SPEC_CIFAR10_FORWARD_GFLOP} GFLOP), train step counted "
         f"{flops['train_step_gflop_per_image_counted']:.2f} GFLOP (3x forward: "

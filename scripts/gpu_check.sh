@@ -15,15 +15,16 @@ Runs, in this order, each step under its own time limit and never past --budget 
   3. compiled: the fast path under torch.compile
   4. ddim10k: 10k DDIM-50 samples timed through sample_images, compiled (what
      image_sample.py --compile True runs; eager took 85.6 s on an H200, compiled 25.5 s)
-  5. bf16_nchw: bf16 without channels-last (is channels-last worth it?)
-  6. big_bN: ImageNet-128 config at the largest batch of 96, 64, 32 that fits
+  5. graphs: the compiled step with CUDA graphs (--compile_mode reduce-overhead); its
+     warm-up (compilation and capture) is reported apart from the steady step (warmup_s)
+  6. big_bN: ImageNet-128 config at the largest batch of 96, 64, 32 that fits (eager)
 Outputs in DIR (default runs/gpu_check): STEP.log, STEP.json, profile_cifar10.txt and
 summary.txt (the table printed last).
 
   --dry_run   the same steps on the CPU at toy size (demo config, a few steps), so that the
               GPU call cannot fail on a typo; tests are only collected. About a minute.
   --budget    wall-clock seconds for the whole run (default 450)
-  --skip_compile  leave out step 3 (it compiles for minutes on a CPU)
+  --skip_compile  leave out steps 3 and 5 (they compile for minutes on a CPU)
   --keep_going    run the benchmark steps even when a test failed (the summary says so)
 
 Environment: PYTHON (python3). The GPU machine needs only torch, numpy and pytest.
@@ -113,8 +114,9 @@ step compare 150 "${BENCH[@]}" "${DEVICE[@]}" --config $CONFIG --batch_size $BAT
 step ddim10k 150 "${BENCH[@]}" "${DEVICE[@]}" --config $CONFIG --batch_size $BATCH --sample_batch_size $SAMPLE_BATCH \
   --precision bf16 --channels_last True "${COMPILE_SAMPLING[@]}" --parts sample --steps 2 --warmup 1 --sample_images $NSAMPLES \
   --json "$OUT_DIR/ddim10k.json"
-step bf16_nchw 60 "${BENCH[@]}" "${DEVICE[@]}" --config $CONFIG --batch_size $BATCH --precision bf16 \
-  --channels_last False --optimizer_impl fused --parts train "${STEPS[@]}" --json "$OUT_DIR/bf16_nchw.json"
+(( SKIP_COMPILE )) || step graphs 240 "${BENCH[@]}" "${DEVICE[@]}" --config $CONFIG --batch_size $BATCH \
+  --precision bf16 --channels_last True --optimizer_impl fused --compile True --compile_mode reduce-overhead \
+  --parts train "${STEPS[@]}" --json "$OUT_DIR/graphs.json"
 for b in "${BIG_BATCHES[@]}"; do
   step "big_b$b" 90 "${BENCH[@]}" "${DEVICE[@]}" --config $BIG --batch_size "$b" --sample_batch_size "$b" \
     --precision bf16 --channels_last True --optimizer_impl fused --parts train,sample --steps 5 --warmup 2 \

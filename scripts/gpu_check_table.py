@@ -24,14 +24,15 @@ def targets(results):
     fast = compare.get("fast", {})
     train = fast.get("train")
     timed = results.get("ddim10k", {}).get("run", {}).get("sample_images") or fast.get("sample_images")
-    compiled = results.get("compiled", {}).get("run", {}).get("train")
-    best = max((t for t in (train, compiled) if t), key=lambda t: t["images_per_s"], default=None)
+    compiled = [results.get(name, {}).get("run", {}).get("train") for name in ("compiled", "graphs")]
+    best = max((t for t in (train, *compiled) if t), key=lambda t: t["images_per_s"], default=None)
     if best and best.get("mfu") is not None:
         rows.append(("CIFAR-10 b128 bf16 MFU >= 40%", f"{100 * best['mfu']:.1f}% ({best['images_per_s']:,.0f} img/s)",
                      "met" if best["mfu"] >= 0.40 else "not met"))
-    speedup = compare.get("speedup", {}).get("train")
-    if speedup:
-        rows.append(("fast >= 3x plain fp32 (training)", f"{speedup:.2f}x", "met" if speedup >= 3 else "not met"))
+    plain = compare.get("plain", {}).get("train")
+    if best and plain:  # the fastest path (eager, compiled or with CUDA graphs) over the original's
+        speedup = best["images_per_s"] / plain["images_per_s"]
+        rows.append(("fastest >= 3x plain fp32 (training)", f"{speedup:.2f}x", "met" if speedup >= 3 else "not met"))
     if timed:
         rows.append((f"{timed['num_samples']:,} DDIM-50 samples < 60 s", f"{timed['seconds']:.1f} s",
                      "met" if timed["seconds"] < 60 and timed["num_samples"] >= 10000 else "not met"))

@@ -159,7 +159,7 @@ def test_tool_options_repeat_the_codes_values():
     benchmark = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(benchmark)
     tools = config.TOOLS
-    assert f"(0: {benchmark.DEFAULT_CUDA_PEAK_TFLOPS:g} on CUDA" in tools["benchmark"]["peak_tflops"].help
+    assert f"(0: {benchmark.DENSE_BF16_PEAK_TFLOPS:g} on CUDA" in tools["benchmark"]["peak_tflops"].help
     assert tools["benchmark_metrics"]["block_size"].default == metrics.DEFAULT_BLOCK_SIZE
     assert f"among {', '.join(metrics.METRICS)} " in tools["fid"]["metrics"].help
     assert tools["study"]["sweeps"].help.endswith(", ".join(s[0] for s in SWEEPS))

@@ -264,6 +264,78 @@ def test_group_norm32_computes_in_float32_and_keeps_dtype():
     torch.testing.assert_close(out, ref.to(torch.bfloat16))
 
 
+
+def _group_norm_float64(x, groups, weight, bias, eps):
+    """The textbook formula in float64 numpy: (x - mean) / sqrt(var + eps) per (sample, group)."""
+    a = x.detach().double().numpy()
+    n, c = a.shape[:2]
+    g = a.reshape(n, groups, -1)
+    out = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)
+    shape = (1, c) + (1,) * (a.ndim - 2)
+    return out.reshape(a.shape) * weight.detach().double().numpy().reshape(shape) + bias.detach().double().numpy().reshape(shape)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "sequence"])
+def test_group_norm_on_views_is_the_float32_formula(layout):
+    """The path GroupNorm32 takes under torch.compile: float32 arithmetic on views. Against a
+    float64 reference, float32 round-off on values of size <= 10 stays below 1e-5; the output
+    keeps a channels-last input's layout (PyTorch's kernel need not)."""
+    torch.manual_seed(0)
+    norm = idnn.normalization(64)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(3, 64, 5, 6) * 3 + 1 if layout != "sequence" else torch.randn(3, 64, 30) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = idnn.group_norm_float32(x, 32, norm.weight, norm.bias, norm.eps)
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.detach().numpy(), _group_norm_float64(x, 32, norm.weight, norm.bias, norm.eps),
+                               rtol=0, atol=1e-5)
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_group_norm_on_views_matches_group_norm32_in_bf16_and_its_gradients():
+    """bf16 in, bf16 out: both compute in float32 and round once, so an entry differs by at most
+    one bf16 step (2**-7 relative), where the two float32 values straddle a rounding point, and
+    almost all are equal. Gradients in float64 (where both are exact to 1e-12)."""
+    torch.manual_seed(1)
+    norm = idnn.normalization(64)
+    torch.nn.init.normal_(norm.weight)
+    x = (torch.randn(4, 64, 8, 8) * 5 + 3).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    got = idnn.group_norm_float32(x, 32, norm.weight, norm.bias, norm.eps)
+    want = norm(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=2**-7 * 2**-6)
+    assert (got == want).float().mean() > 0.99
+
+    x64 = torch.randn(2, 64, 4, 4, dtype=torch.float64, requires_grad=True)
+    norm64 = idnn.normalization(64).double()
+    torch.nn.init.normal_(norm64.weight)
+    upstream = torch.randn(2, 64, 4, 4, dtype=torch.float64)
+    mine = torch.autograd.grad((idnn.group_norm_float32(x64, 32, norm64.weight, norm64.bias, norm64.eps) * upstream).sum(),
+                               [x64, norm64.weight, norm64.bias])
+    ref = torch.autograd.grad((norm64(x64) * upstream).sum(), [x64, norm64.weight, norm64.bias])
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_group_norm32_takes_the_view_path_when_compiled(monkeypatch):
+    """Eagerly PyTorch's kernel (the original's numbers, bitwise); under torch.compile the view
+    path, whatever the backend (the cheap "eager" backend here)."""
+    calls = []
+    real = idnn.group_norm_float32
+    monkeypatch.setattr(idnn, "group_norm_float32", lambda *a, **k: calls.append(1) or real(*a, **k))
+    norm = idnn.normalization(64)
+    x = torch.randn(2, 64, 4, 4)
+    eager = norm(x)
+    assert not calls
+    torch._dynamo.reset()
+    compiled = torch.compile(norm, backend="eager")(x)
+    assert calls
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
 def test_small_helpers():
     lin = idnn.zero_module(idnn.linear(4, 5))
     assert torch.all(lin.weight == 0) and torch.all(lin.bias == 0)

@@ -215,7 +215,7 @@ TOOL_OPTIONS = [
     _o("overhead_iters", 2000, "calls timed for the CLTS / MDLRC overhead", "benchmark"),
     _o("parts", "train,sample,overhead", "comma-separated subset of train,sample,overhead; 'flops' alone only "
        "counts FLOPs", "benchmark"),
-    _o("peak_tflops", 0.0, "peak TFLOP/s for MFU (0: 790 on CUDA, none on CPU)", "benchmark"),
+    _o("peak_tflops", 0.0, "peak TFLOP/s for MFU (0: 989 on CUDA, the H100 SXM / H200 dense bf16 peak; none on CPU)", "benchmark"),
     _o("threads", 0, "torch.set_num_threads (0: leave torch's default)", "benchmark"),
     _o("compare", False, "run the plain fp32 path and the fast path in one process and print the ratio (their "
        "settings replace --precision, --channels_last, --optimizer_impl and --compile)", "benchmark"),
