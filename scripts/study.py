@@ -15,6 +15,7 @@ study and run the same command again; copy OUT to another machine and it continu
     python scripts/study.py --preset cpu --sweeps              # + the CLTS / MD sweeps
     python scripts/study.py --preset cpu --summarize_only      # tables and plot from OUT
     python scripts/study.py --preset cpu --plan                # print the runs, run nothing
+    python scripts/study.py --preset cpu --parallel 2          # two runs at once (2 cores)
 
 Outputs in OUT (default docs/study/PRESET): runs/*.json (one per run), summary.json,
 summary.md, curves.png (the paper's modules: mean with 95% bands), rivals.png (the rival
@@ -29,13 +30,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from improved_diffusion.options import config  # noqa: E402
+from improved_diffusion.script_util import run_main  # noqa: E402
 from improved_diffusion.experiments.study import (  # noqa: E402,F401  (the study's API, as before)
     MAIN_VARIANTS, PAPER_VARIANTS, PRESETS, SWEEPS, configure, markdown, mean_interval, plan_of, run_all, run_done,
-    summarize, steps_to_target, t_quantile, with_steps, write_summary,
+    run_parallel, summarize, steps_to_target, t_quantile, with_steps, write_summary,
 )
 
 OPTIONS = ("preset", "out", "runs_dir", "variants", "seeds", "sweep_seeds", "steps", "fid_steps", "fid_samples",
-           "quality_samples", "data", "holdout", "extra_flags")
+           "quality_samples", "data", "holdout", "extra_flags", "parallel", "run_index")
 
 
 def create_argparser():
@@ -57,11 +59,16 @@ def main(argv=None):
         for name, cfg, flags, seed in plan:
             print(f"{name}\tseed {seed}\t{cfg} {' '.join(flags)}")
         return 0
-    if not args.summarize_only:
+    if args.run_index >= 0:  # one run, for --parallel
+        return run_all(preset, plan[args.run_index:args.run_index + 1], out, runs_dir, args.preset, args.keep_checkpoints)
+    if not args.summarize_only and args.parallel > 1:
+        worker = [sys.executable, os.path.abspath(__file__)] + [a for a in (argv or sys.argv[1:]) if a != "--summarize_only"]
+        run_parallel(preset, plan, out, runs_dir, args.parallel, worker)
+    elif not args.summarize_only:
         run_all(preset, plan, out, runs_dir, args.preset, keep_checkpoints=args.keep_checkpoints)
     write_summary(preset, out, args.preset)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -141,6 +142,25 @@ def test_tiny_study_killed_and_resumed(tmp_path):
     assert json.loads(first.read_text()) == rec
 
 
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_serial_records(tmp_path):
+    """--parallel 2: two runs at once, each its own process on one thread, the same
+    arithmetic as the serial study's, so the records' evaluations are equal exactly."""
+    data = tiny_data(tmp_path / "d.npz")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    records = {}
+    for mode, extra in (("serial", []), ("parallel", ["--parallel", "2"])):
+        cmd = study_cmd(tmp_path / mode, data) + ["--variants", "baseline"] + extra
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        records[mode] = {f: json.loads((tmp_path / mode / "out" / "runs" / f).read_text())["evals"]
+                         for f in ("baseline_seed0.json", "baseline_seed1.json")}
+    assert "2 to go, 2 at a time" in proc.stdout and proc.stdout.count(": finished") == 2, proc.stdout
+    assert records["parallel"] == records["serial"]
+    assert (tmp_path / "parallel" / "out" / "summary.json").exists()
+
+
 def test_plan_lists_main_table_and_sweeps(capsys):
     assert study.main(["--plan", "--sweeps", "clts_sigma"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -189,6 +209,46 @@ def test_digits_preset_scores_samples_with_the_digit_classifier(tmp_path):
         assert metrics["digit_fid"][step]["n"] == 2 and metrics["digit_fid"][step]["mean"] >= 0
         assert 0 <= metrics["recognisable"][step]["mean"] <= 1
     assert "digit-FID" in (tmp_path / "out" / "summary.md").read_text()
+
+
+
+@pytest.mark.slow
+def test_digits_paper_evaluates_each_run_at_its_best_posthoc_ema(tmp_path):
+    """The digits_paper preset: the paper's objective, and every run evaluated twice, at the
+    fixed EMA and at the std its selection samples score best; the best-EMA numbers are those
+    of the EMA rebuilt from the run's power-function EMAs (recomputed here)."""
+    from improved_diffusion.experiments import study as package
+    from improved_diffusion.experiments.analysis import load_model_and_diffusion
+    from improved_diffusion.run.posthoc_ema import reconstruct
+
+    rng = np.random.default_rng(1)
+    data = tmp_path / "grey.npz"
+    np.savez(data, (rng.random((60, 8, 8, 1)) > 0.6).astype(np.uint8) * 255, np.repeat(np.arange(10), 6))
+    preset = package.with_steps(package.PRESETS["digits_paper"], 4)
+    assert preset["eval_steps"] == (1, 2, 3, 4) and "--learn_sigma" in preset["train_flags"]
+    preset.update(data=str(data), holdout=10, heldout_images=10, quality_samples=6, quality_respacing="10",
+                  posthoc_stds=(0.05, 0.1, 0.2), train_flags=preset["train_flags"] + shlex.split(
+                      TINY + " --image_channels 1 --image_size 8"))
+    out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
+    package.run_all(preset, package.run_plan(preset, ["baseline"], [0, 1], [], []), out, runs, "digits_paper",
+                    keep_checkpoints=True)
+    summary = package.write_summary(preset, out, "digits_paper")
+
+    record = json.loads((tmp_path / "out" / "runs" / "baseline_seed0.json").read_text())
+    post = record["posthoc"]
+    assert set(post["selection"]) == {"0.05", "0.1", "0.2"}
+    assert post["std"] == float(min(post["selection"], key=post["selection"].get))
+    assert package.run_done(record, preset)
+    log_dir = os.path.join(runs, "baseline_seed0")
+    model, diffusion, _ = load_model_and_diffusion(log_dir, {}, device="cpu")
+    model.load_state_dict(reconstruct(log_dir, post["std"], 4, log=lambda *a: None)[0])
+    heldout = package.prepare_data(preset, os.path.join(runs, "data"))[1]
+    mse, vlb = package.heldout_metrics(model, diffusion, heldout, 10, 1, "cpu")
+    assert post["evals"]["4"]["heldout_mse"] == pytest.approx(mse, rel=1e-6)
+    assert post["evals"]["4"]["heldout_mse"] != record["evals"]["4"]["heldout_mse"]  # not the fixed EMA's
+    assert summary["posthoc"]["variants"]["baseline"]["std_by_seed"]["0"] == post["std"]
+    assert summary["posthoc"]["variants"]["baseline"]["metrics"]["digit_fid"]["4"]["n"] == 2
+    assert "## At each run's best EMA" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_training_options_are_rendered_from_the_table():

@@ -136,6 +136,23 @@ PRESETS["digits"] = dict(
     steps=_DIGITS_STEPS, eval_steps=_DIGITS_EVALS, quality_steps=_DIGITS_EVALS, quality_samples=300,
     quality_respacing="ddim25", train_flags=["--clts_target_steps", str(_DIGITS_STEPS // 5)],
     heldout_images=500)
+# digits_paper: the paper's objective (its CIFAR-10 experiment is Improved Diffusion's) on the
+# grey digits, 16 px (the demo data: the size at which a one-thread run reaches recognisable
+# digits in minutes): epsilon prediction with learned variances (L_hybrid), cosine schedule,
+# T = 4000, dropout 0.1, Adam betas (0.9, 0.999). Model, batch (32) and lr (2e-3) stay the
+# demo's, tuned for this 1.2M-parameter model (the paper's lr 1e-4 is for a 52.5M-parameter
+# model at batch 128 over 500k steps; it was not tried here), for the demo's full 2,500 steps.
+# Every run tracks power-function EMAs (std 0.05 and 0.10), so that each arm is also
+# evaluated at its best EMA, chosen from POSTHOC_STDS (`evaluate_posthoc`); samples use 100
+# ancestral steps, the sampler of learned-variance models.
+POSTHOC_STDS = (0.03, 0.05, 0.08, 0.12, 0.18)  # 0.08: about the fixed EMA 0.995 at 2,500 steps (200 / 2,500)
+_PAPER_DIGITS_STEPS = 2 * _DIGITS_STEPS
+_PAPER_DIGITS_EVALS = tuple(round(_PAPER_DIGITS_STEPS * k / 5) for k in range(1, 6))
+PRESETS["digits_paper"] = dict(
+    PRESETS["digits"], steps=_PAPER_DIGITS_STEPS, eval_steps=_PAPER_DIGITS_EVALS, quality_steps=_PAPER_DIGITS_EVALS,
+    quality_respacing="100", posthoc_stds=POSTHOC_STDS,
+    train_flags=["--predict_xstart", "False", "--learn_sigma", "True", "--diffusion_steps", "4000", "--dropout", "0.1",
+                 "--clts_target_steps", str(_PAPER_DIGITS_STEPS // 5), "--phema_stds", "0.05,0.1"])
 # The paper's ImageNet-128 setting (configs/imagenet128_*.json), 8 GPUs; held out: the
 # validation images (prepared like the training set, datasets/README.md).
 PRESETS["paper_imagenet128"] = dict(
@@ -247,18 +264,17 @@ def write_json(path, obj):
 
 
 def run_done(record, preset):
+    """Whether `record` holds every evaluation the preset asks for (at the best post-hoc EMA too)."""
     if not record:
         return False
-    ev = record.get("evals", {})
-    for step in preset["eval_steps"]:
-        e = ev.get(str(step))
-        if not e or "heldout_mse" not in e:
+    sets = [record.get("evals", {})]
+    if preset.get("posthoc_stds"):
+        post = record.get("posthoc", {})
+        if set(post.get("selection", {})) != {f"{s:g}" for s in preset["posthoc_stds"]}:
             return False
-        if step in preset["fid_steps"] and "fid" not in e:
-            return False
-        if step in preset.get("quality_steps", ()) and "digit_fid" not in e:
-            return False
-    return True
+        sets.append(post.get("evals", {}))
+    return all(str(step) in ev and not _missing(preset, ev[str(step)], step)
+               for ev in sets for step in preset["eval_steps"])
 
 
 def options_from_flags(flags, where="--extra_flags"):
@@ -359,7 +375,8 @@ def evaluate_run(preset, log_dir, record, heldout, ref_stats, cache, rec_path):
     """
     The missing evaluations of one run at the preset's steps, from its EMA checkpoints:
     held-out loss, FID (the `Evaluator`, samples seeded by 10,000 + step) and digit quality
-    (samples seeded by 20,000 + step); the record is written after each step.
+    (samples seeded by 20,000 + step); the record is written after each step. With the
+    preset's `posthoc_stds`, the same again at the run's best post-hoc EMA (`evaluate_posthoc`).
 
     :param cache: shared over runs: "networks" (the evaluators' feature networks), "digits",
                   "train_path".
@@ -369,34 +386,83 @@ def evaluate_run(preset, log_dir, record, heldout, ref_stats, cache, rec_path):
     from .analysis import load_model_and_diffusion
 
     torch.set_num_threads(1)
-    device = preset["device"]
     cfg = load_json(os.path.join(log_dir, "config.json"))
     flags = {k: cfg[k] for k in config.names(*config.MODEL_GROUPS) if k in cfg}
     rate = cfg["ema_rate"].split(",")[0]
+    evaluators = _evaluators(preset, flags, ref_stats, cache)
+    for step in preset["eval_steps"]:
+        e = record["evals"].setdefault(str(step), {})
+        if _missing(preset, e, step):
+            path = os.path.join(log_dir, f"ema_{rate}_{step:06d}.pt")
+            model, diffusion, _ = load_model_and_diffusion(path, flags, device=preset["device"])  # load_run
+            _fill_metrics(preset, e, step, model, diffusion, heldout, evaluators, cache)
+            write_json(rec_path, record)
+    if preset.get("posthoc_stds"):
+        evaluate_posthoc(preset, log_dir, record, flags, heldout, evaluators, cache, rec_path)
+
+
+def _evaluators(preset, flags, ref_stats, cache):
+    """(FID evaluator or None, digit-sample evaluator or None) of a run's model options."""
     networks = cache.setdefault("networks", {})
     fid_eval = quality = None
     if preset["fid_steps"]:
-        fid_eval = Evaluator(ref_stats, ("fid",), device=device, networks=networks, sampling=Sampling(
+        fid_eval = Evaluator(ref_stats, ("fid",), device=preset["device"], networks=networks, sampling=Sampling(
             flags, preset["fid_respacing"], preset["fid_samples"], preset["fid_batch"]))
     if preset.get("quality_steps"):
-        quality = Evaluator(device=device, sampling=Sampling(
+        quality = Evaluator(device=preset["device"], sampling=Sampling(
             flags, preset["quality_respacing"], preset["quality_samples"], preset["quality_samples"]))
+    return fid_eval, quality
+
+
+def _missing(preset, e, step):
+    """Whether evaluation record `e` of `step` lacks a metric the preset asks for there."""
+    return ("heldout_mse" not in e or (step in preset["fid_steps"] and "fid" not in e)
+            or (step in preset.get("quality_steps", ()) and "digit_fid" not in e))
+
+
+def _fill_metrics(preset, e, step, model, diffusion, heldout, evaluators, cache):
+    """The metrics `e` lacks at `step`, of `model`: held-out loss, FID, digit quality."""
+    fid_eval, quality = evaluators
+    device = preset["device"]
+    if "heldout_mse" not in e and heldout is not None:
+        e["heldout_mse"], e["heldout_vlb_bpd"] = heldout_metrics(
+            model, diffusion, heldout, preset["heldout_images"], preset["heldout_repeats"], device)
+    if step in preset["fid_steps"] and "fid" not in e:
+        e["fid"] = float(fid_eval.score(np.asarray(fid_eval.sample(model, seed=10_000 + step)))["fid"])
+    if step in preset.get("quality_steps", ()) and "digit_fid" not in e:
+        e.update(digit_quality(quality.sample(model, seed=20_000 + step), preset, cache))
+
+
+def evaluate_posthoc(preset, log_dir, record, flags, heldout, evaluators, cache, rec_path):
+    """
+    Every arm at its best EMA: at the final step, the EMA of each std of `posthoc_stds` is
+    rebuilt from the run's power-function EMAs (run/posthoc_ema.py) and scored by the digit-FID
+    of selection samples (seeded by 30,000 + step: not the reported samples); the best std's
+    EMA is then evaluated at every evaluation step as the fixed EMA is, into record["posthoc"].
+    One rule for every arm; the fixed-EMA results stay in record["evals"].
+    """
+    from ..run.posthoc_ema import reconstruct
+    from .analysis import load_model_and_diffusion
+
+    if evaluators[1] is None:
+        raise ValueError("the preset's posthoc_stds need its quality_steps: the EMA is chosen by digit-FID")
+    post = record.setdefault("posthoc", {"selection": {}, "evals": {}})
+    final = preset["steps"]
+    model, diffusion, _ = load_model_and_diffusion(log_dir, flags, device=preset["device"])
+    quality = evaluators[1]
+    for std in preset["posthoc_stds"]:
+        if f"{std:g}" not in post["selection"]:
+            model.load_state_dict(reconstruct(log_dir, std, final, log=lambda *a: None)[0])
+            samples = quality.sample(model, seed=30_000 + final)
+            post["selection"][f"{std:g}"] = digit_quality(samples, preset, cache)["digit_fid"]
+            write_json(rec_path, record)
+    post["std"] = float(min(post["selection"], key=post["selection"].get))
     for step in preset["eval_steps"]:
-        e = record["evals"].setdefault(str(step), {})
-        need_fid = step in preset["fid_steps"] and "fid" not in e
-        need_quality = step in preset.get("quality_steps", ()) and "digit_fid" not in e
-        if "heldout_mse" in e and not need_fid and not need_quality:
-            continue
-        path = os.path.join(log_dir, f"ema_{rate}_{step:06d}.pt")
-        model, diffusion, _ = load_model_and_diffusion(path, flags, device=device)  # load_run
-        if "heldout_mse" not in e and heldout is not None:
-            e["heldout_mse"], e["heldout_vlb_bpd"] = heldout_metrics(
-                model, diffusion, heldout, preset["heldout_images"], preset["heldout_repeats"], device)
-        if need_fid:
-            e["fid"] = float(fid_eval.score(np.asarray(fid_eval.sample(model, seed=10_000 + step)))["fid"])
-        if need_quality:
-            e.update(digit_quality(quality.sample(model, seed=20_000 + step), preset, cache))
-        write_json(rec_path, record)
+        e = post["evals"].setdefault(str(step), {})
+        if _missing(preset, e, step):
+            model.load_state_dict(reconstruct(log_dir, post["std"], step, log=lambda *a: None)[0])
+            _fill_metrics(preset, e, step, model, diffusion, heldout, evaluators, cache)
+            write_json(rec_path, record)
 
 
 def digit_quality(images, preset, cache, threshold=0.9):
@@ -545,6 +611,14 @@ def markdown(summary):
     for variant, v in summary["variants"].items():
         m = v["metrics"].get("heldout_mse", {})
         lines.append(f"| {variant} | " + " | ".join(_fmt(m.get(str(s)), 3) for s in summary["eval_steps"]) + " |")
+    if "posthoc" in summary:
+        stds = {v: ", ".join(f"{s:g}" for s in x.get("std_by_seed", {}).values())
+                for v, x in summary["posthoc"]["variants"].items()}
+        lines += ["", "## At each run's best EMA", "",
+                  "The EMA std of each run chosen post hoc (power-function EMA, run/posthoc_ema.py) by the "
+                  "digit-FID of selection samples at the final step (not the samples reported here); the same "
+                  "rule for every arm. Chosen stds by seed: " + "; ".join(f"{v} {s}" for v, s in stds.items()) + ".",
+                  "", markdown(summary["posthoc"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -694,12 +768,57 @@ def run_all(preset, plan, out, runs_dir, preset_name, keep_checkpoints=False):
               f"({t1 - t0:.0f} s train, {time.time() - t1:.0f} s eval)", flush=True)
 
 
+def run_parallel(preset, plan, out, runs_dir, workers, worker_argv):
+    """
+    The runs of `plan` not done yet, `workers` at a time, each in its own process: `worker_argv`
+    (scripts/study.py's own command line) with `--run_index i`, logged to
+    RUNS_DIR/study_workerI.out. What the runs share is made here first, once: the data split,
+    the FID reference, the digit classifier. A failed run is reported when all have ended.
+    """
+    train_path, _ = prepare_data(preset, os.path.join(runs_dir, "data"))
+    if preset["fid_steps"]:
+        reference_stats(preset, train_path, os.path.join(runs_dir, "data"), {})
+    if preset.get("quality_steps"):
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+        import digit_score
+
+        digit_score.load_or_train(os.path.join(ROOT, preset["data"]))
+    todo = [i for i, (name, _, _, seed) in enumerate(plan) if not run_done(load_json(run_file(out, name, seed)), preset)]
+    print(f"study: {len(plan) - len(todo)} of {len(plan)} runs done; {len(todo)} to go, {workers} at a time", flush=True)
+    os.makedirs(runs_dir, exist_ok=True)
+    running, failed = {}, []
+    while todo or running:
+        while todo and len(running) < workers:
+            i = todo.pop(0)
+            log = open(os.path.join(runs_dir, f"study_worker{i}.out"), "a")
+            cmd = list(worker_argv) + ["--run_index", str(i)]
+            running[i] = (subprocess.Popen(cmd, cwd=ROOT, env=one_thread_env(), stdout=log, stderr=subprocess.STDOUT), log)
+            print(f"[{i + 1}/{len(plan)}] {plan[i][0]} seed {plan[i][3]}: started", flush=True)
+        time.sleep(1.0)
+        for i, (proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[i]
+            state = "finished" if proc.returncode == 0 else f"FAILED ({proc.returncode}; see {log.name})"
+            print(f"[{i + 1}/{len(plan)}] {plan[i][0]} seed {plan[i][3]}: {state}", flush=True)
+            if proc.returncode != 0:
+                failed.append(log.name)
+    if failed:
+        raise RuntimeError(f"study: {len(failed)} run(s) failed: {', '.join(failed)}")
+
+
 def write_summary(preset, out, preset_name):
     """OUT/summary.json, summary.md and the figures, from the finished runs in OUT/runs."""
     records = [r for r in (load_json(os.path.join(out, "runs", f)) for f in sorted(os.listdir(os.path.join(out, "runs")))
                            if f.endswith(".json")) if r and run_done(r, preset)] if os.path.isdir(os.path.join(out, "runs")) else []
     summary = summarize(preset, records)
     summary["preset"] = preset_name
+    best = [dict(r, evals=r["posthoc"]["evals"]) for r in records if "posthoc" in r]
+    if best:  # the same tables at each run's best post-hoc EMA, and the stds chosen
+        summary["posthoc"] = summarize(preset, best)
+        for r in best:
+            summary["posthoc"]["variants"][r["variant"]].setdefault("std_by_seed", {})[str(r["seed"])] = r["posthoc"]["std"]
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(summary))
@@ -708,6 +827,8 @@ def write_summary(preset, out, preset_name):
     rivals = (set(MAIN_VARIANTS) - set(PAPER_VARIANTS)) & set(summary["variants"])
     if rivals:
         plot(summary, os.path.join(out, "rivals.png"), variants=rivals | {"baseline"})
+    if "posthoc" in summary:
+        plot(summary["posthoc"], os.path.join(out, "curves_posthoc.png"))
     swept = [v for v in summary["variants"] if "=" in v]
     if swept:
         plot(summary, os.path.join(out, "sweeps.png"), variants=set(swept) | {"baseline"})

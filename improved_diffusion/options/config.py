@@ -185,7 +185,7 @@ TOOL_OPTIONS = [
     _o("adm_compatible", False, "also store the images as arr_0, so that guided-diffusion's evaluations/"
        "evaluator.py reads the file as a reference batch", "fid"),
     _o("preset", "cpu", "the study's setting (improved_diffusion/experiments/study.py PRESETS)", "study",
-       choices=("cpu", "digits", "gpu", "paper", "paper_imagenet128")),
+       choices=("cpu", "digits", "digits_paper", "gpu", "paper", "paper_imagenet128")),
     _o("out", "", "summaries (default docs/study/PRESET)", "study"),
     _o("runs_dir", "", "training runs (default runs/study/PRESET)", "study"),
     _o("variants", ",".join(methods.variants()), "comma-separated; empty: none", "study"),
@@ -199,6 +199,9 @@ TOOL_OPTIONS = [
     _o("data", "", "the data .npz (default: the preset's)", "study"),
     _o("holdout", -1, "images held out at the end of --data (default: the preset's)", "study"),
     _o("extra_flags", "", "extra image_train.py flags for every run (tests)", "study"),
+    _o("parallel", 1, "runs at once, each trained and evaluated by its own process on one thread (a 2-core "
+       "machine: 2; a GPU: as many small runs as fit)", "study", check=positive),
+    _o("run_index", -1, "run only this entry of the plan (--plan's order); what --parallel's workers do", "study"),
     _o("sweeps", "", "also run sweeps: all, or comma-separated of clts_sigma, clts_mu, md_beta_min", "study",
        argparse_kw=(("nargs", "?"), ("const", "all"))),
     _o("baseline", "baseline", "the run whose final FID the others are measured against", "summarize"),
