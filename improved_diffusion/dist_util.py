@@ -21,6 +21,7 @@ Which launcher started us is read from the environment, first match wins:
 """
 
 import atexit
+import datetime
 import io
 import itertools
 import os
@@ -40,6 +41,9 @@ _SLURM_STEP_VARS = ("SLURM_STEP_ID", "SLURM_STEPID")
 _SLURM_NODELIST_VARS = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
 # The rendezvous port of a SLURM job: 15000 + job id mod 15000, below Linux's ephemeral ports.
 _SLURM_PORT_BASE, _SLURM_PORT_SPAN = 15000, 15000
+# The process group's --dist_timeout (seconds), once set up; the gloo group of cpu_group().
+_TIMEOUT = None
+_CPU_GROUP = None
 
 
 def _mpi_world_size(environ=None):
@@ -213,25 +217,33 @@ def _slurm_master_port(environ, why):
 # ---------------------------------------------------------------------------- setup
 
 
-def setup_dist(backend=None):
+def setup_dist(backend=None, timeout=None):
     """
     Join the process group the launcher set up, and bind this rank to its GPU; rank 0 says
     which launcher it found and the world it sees (one line; nothing for a plain python
     outside a SLURM job).
 
+    `timeout` (seconds, --dist_timeout; None: torch's default) bounds the wait for all ranks
+    to join and every collective: a frozen or dead rank ends the job with an error that
+    `timeout_message` turns into one line (gloo raises it in the waiting call; NCCL's
+    watchdog aborts the process, naming the collective).
+
     torchrun: read RANK / WORLD_SIZE / MASTER_ADDR from the environment.
     mpiexec: take rank and size from MPI.COMM_WORLD, the address and a free port from rank 0.
     srun: see `slurm_task`. Anything else: one process, no process group.
     """
+    global _TIMEOUT
     if dist.is_initialized():
         return
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
+    _TIMEOUT = timeout
+    wait = {} if timeout is None else {"timeout": datetime.timedelta(seconds=timeout)}
     launcher = detect_launcher()
     if launcher == "torchrun":
         if int(os.environ["WORLD_SIZE"]) > 1:
             _bind_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend=backend, init_method="env://")
+            dist.init_process_group(backend=backend, init_method="env://", **wait)
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         _announce("torchrun (RANK, WORLD_SIZE)", backend, where)
     elif launcher == "mpiexec":
@@ -253,6 +265,7 @@ def setup_dist(backend=None):
             init_method=f"tcp://{host}:{port}",
             rank=comm.Get_rank(),
             world_size=comm.Get_size(),
+            **wait,
         )
         _announce("mpiexec (MPI.COMM_WORLD)", backend, f"{host}:{port}")
     elif launcher == "srun":
@@ -266,6 +279,7 @@ def setup_dist(backend=None):
                 init_method=f"tcp://{_url_host(task.host)}:{task.port}",
                 rank=task.rank,
                 world_size=task.world_size,
+                **wait,
             )
             _announce(name, backend, f"{task.host}:{task.port}")
         else:
@@ -332,6 +346,30 @@ def barrier():
         dist.barrier()
 
 
+def cpu_group():
+    """A gloo group of every rank for tiny host-side collectives (the default group when that
+    is gloo), so that they never wait for a GPU's queue; the first call is a collective."""
+    global _CPU_GROUP
+    if not dist.is_initialized() or dist.get_backend() == "gloo":
+        return None
+    if _CPU_GROUP is None:
+        wait = {} if _TIMEOUT is None else {"timeout": datetime.timedelta(seconds=_TIMEOUT)}
+        _CPU_GROUP = dist.new_group(backend="gloo", **wait)
+    return _CPU_GROUP
+
+
+def timeout_message(error):
+    """One line for an error of a collective that waited --dist_timeout in vain (gloo's
+    "Timed out waiting 5000ms for recv operation"), else None."""
+    text = str(error)
+    if _TIMEOUT is None or "timed out" not in text.lower():
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0])  # gloo's "[file.cc:78] " prefix
+    return (f"rank {get_rank()} of {get_world_size()}: a collective got no answer from another rank within "
+            f"--dist_timeout {_TIMEOUT:g} s ({detail}): a rank is frozen, dead or far behind. The job stops here; "
+            "the same command continues from the newest checkpoint")
+
+
 def all_reduce_sum(tensor):
     """Sum a tensor over ranks in place (no-op on one process)."""
     if dist.is_initialized():
@@ -383,5 +421,7 @@ def sync_params(params):
 
 
 def cleanup():
+    global _CPU_GROUP
     if dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_GROUP = None

@@ -226,6 +226,19 @@ def load_image_dataset(
     raise ValueError(f"data_dir {data_dir!r} is neither a folder of images nor an .npz file")
 
 
+def check_labels_fit(dataset, num_classes, data, classes):
+    """
+    ValueError, before any training step, when labels of `dataset` do not index `num_classes`
+    classes (a label embedding's rows, a classifier's logits; a diffusion model's null label
+    of --class_dropout_prob comes after them): one line naming the data (`data`, e.g.
+    "--data_dir PATH"), its largest label and what sets the count (`classes`).
+    """
+    if dataset.labels is None or num_classes is None or dataset.num_classes <= num_classes:
+        return
+    raise ValueError(f"{data} has labels up to {dataset.num_classes - 1}, but {classes} is {num_classes} "
+                     f"(labels 0 to {num_classes - 1})")
+
+
 def list_image_files(data_dir):
     """All image files under ``data_dir``, recursively, in sorted order per folder."""
     found = []
@@ -345,6 +358,8 @@ def _npz_member_memmap(path, member):
 
 
 def _load_npz(path, image_size, class_cond, progress, mmap, channels):
+    if not zipfile.is_zipfile(path):  # numpy would call it pickled data and advise unsafe loading
+        raise ValueError(f"{path!r} is not a valid .npz archive (a zip of .npy arrays, as numpy.savez writes it)")
     try:
         npz = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:

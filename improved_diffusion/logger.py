@@ -28,6 +28,7 @@ class _CSVWriter:
         self.path = path
         self.keys = []
         if os.path.exists(path):
+            _cut_partial_line(path)
             with open(path, newline="") as f:
                 header = next(csv.reader(f), [])
             self.keys = list(header)
@@ -40,10 +41,7 @@ class _CSVWriter:
                 with open(self.path, newline="") as f:
                     rows = list(csv.DictReader(f))
             self.keys.extend(new)
-            with open(self.path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=self.keys)
-                w.writeheader()
-                w.writerows(rows)
+            _rewrite_csv(self.path, self.keys, rows)
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.keys).writerow({k: row.get(k, "") for k in self.keys})
 
@@ -96,6 +94,7 @@ class Logger:
         if log_dir is not None and dist_util.is_main():
             os.makedirs(log_dir, exist_ok=True)
             self.writers.append(_CSVWriter(os.path.join(log_dir, "progress.csv")))
+            _cut_partial_line(os.path.join(log_dir, "progress.jsonl"))
             self.jsonl = open(os.path.join(log_dir, "progress.jsonl"), "a")
             self.text = open(os.path.join(log_dir, "log.txt"), "a")
             if tensorboard:
@@ -197,10 +196,7 @@ class Logger:
             kept = [r for r in rows if (parse_number(r.get("step")) or 0) <= step]
             dropped = len(rows) - len(kept)
             if dropped:
-                with open(csv_path, "w", newline="") as f:
-                    writer = csv.DictWriter(f, fieldnames=keys)
-                    writer.writeheader()
-                    writer.writerows(kept)
+                _rewrite_csv(csv_path, keys, kept)
         jsonl_path = os.path.join(self.dir, "progress.jsonl")
         if os.path.isfile(jsonl_path):
             self.jsonl.flush()
@@ -208,8 +204,9 @@ class Logger:
                 lines = f.readlines()
             kept_lines = [line for line in lines if _jsonl_step(line) <= step]
             if len(kept_lines) != len(lines):
-                with open(jsonl_path, "w") as f:
-                    f.writelines(kept_lines)
+                _replace_file(jsonl_path, lambda f: f.writelines(kept_lines))
+                self.jsonl.close()  # it wrote to the file just replaced
+                self.jsonl = open(jsonl_path, "a")
         return dropped
 
     def log_image(self, key, image, step):
@@ -264,6 +261,42 @@ def read_progress(log_dir):
 def progress_series(rows, key):
     """[(step, value), ...] of one column of `read_progress`'s rows, in step order."""
     return [(step, rows[step][key]) for step in sorted(rows) if key in rows[step]]
+
+
+def _cut_partial_line(path):
+    """Cut a file back to its last complete line: a run killed while writing a row leaves a
+    partial one, which the next row appended would be glued onto."""
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+    except FileNotFoundError:
+        pass
+
+
+def _replace_file(path, write):
+    """Rewrite `path` whole through a temporary file and os.replace: a run killed meanwhile
+    leaves the old file or the new one, never a cut one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w", newline="") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _rewrite_csv(path, keys, rows):
+    """progress.csv as `keys` and `rows`; cells of no column (a row glued onto a cut one by
+    earlier versions) are dropped rather than failing the rewrite."""
+    def write(f):
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    _replace_file(path, write)
 
 
 def _jsonl_step(line):

@@ -463,8 +463,11 @@ def args_to_dict(args, keys):
 def run_main(main, errors=(ValueError, FileNotFoundError)):
     """
     Run a script's `main()`: a user error (bad flag, missing file, ...) prints one `error:`
-    line and exits 2, with the traceback only when IMPROVED_DIFFUSION_DEBUG is set.
+    line and exits 2, a collective past --dist_timeout one line and exits 1, with the
+    traceback only when IMPROVED_DIFFUSION_DEBUG is set.
     """
+    from . import dist_util
+
     try:
         return main()
     except errors as e:
@@ -472,6 +475,12 @@ def run_main(main, errors=(ValueError, FileNotFoundError)):
             raise
         print(f"error: {e}\n(set IMPROVED_DIFFUSION_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(2)
+    except RuntimeError as e:
+        message = dist_util.timeout_message(e)
+        if message is None or os.environ.get("IMPROVED_DIFFUSION_DEBUG"):
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: tearing the process group down would wait for the missing rank again
 
 
 # ---------------------------------------------------------------------------------------

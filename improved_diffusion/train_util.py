@@ -30,6 +30,7 @@ from .logger import Logger
 from .methods.momentum import MomentumSchedule
 from .run.precision import MixedPrecision
 from .resample import UniformSampler
+from .run.preemption import StopRequest
 from .run.run_dir import RunDir
 
 PRECISIONS = ("fp32", "bf16", "fp16", "fp64")  # resolved: precision.resolve turns "auto" into one of these
@@ -70,6 +71,8 @@ class TrainConfig:
     compile_mode: str = _default("compile_mode")
     optimizer_impl: str = _default("optimizer_impl")
     eval_interval: int = _default("eval_interval")
+    stop_signals: str = _default("stop_signals")  # save at an agreed step and exit 75 on these (run/preemption.py)
+    save_minutes: float = _default("save_minutes")  # also save by rank 0's clock (0: off)
     progress: bool = True  # a progress bar on interactive terminals
 
     def __post_init__(self):
@@ -263,34 +266,39 @@ class TrainLoop:
     # ------------------------------------------------------------------ the loop
 
     def run_loop(self):
-        """Train until `total_steps` (or forever), then save a final checkpoint."""
+        """Train until `total_steps` (or forever), then save a final checkpoint; a --stop_signals signal
+        saves at a step all ranks agree on and raises Stopped (exit 75; run/preemption.py)."""
         total = self.config.end_step()
         if total is not None and self.step >= total:
             self.logger.log(f"nothing to train: the run is at step {self.step}, and --total_steps / --stop_at "
                             f"end it at step {total}")
         bar = _progress_bar(total, self.step) if self.config.progress else None
         self._interval_start = (time.perf_counter(), self.step)
-        while total is None or self.step < total:
-            batch, cond = next(self.data)
-            self.run_step(batch, cond)
-            self.step += 1
+        with StopRequest.of(self.config, self.logger) as stop:
+            while total is None or self.step < total:
+                batch, cond = next(self.data)
+                self.run_step(batch, cond)
+                self.step += 1
+                if bar is not None:
+                    bar.update(1)
+                evaluated = self.config.eval_interval and self.evaluator and self.step % self.config.eval_interval == 0
+                if evaluated:
+                    self.evaluate()
+                if evaluated or self.step % self.config.log_interval == 0:
+                    self.dump_logs()
+                due = stop.due(self.step)  # "stop", "save" or None: the same on every rank
+                if due or self.step % self.config.save_interval == 0:
+                    self.save()
+                if self.config.snapshot_due(self.step):
+                    self.run_dir.save_snapshot(self.step, self.phema.state_dict)
+                if due == "stop":
+                    break
             if bar is not None:
-                bar.update(1)
-            evaluated = self.config.eval_interval and self.evaluator and self.step % self.config.eval_interval == 0
-            if evaluated:
-                self.evaluate()
-            if evaluated or self.step % self.config.log_interval == 0:
-                self.dump_logs()
-            if self.step % self.config.save_interval == 0:
+                bar.close()
+            if self.last_saved_step != self.step:
                 self.save()
-            if self.config.snapshot_due(self.step):
-                self.run_dir.save_snapshot(self.step, self.phema.state_dict)
-        if bar is not None:
-            bar.close()
-        if self.last_saved_step != self.step:
-            self.save()
-        if self.logger.pending:
-            self.dump_logs()
+            if self.logger.pending:
+                self.dump_logs()
 
     def run_step(self, batch, cond):
         """One optimizer update at global step `self.step`."""
@@ -310,6 +318,7 @@ class TrainLoop:
         # methods (immiscible, input perturbation) change it here, on the whole batch too.
         t, weights = self.schedule_sampler.sample(x.shape[0], self.device)
         noise, input_noise = draw_noise(x, self.noise_transform, self.memory_format)
+        cond = draw_label_drop(self.model, cond)
         self.opt.zero_grad(set_to_none=True)
         for start in range(0, x.shape[0], self.microbatch):
             self._accumulate(slice(start, start + self.microbatch), x, cond, t, weights, noise, input_noise)
@@ -491,6 +500,16 @@ def draw_noise(x, transform, memory_format):
         noise, input_noise = transform(x, noise)
         input_noise = input_noise.contiguous(memory_format=memory_format)
     return noise.contiguous(memory_format=memory_format), input_noise
+
+
+def draw_label_drop(model, cond):
+    """`cond` with classifier-free guidance's label drop (--class_dropout_prob) for the whole
+    batch, drawn beside its noise, so that --microbatch never changes which labels are dropped
+    (the model would draw it per microbatch): the model's `drop_labels`."""
+    p = getattr(model, "class_dropout_prob", 0.0)
+    if p <= 0 or "y" not in cond or not model.training:
+        return cond
+    return {**cond, "drop_labels": torch.rand(cond["y"].shape, device=cond["y"].device) < p}
 
 
 def grad_norm_and_clip(params, grad_clip):

@@ -594,7 +594,7 @@ class UNetModel(nn.Module):
     # improved-diffusion's name for the same thing.
     inner_dtype = dtype
 
-    def _embed(self, x, timesteps, y):
+    def _embed(self, x, timesteps, y, drop_labels=None):
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("must specify y if and only if the model is class-conditional")
         # The sinusoid is computed in float32 (float64 for a float64 model); it only meets
@@ -608,22 +608,28 @@ class UNetModel(nn.Module):
                 raise ValueError(
                     f"y must have shape ({x.shape[0]},), got {tuple(y.shape)}"
                 )
-            if self.training and self.class_dropout_prob > 0:
-                drop = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
-                y = torch.where(drop, torch.full_like(y, self.null_label), y)
+            if drop_labels is None and self.training and self.class_dropout_prob > 0:
+                drop_labels = torch.rand(y.shape, device=y.device) < self.class_dropout_prob
+            if drop_labels is not None:
+                if self.null_label is None:
+                    raise ValueError("drop_labels needs a model built with class_dropout_prob > 0 (a null label)")
+                y = torch.where(drop_labels, torch.full_like(y, self.null_label), y)
             emb = emb + self.label_emb(y)
         return emb
 
-    def forward(self, x, timesteps, y=None):
+    def forward(self, x, timesteps, y=None, drop_labels=None):
         """
         Apply the model to an input batch.
 
         :param x: an [N x C x ...] tensor of inputs.
         :param timesteps: a 1-D batch of timesteps (may be fractional).
         :param y: an [N] tensor of labels, if class-conditional.
+        :param drop_labels: with `class_dropout_prob` > 0, an [N] bool tensor: the labels to
+            replace by the null label (the training loop draws it for the whole batch, so that
+            --microbatch changes nothing); None: drawn here, in training mode.
         :return: an [N x C x ...] tensor of outputs.
         """
-        emb = self._embed(x, timesteps, y)
+        emb = self._embed(x, timesteps, y, drop_labels)
         hs = []
         h = x.type(self.dtype)
         for module in self.input_blocks:

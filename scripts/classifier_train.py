@@ -39,8 +39,9 @@ from improved_diffusion.run import checkpoint as ckpt
 from improved_diffusion.options import config
 from improved_diffusion import dist_util
 from improved_diffusion.run import precision
-from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
+from improved_diffusion.image_datasets import BatchStream, check_labels_fit, load_image_dataset, to_model_input
 from improved_diffusion.resample import create_named_schedule_sampler
+from improved_diffusion.run.preemption import StopRequest
 from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import (
     CLASSIFIER_EXTRA_DEFAULTS,
@@ -55,6 +56,8 @@ from improved_diffusion.train_util import make_adamw, TrainConfig
 CLASSIFIER_KEYS = (*classifier_and_diffusion_defaults(), *CLASSIFIER_EXTRA_DEFAULTS)
 # Options of the training table that this script shares (lr and batch_size at its own defaults).
 TRAIN_FLAGS = ("lr", "weight_decay", "batch_size", "log_interval", "save_interval", "seed")
+# ... and how a run stops: on a scheduler's signal, by the clock, when a rank stops answering.
+RUN_FLAGS = ("stop_signals", "save_minutes", "dist_timeout")
 
 
 def model_timesteps(diffusion, t):
@@ -84,19 +87,15 @@ def check_args(args):
 
 def load_labelled(path, args, flag):
     dataset = load_image_dataset(path, args.image_size, class_cond=True)
-    if dataset.num_classes > args.classifier_num_classes:
-        raise ValueError(
-            f"class count mismatch: --{flag} {path} has {dataset.num_classes} classes but the "
-            f"classifier has {args.classifier_num_classes} outputs (--classifier_num_classes)"
-        )
+    check_labels_fit(dataset, args.classifier_num_classes, f"--{flag} {path}", "--classifier_num_classes")
     return dataset
 
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
-    config.validate({"precision": args.precision})
+    config.validate({name: getattr(args, name) for name in ("precision", *RUN_FLAGS)})
     check_args(args)
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     device = dist_util.dev()
     log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or "runs/classifier"
     run_precision = precision.resolve(args.precision, device, use_fp16=args.classifier_use_fp16)
@@ -185,31 +184,36 @@ def train(args, run_dir, options, step, state, opt, classifier, diffusion, sampl
                     mixed.backward(losses.sum() / n)
 
     stop = min(args.iterations, args.stop_at) if args.stop_at else args.iterations
-    while step < stop:
-        lr = args.lr * (1 - step / args.iterations) if args.anneal_lr else args.lr
-        for group in opt.param_groups:
-            group["lr"] = lr
-        logger.logkv("lr", lr)
-        opt.zero_grad(set_to_none=True)
-        forward_backward_log(data, "train", train=True)
-        mixed.unscale_()
-        grads = [p.grad for p in classifier.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-        finite = torch.isfinite(grad_norm)
-        mixed.step(finite)
-        logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
-        if val_data is not None and step % args.eval_interval == 0:
-            classifier.eval()
-            with torch.no_grad():
-                forward_backward_log(val_data, "val", train=False)
-            classifier.train()
-        step += 1
-        if step % args.log_interval == 0 or step == stop:
-            logger.logkv("step", step)
-            logger.logkv("samples", step * args.batch_size * world)
-            logger.dumpkvs()
-        if step % args.save_interval == 0 or step == stop:
-            save(run_dir, step, classifier, opt, state, options)
+    # A --stop_signals signal saves at a step every rank agrees on, then exits with code 75.
+    with StopRequest(args.stop_signals, args.save_minutes, log=logger.log) as request:
+        while step < stop:
+            lr = args.lr * (1 - step / args.iterations) if args.anneal_lr else args.lr
+            for group in opt.param_groups:
+                group["lr"] = lr
+            logger.logkv("lr", lr)
+            opt.zero_grad(set_to_none=True)
+            forward_backward_log(data, "train", train=True)
+            mixed.unscale_()
+            grads = [p.grad for p in classifier.parameters() if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            finite = torch.isfinite(grad_norm)
+            mixed.step(finite)
+            logger.logkv_sum("grad_norm", torch.where(finite, grad_norm, 0.0), finite)
+            if val_data is not None and step % args.eval_interval == 0:
+                classifier.eval()
+                with torch.no_grad():
+                    forward_backward_log(val_data, "val", train=False)
+                classifier.train()
+            step += 1
+            if step % args.log_interval == 0 or step == stop:
+                logger.logkv("step", step)
+                logger.logkv("samples", step * args.batch_size * world)
+                logger.dumpkvs()
+            due = request.due(step)  # "stop", "save" (--save_minutes) or None, the same on every rank
+            if due or step % args.save_interval == 0 or step == stop:
+                save(run_dir, step, classifier, opt, state, options)
+            if due == "stop":
+                break
     logger.log(f"done: {step} steps, checkpoints in {run_dir.path}")
 
 
@@ -271,6 +275,7 @@ def create_argparser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_options(parser, config.TOOLS["classifier_train"], table=config.TOOLS["classifier_train"])
     config.add_options(parser, TRAIN_FLAGS, use="classifier_train")
+    config.add_options(parser, RUN_FLAGS)
     config.add_options(parser, ["image_size", *diffusion_defaults()])
     config.add_options(parser, config.TOOLS["classifier"], table=config.TOOLS["classifier"])
     return parser

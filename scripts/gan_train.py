@@ -24,6 +24,7 @@ from improved_diffusion.run import checkpoint as ckpt
 from improved_diffusion import dist_util
 from improved_diffusion.experiments import gan
 from improved_diffusion.image_datasets import BatchStream, load_image_dataset, to_model_input
+from improved_diffusion.run.preemption import StopRequest
 from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.evaluation.sampling import save_grid
 from improved_diffusion.options import config
@@ -33,6 +34,8 @@ from improved_diffusion.script_util import run_main
 ARCH_KEYS = ("latent_dim", "g_width", "d_width", "image_size", "channels")
 # Options that change the training itself: continuing with other values is allowed, with a note.
 TRAIN_KEYS = ("data_dir", "seed", "batch_size", "lr", "beta1", "beta2")
+# How a run stops (the training table's): on a scheduler's signal, and saving by the clock.
+RUN_FLAGS = ("stop_signals", "save_minutes")
 
 
 def check_args(args):
@@ -54,6 +57,7 @@ def check_args(args):
             raise ValueError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if args.image_size:
         gan.num_levels(args.image_size)
+    config.validate({name: getattr(args, name) for name in RUN_FLAGS})
 
 
 def main(argv=None):
@@ -91,41 +95,47 @@ def train(args, run_dir, options, step, nets, opts, stream):
     (generator, discriminator), (opt_g, opt_d), log = nets, opts, run_dir.logger
     device = dist_util.dev()
     start = time.time()
-    while step < args.total_steps:
-        images, _ = next(stream)
-        real = to_model_input(images, device)
-        z = th.randn(real.shape[0], args.latent_dim, device=device)
+    # A --stop_signals signal saves at the step reached, then exits with code 75 (a requeue).
+    with StopRequest(args.stop_signals, args.save_minutes, log=log.log) as request:
+        while step < args.total_steps:
+            images, _ = next(stream)
+            real = to_model_input(images, device)
+            z = th.randn(real.shape[0], args.latent_dim, device=device)
 
-        # Discriminator step: real and fake batches pass through D separately.
-        fake = generator(z)
-        real_logits = discriminator(real)
-        fake_logits = discriminator(fake.detach())
-        loss_d = gan.discriminator_loss(real_logits, fake_logits)
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
+            # Discriminator step: real and fake batches pass through D separately.
+            fake = generator(z)
+            real_logits = discriminator(real)
+            fake_logits = discriminator(fake.detach())
+            loss_d = gan.discriminator_loss(real_logits, fake_logits)
+            opt_d.zero_grad(set_to_none=True)
+            loss_d.backward()
+            opt_d.step()
 
-        # Generator step: the non-saturating loss through the updated discriminator.
-        fake_logits_g = discriminator(fake)
-        loss_g = gan.generator_loss(fake_logits_g)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
-        step += 1
+            # Generator step: the non-saturating loss through the updated discriminator.
+            fake_logits_g = discriminator(fake)
+            loss_g = gan.generator_loss(fake_logits_g)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            step += 1
 
-        log.logkv_mean("loss_d", loss_d)
-        log.logkv_mean("loss_g", loss_g)
-        log.logkv_mean("d_real", th.sigmoid(real_logits.detach()).mean())
-        log.logkv_mean("d_fake", th.sigmoid(fake_logits.detach()).mean())
-        if step % args.log_interval == 0 or step == args.total_steps:
-            log.logkv("step", step)
-            log.logkv("steps_per_sec", round(args.log_interval / max(time.time() - start, 1e-9), 2))
-            log.dumpkvs()
-            start = time.time()
-        if step % args.save_interval == 0 or step == args.total_steps:
-            arch = {k: options[k] for k in ARCH_KEYS}
-            state = {"kind": "gan", "rank": ckpt.rank_state(stream), "options": _plain(options)}
-            run_dir.save(step, lambda: (gan.checkpoint_files(step, generator, discriminator, opt_g, opt_d, arch), state))
+            log.logkv_mean("loss_d", loss_d)
+            log.logkv_mean("loss_g", loss_g)
+            log.logkv_mean("d_real", th.sigmoid(real_logits.detach()).mean())
+            log.logkv_mean("d_fake", th.sigmoid(fake_logits.detach()).mean())
+            if step % args.log_interval == 0 or step == args.total_steps:
+                log.logkv("step", step)
+                log.logkv("steps_per_sec", round(args.log_interval / max(time.time() - start, 1e-9), 2))
+                log.dumpkvs()
+                start = time.time()
+            due = request.due(step)  # "stop", "save" (--save_minutes) or None
+            if due or step % args.save_interval == 0 or step == args.total_steps:
+                arch = {k: options[k] for k in ARCH_KEYS}
+                state = {"kind": "gan", "rank": ckpt.rank_state(stream), "options": _plain(options)}
+                run_dir.save(step, lambda: (gan.checkpoint_files(step, generator, discriminator, opt_g, opt_d, arch),
+                                            state))
+            if due == "stop":
+                break
 
     z = gan.sample_latents(args.grid_images, args.latent_dim, args.grid_seed)
     grid = os.path.join(run_dir.path, "samples.png")
@@ -191,6 +201,7 @@ def create_argparser():
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     config.add_options(parser, config.TOOLS["gan_train"], table=config.TOOLS["gan_train"])
+    config.add_options(parser, RUN_FLAGS)
     return parser
 
 

@@ -11,7 +11,8 @@ Train a diffusion model on images.
     torchrun --nproc_per_node 8 scripts/image_train.py --config configs/cifar10_all.json ...
 
 A killed run continues where it was with the same command (`--resume auto` is the
-default). Flags override the `--config` file; the effective options are printed and saved
+default); SIGTERM or SIGUSR1 (`--stop_signals`) first saves a checkpoint at a step every rank
+agrees on, then exits with code 75 for a requeue (docs/multinode.md). Flags override the `--config` file; the effective options are printed and saved
 as `config.json` in the log dir. `--dry_run True` stops after printing them.
 """
 
@@ -24,7 +25,7 @@ from improved_diffusion.options import config
 from improved_diffusion import dist_util
 from improved_diffusion.run import training
 from improved_diffusion.evaluation.evaluator import for_training
-from improved_diffusion.image_datasets import load_image_dataset
+from improved_diffusion.image_datasets import check_labels_fit, load_image_dataset
 from improved_diffusion.logger import Logger
 from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import run_main
@@ -56,7 +57,7 @@ def resolve_log_dir(args):
 def main(argv=None):
     args = parse_args(argv)
     opts = vars(args)
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     device = dist_util.dev()
     args.log_dir = resolve_log_dir(args)
     train_config = training.check(opts, device)  # every bad value fails here, before any work
@@ -90,6 +91,7 @@ def start(args, opts, train_config, device, run_dir):
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
     dataset = load_image_dataset(args.data_dir, args.image_size, class_cond=args.class_cond,
                                  image_channels=args.image_channels)
+    check_labels_fit(dataset, model.num_classes, f"--data_dir {args.data_dir}", "a --class_cond model's class count")
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
     evaluator = None
     if args.eval_interval:

@@ -26,7 +26,8 @@ import torch
 from improved_diffusion.options import config
 from improved_diffusion import dist_util
 from improved_diffusion.run import training
-from improved_diffusion.image_datasets import BatchStream, LowResStream, load_data, load_image_dataset, low_res_of
+from improved_diffusion.image_datasets import (BatchStream, LowResStream, check_labels_fit, load_data,
+                                               load_image_dataset, low_res_of)
 from improved_diffusion.logger import Logger
 from improved_diffusion.run.run_dir import RunDir
 from improved_diffusion.script_util import run_main, sr_create_model_and_diffusion, sr_model_and_diffusion_defaults
@@ -79,7 +80,7 @@ def check(args, opts, device):
 def main(argv=None):
     args, _ = config.parse(create_argparser(), argv)
     opts = vars(args)
-    dist_util.setup_dist()
+    dist_util.setup_dist(timeout=args.dist_timeout)
     device = dist_util.dev()
     train_config = check(args, opts, device)
     log_dir = args.log_dir or os.environ.get("OPENAI_LOGDIR") or dist_util.broadcast_object(
@@ -109,6 +110,7 @@ def start(args, opts, train_config, device, run_dir, resolved):
     logger.log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters, "
                f"{args.small_size} -> {args.large_size} px; world size {world}, device {device}")
     dataset = load_image_dataset(args.data_dir, args.large_size, class_cond=args.class_cond)
+    check_labels_fit(dataset, model.num_classes, f"--data_dir {args.data_dir}", "a --class_cond model's class count")
     logger.log(f"data: {len(dataset)} images from {args.data_dir}")
     stream = BatchStream(dataset, args.batch_size, rank=rank, world_size=world, seed=args.seed,
                          random_flip=args.random_flip, device=device if args.data_on_device else None)

@@ -69,3 +69,14 @@ def test_no_module_imports_from_a_layer_above_its_own():
 ])
 def test_the_layer_rule_itself(module, target, upward):
     assert (LAYERS.index(layer_of(target)) > LAYERS.index(layer_of(module))) == upward
+
+
+def test_design_doc_shows_the_training_step_as_it_is():
+    """docs/design.md quotes TrainLoop.run_step "as it is": the quote is the source."""
+    import inspect
+
+    from improved_diffusion.train_util import TrainLoop
+
+    doc = open(os.path.join(os.path.dirname(PACKAGE), "docs", "design.md")).read()
+    quoted = doc.split("`TrainLoop.run_step` (improved_diffusion/train_util.py), as it is:\n\n```python\n", 1)[1]
+    assert quoted.split("```", 1)[0].rstrip("\n") == inspect.getsource(TrainLoop.run_step).rstrip("\n")

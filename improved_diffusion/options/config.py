@@ -17,6 +17,7 @@ and how a run starts and stops: not saved in config.json).
 import argparse
 import json
 import os
+import signal
 
 from .. import methods
 from .option import Option, non_negative, open_unit_interval, positive, str2bool  # noqa: F401  (their home was here)
@@ -49,6 +50,22 @@ def _relative_stds(text):
         return "values must be in (0, 0.3] (0.3003 is the widest power-function profile)"
     if len(set(stds)) != len(stds):
         return "lists a value twice"
+    return None
+
+
+def signal_name(name):
+    """'term', 'TERM' or 'SIGTERM' -> 'SIGTERM' (--stop_signals)."""
+    name = name.strip().upper()
+    return name if name.startswith("SIG") else "SIG" + name
+
+
+def _stop_signals(text):
+    """--stop_signals: what is wrong with a list of signal names, or None (run/preemption.py)."""
+    for name in filter(str.strip, str(text).split(",")):
+        if signal_name(name) not in signal.Signals.__members__:
+            return f"names no signal: {name.strip()!r} (e.g. TERM, USR1, INT)"
+        if signal_name(name) in ("SIGKILL", "SIGSTOP"):
+            return f"cannot catch {name.strip()}"
     return None
 
 
@@ -147,6 +164,13 @@ OPTIONS = [
     _o("stop_at", 0, "leave this run at this step with a checkpoint; schedules keep --total_steps (0: off)", "run",
        check=non_negative),
     _o("dry_run", False, "print the effective options and exit", "run"),
+    _o("stop_signals", "TERM,USR1", "signals that make every rank save a checkpoint at one agreed step and exit "
+       "with code 75 (EX_TEMPFAIL; scripts/launch/slurm.sbatch requeues on it; docs/multinode.md); '': off",
+       "run", check=_stop_signals),
+    _o("save_minutes", 0.0, "also save a checkpoint every this many minutes (rank 0's clock; 0: off)", "run",
+       check=non_negative),
+    _o("dist_timeout", 1800, "seconds a collective waits for the other ranks before the job stops with an error "
+       "naming the timeout (gloo and NCCL; also the wait for all ranks to join)", "run", check=positive),
 ]
 
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -200,15 +200,40 @@ def damage(log_dir, step, state=None, verify=True):
     if verify and "sha256" in state and state_digest(state) != state["sha256"]:
         return f"{name}: checksum mismatch"
     for file_name, entry in state["files"].items():
-        path = os.path.join(log_dir, file_name)
-        size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
-        if not os.path.isfile(path):
-            return f"{file_name}: missing"
-        if os.path.getsize(path) != size:
-            return f"{file_name}: {os.path.getsize(path)} bytes, {size} written"
-        if verify and digest is not None and file_sha256(path) != digest:
-            return f"{file_name}: checksum mismatch"
+        reason = _file_damage(os.path.join(log_dir, file_name), entry, verify)
+        if reason is not None:
+            return f"{file_name}: {reason}"
     return None
+
+
+def _file_damage(path, entry, verify):
+    """Why one file differs from its state file's `entry` (a size, or size and SHA-256), or None."""
+    size, digest = (entry, None) if isinstance(entry, int) else (entry["size"], entry["sha256"])
+    if not os.path.isfile(path):
+        return "missing"
+    if os.path.getsize(path) != size:
+        return f"{os.path.getsize(path)} bytes, {size} written"
+    if verify and digest is not None and file_sha256(path) != digest:
+        return "checksum mismatch"
+    return None
+
+
+def verify_listed(path):
+    """
+    CheckpointError when the state file of `path`'s checkpoint lists `path` and the file is not
+    what was written (size, SHA-256). A file that no state file lists (released weights, an
+    original-format checkpoint, a state file that cannot be read) has nothing to verify against.
+    """
+    try:
+        step = parse_step(path)
+    except ValueError:
+        return
+    state_path = os.path.join(os.path.dirname(path) or ".", state_name(step))
+    state = load_state_file(state_path) if os.path.isfile(state_path) else None
+    entry = (state or {}).get("files", {}).get(os.path.basename(path))
+    reason = None if entry is None else _file_damage(path, entry, verify=True)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged ({reason} against {state_path}): use another checkpoint")
 
 
 def checkpoint_files(directory, step):
@@ -269,16 +294,18 @@ def check_state_dict_matches(model, state, what="checkpoint"):
 # ---------------------------------------------------------------------------------------
 
 
-def load_model_weights(model, path):
+def load_model_weights(model, path, verify=True):
     """
     Load a plain state dict file into ``model`` strictly, with readable errors.
 
     The file is read with ``torch.load(weights_only=True, map_location="cpu")``, so nothing
     in it is executed. Works for ``modelNNNNNN.pt`` / ``ema_RATE_NNNNNN.pt`` and for the
-    released improved-diffusion / guided-diffusion checkpoints.
+    released improved-diffusion / guided-diffusion checkpoints. With ``verify``, a file that
+    its checkpoint's state file lists is first checked against its recorded size and SHA-256
+    (`verify_listed`), so a damaged file is never loaded silently.
 
     :raises FileNotFoundError: no such file.
-    :raises ValueError: the file is not a readable state dict.
+    :raises ValueError: the file is not a readable state dict (CheckpointError: or is damaged).
     :raises CheckpointMismatchError: missing, unexpected or shape-mismatched keys (all
                                      listed), which means the model flags are wrong.
     """
@@ -286,6 +313,8 @@ def load_model_weights(model, path):
         raise FileNotFoundError("no checkpoint given: pass --model_path")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model checkpoint not found: {path}")
+    if verify:
+        verify_listed(path)
     state = read_file(path, "model checkpoint")
     if not isinstance(state, dict) or not all(
         isinstance(v, torch.Tensor) for v in state.values()

@@ -29,7 +29,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .ema import std_to_exponent
-from .run_dir import CONFIG, RunDir
+from .run_dir import CONFIG, RunDir, same_folder
 
 
 @dataclass
@@ -150,7 +150,7 @@ def write(state, path, run_dir):
     (so that image_sample.py --model_path PATH needs no model flags)."""
     folder = os.path.dirname(os.path.abspath(path))
     source, target = os.path.join(run_dir, CONFIG), os.path.join(folder, CONFIG)
-    copy = os.path.isfile(source) and os.path.abspath(source) != os.path.abspath(target)
+    copy = os.path.isfile(source) and not same_folder(run_dir, folder)
     if copy and os.path.isfile(target) and open(target).read() != open(source).read():
         raise ValueError(f"--out {path}: {target} exists and holds another run's options; choose another folder")
     os.makedirs(folder, exist_ok=True)

@@ -10,6 +10,10 @@ the same way:
 - `--resume auto`: the newest checkpoint whose checksums verify; a damaged newer one is named
   and passed over; with none, step 0, said so. Refused while the run is marked diverged.
 - `--resume none`: refused when the folder already holds a checkpoint (they would mix).
+- `--resume auto` or `none` starting at step 0 is refused while the folder holds checkpoint
+  files that no state file lists (an original-format run, another program's): step 0's saves
+  would overwrite them. Only an interrupted first save of this folder's own run leaves such
+  files beside its config.json (written before any save), and those the run redoes.
 - `--resume DIR` or `--resume FILE`: that checkpoint; a weights file without its state file
   (released weights, an original-format checkpoint) starts a fine-tune from those weights.
 
@@ -36,6 +40,7 @@ from ..logger import Logger
 CONFIG = "config.json"
 DIVERGED = "diverged.json"  # written when a run stops for a non-finite streak
 SUPERSEDED = "superseded"  # newer checkpoints go here when a run continues from an older one
+CHECKPOINT_FILE = re.compile(r"^(model|opt|phema|ema_[^_]+_)(\d{6,})\.pt$")  # a state file lists them
 
 
 @dataclass
@@ -241,11 +246,13 @@ class RunDir:
                     f"--resume none, but {self.path} already holds a checkpoint at step {found[0]}: "
                     "a new run there would mix with it. Continue it with --resume auto, or choose a new --log_dir"
                 )
+            self._refuse_unlisted_files(resume)
             return None
         if resume == "auto":
             self._refuse_if_diverged()
             found = self.latest()
             if found is None:
+                self._refuse_unlisted_files(resume)
                 self.logger.log(f"no intact checkpoint in {self.path}: starting from step 0")
                 return None
             return Found(self.path, *found)
@@ -258,6 +265,28 @@ class RunDir:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume {path}: no such file")
         return self._named_file(path)
+
+    def _refuse_unlisted_files(self, resume):
+        """
+        Before starting at step 0: refuse when the folder holds checkpoint files of steps without
+        a state file, naming them. Those are not this code's checkpoints (the original's
+        modelNNNNNN.pt, which `--resume PATH` continues from), unless config.json is there: this
+        code writes it before its first save, so beside it they are an interrupted first save's
+        files, which the run writes again.
+        """
+        if self.path is None or not os.path.isdir(self.path) or os.path.isfile(os.path.join(self.path, CONFIG)):
+            return
+        steps = set(self.steps())
+        matches = map(CHECKPOINT_FILE.match, os.listdir(self.path))
+        names = sorted(m.group(0) for m in matches if m and int(m.group(2)) not in steps)
+        if names:
+            models = [n for n in names if n.startswith("model")]
+            hint = f"--resume {os.path.join(self.path, models[-1])}" if models else "--resume PATH"
+            raise ValueError(
+                f"--resume {resume}: {self.path} holds checkpoint files without their state files "
+                f"({', '.join(names)}), e.g. an original-format run's: starting at step 0 would overwrite them. "
+                f"Continue from them with {hint}, or choose a new --log_dir"
+            )
 
     def _named_file(self, path):
         """A checkpoint file named by the user, as the original took it: the step from its name
@@ -336,7 +365,7 @@ class RunDir:
             self.logger.log("WARNING: options differ from the checkpoint's run: " + ", ".join(changed))
         if not dist_util.is_main() or self.path is None:
             return
-        if os.path.abspath(found.directory) == os.path.abspath(self.path):
+        if same_folder(found.directory, self.path):
             moved = self._set_aside_after(found.step)
             if moved:
                 self.logger.log(f"moved the {len(moved)} newer checkpoint(s) {', '.join(f'{m:06d}' for m in moved)} "
@@ -409,6 +438,15 @@ class RunDir:
         )
 
 
+def same_folder(a, b):
+    """Whether two paths name one folder, by identity (through a symlink, a relative path or
+    another mount of it), not by spelling."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one does not exist
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
 def _check_writable_folder(path):
     """Create the folder now, so that a path that cannot hold a run fails before any work."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -468,7 +506,8 @@ def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cp
     from ..options import config
 
     path = str(path)
-    if os.path.isdir(path):
+    folder = os.path.isdir(path)
+    if folder:  # verified there
         path, step = _weights_in_folder(path, which, rate, step, log)
     elif not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file or run folder")
@@ -480,7 +519,7 @@ def load_run(path, which="ema", rate=None, step=None, overrides=None, device="cp
     run_config = _read_run_config(config.run_config_path(path))
     options = run_options(run_config, overrides, config.run_config_path(path))
     model, diffusion = _build(options)
-    ckpt.load_model_weights(model, path)
+    ckpt.load_model_weights(model, path, verify=not folder)
     model.to(device).eval()
     return LoadedRun(model, diffusion, options, run_config, path, step)
 
