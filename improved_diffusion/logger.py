@@ -91,6 +91,7 @@ class Logger:
         self.stdout = stdout
         self.writers = []
         self.text = None
+        self.write_error = None  # set when a write of rank 0's files failed (a full disk): they stop
         if log_dir is not None and dist_util.is_main():
             os.makedirs(log_dir, exist_ok=True)
             self.writers.append(_CSVWriter(os.path.join(log_dir, "progress.csv")))
@@ -175,12 +176,28 @@ class Logger:
             if self.stdout:
                 print(_format_table(row), flush=True)
             clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-            for w in self.writers:
-                w.write(row)
-            if self.dir is not None:
-                self.jsonl.write(json.dumps(clean) + "\n")
-                self.jsonl.flush()
+
+            def write():
+                for w in self.writers:
+                    w.write(row)
+                if self.dir is not None:
+                    self.jsonl.write(json.dumps(clean) + "\n")
+                    self.jsonl.flush()
+
+            self._write("progress.csv / progress.jsonl", write)
         return row
+
+    def _write(self, what, write):
+        """`write()` of rank 0's files; after a failed one (a full disk, most often) the files
+        are left alone and `write_error` says what failed: a training loop saves and stops on it
+        (run/preemption.py) instead of losing the steps since its last checkpoint."""
+        if self.write_error is not None:
+            return
+        try:
+            write()
+        except OSError as e:
+            self.write_error = f"cannot write {what} in {self.dir}: {os.strerror(e.errno) if e.errno else e}"
+            print(f"ERROR: {self.write_error}; the logs stop here", file=sys.stderr, flush=True)
 
     def drop_rows_after(self, step):
         """Remove rows logged after `step` from progress.csv / .jsonl (a resumed run redoes
@@ -224,8 +241,7 @@ class Logger:
         print(msg, flush=True)
         if self.text is not None:
             stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
-            self.text.write(f"[{stamp}] {msg}\n")
-            self.text.flush()
+            self._write("log.txt", lambda: (self.text.write(f"[{stamp}] {msg}\n"), self.text.flush()))
 
     def close(self):
         for f in (self.text, getattr(self, "jsonl", None)):

@@ -185,7 +185,8 @@ def train(args, run_dir, options, step, state, opt, classifier, diffusion, sampl
 
     stop = min(args.iterations, args.stop_at) if args.stop_at else args.iterations
     # A --stop_signals signal saves at a step every rank agrees on, then exits with code 75.
-    with StopRequest(args.stop_signals, args.save_minutes, log=logger.log) as request:
+    with StopRequest(args.stop_signals, args.save_minutes, log=logger.log,
+                     failure=lambda: logger.write_error) as request:
         while step < stop:
             lr = args.lr * (1 - step / args.iterations) if args.anneal_lr else args.lr
             for group in opt.param_groups:

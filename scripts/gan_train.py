@@ -96,7 +96,8 @@ def train(args, run_dir, options, step, nets, opts, stream):
     device = dist_util.dev()
     start = time.time()
     # A --stop_signals signal saves at the step reached, then exits with code 75 (a requeue).
-    with StopRequest(args.stop_signals, args.save_minutes, log=log.log) as request:
+    with StopRequest(args.stop_signals, args.save_minutes, log=log.log,
+                     failure=lambda: log.write_error) as request:
         while step < args.total_steps:
             images, _ = next(stream)
             real = to_model_input(images, device)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..options import config
-from ..run.checkpoint import CheckpointMismatchError, load_model_weights  # noqa: F401 (re-exported)
+from ..run.checkpoint import CheckpointMismatchError, atomic_write, load_model_weights  # noqa: F401 (re-exported)
 from ..script_util import NUM_CLASSES
 
 SEED_STRIDE = 2**31 - 1
@@ -268,12 +268,13 @@ def write_samples(out, arrays, grid=None, grid_size=64, log=print):
     """Write the sample arrays to `out` (.npz, atomically: a reader never sees half a file) and,
     unless `grid` is None, the first `grid_size` images of arrays[0] as a PNG grid."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, *arrays)
-    os.replace(tmp, out)
+    atomic_write(out, lambda f: np.savez(f, *arrays))  # a full disk: one line naming the file (CheckpointError)
     log(f"saving to {out}")
     if grid is not None and grid_size > 0:
-        save_grid(arrays[0][:grid_size], grid)
+        try:
+            save_grid(arrays[0][:grid_size], grid)
+        except OSError as e:
+            raise ValueError(f"cannot write {grid}: {os.strerror(e.errno) if e.errno else e}") from e
         log(f"grid of {min(len(arrays[0]), grid_size)} images: {grid}")
 
 

@@ -67,10 +67,17 @@ class CheckpointError(ValueError):
 def atomic_save(obj, path):
     """torch.save to `path` so that a reader sees the old file, or the whole new one. A failed
     write (disk full, ...) leaves no temporary file and raises CheckpointError."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path, write, mode="wb"):
+    """`write(f)` into `path` through a temporary file, flushed and renamed: a reader sees the
+    old file or the whole new one; a failed write leaves no temporary file and raises
+    CheckpointError naming `path` and the cause."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

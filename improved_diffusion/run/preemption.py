@@ -8,7 +8,9 @@ TERM,USR1` (the default) such a signal no longer kills the trainer: every rank f
 step, the ranks agree on one step, a checkpoint of that step is written (the ordinary atomic
 `RunDir.save`) and the process exits with `EXIT_CODE` (75, EX_TEMPFAIL: "try again later"),
 which slurm.sbatch turns into `scontrol requeue`. `--save_minutes M` also saves every M
-minutes of rank 0's clock.
+minutes of rank 0's clock. A failed write of the logs (a full disk; logger.py's `write_error`)
+stops the run the same way, with a checkpoint of the agreed step, and ends it with one
+`error:` line (exit 2, not 75: a requeue would meet the same full disk).
 
 The agreement costs the step nothing measurable. On one process the flags are read after
 every step, with no collective. On several, every `CHECK_EVERY` steps the ranks all_reduce
@@ -48,6 +50,10 @@ class Stopped(SystemExit):
         self.step, self.cause = step, cause
 
 
+class RunWriteError(ValueError):
+    """A run stopped because it could not write its files (after saving what it could)."""
+
+
 class StopRequest:
     """
     The stop signals' handlers and the save clock of one training loop; `due(step)`, called by
@@ -67,7 +73,8 @@ class StopRequest:
     Constructing it is a collective on several ranks (the gloo group); so is `due`.
     """
 
-    def __init__(self, signals="TERM,USR1", save_minutes=0.0, log=print, clock=None, check_every=CHECK_EVERY):
+    def __init__(self, signals="TERM,USR1", save_minutes=0.0, log=print, clock=None, check_every=CHECK_EVERY,
+                 failure=None):
         self.signals = parse_signals(signals)
         if save_minutes < 0:
             raise ValueError(f"--save_minutes must be >= 0, got {save_minutes}")
@@ -78,13 +85,15 @@ class StopRequest:
         self.group = dist_util.cpu_group()  # None: the default group (gloo) or one process
         self.received = []  # signal numbers caught here, in order
         self.stopped_at = None  # the agreed stop step, once there is one
+        self.failure = failure or (lambda: None)  # what failed on this rank (a log write), or None
+        self.failed = False  # whether the stop is for a failure on some rank, not a signal
         self._last_save = self.clock()
         self._previous = {}
 
     @classmethod
     def of(cls, config, logger):
         """The StopRequest of a TrainConfig's --stop_signals and --save_minutes."""
-        return cls(config.stop_signals, config.save_minutes, log=logger.log)
+        return cls(config.stop_signals, config.save_minutes, log=logger.log, failure=lambda: logger.write_error)
 
     def __enter__(self):
         if self.signals and threading.current_thread() is not threading.main_thread():
@@ -97,6 +106,12 @@ class StopRequest:
     def __exit__(self, exc_type, exc, tb):
         if self.stopped_at is None:
             self.restore()
+        elif exc_type is None and self.failed:  # the checkpoint is written; the failure ends the run
+            if not dist_util.is_main():
+                raise SystemExit(2)  # rank 0 says why
+            raise RunWriteError(f"{self.failure() or 'a write failed on another rank'}; a checkpoint of step "
+                                f"{self.stopped_at} was written: free space and run the same command again "
+                                "to continue from it")
         elif exc_type is None:  # the stop checkpoint is written: leave with EXIT_CODE
             extra = len(self.received) - 1
             self.log(f"stopped at step {self.stopped_at} with a checkpoint"
@@ -124,12 +139,17 @@ class StopRequest:
             return "stop"
         if step % self.check_every:
             return None
-        stop = bool(self.received)
+        stop, failed = bool(self.received), self.failure() is not None
         save = bool(self.save_seconds) and dist_util.is_main() and self.clock() - self._last_save >= self.save_seconds
         if self.world_size > 1:
-            flags = torch.tensor([float(stop), float(save)])
+            flags = torch.tensor([float(stop), float(save), float(failed)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            stop, save = bool(flags[0]), bool(flags[1])
+            stop, save, failed = bool(flags[0]), bool(flags[1]), bool(flags[2])
+        if failed:
+            self.stopped_at, self.failed = step, True
+            self.log(f"{self.failure() or 'a write failed on another rank'}: saving a checkpoint at step {step} "
+                     "on every rank, then stopping")
+            return "stop"
         if stop:
             self.stopped_at = step
             self.log(f"{self._cause()}: saving a checkpoint at step {step} on every rank, then exiting "

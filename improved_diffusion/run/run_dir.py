@@ -127,10 +127,22 @@ class RunDir:
     # ------------------------------------------------------------------ options
 
     def write_config(self, options, name=CONFIG):
-        """The run's options as JSON (rank 0), once they are known to fit the checkpoint."""
-        if self.path is not None and dist_util.is_main():
-            with open(os.path.join(self.path, name), "w") as f:
-                json.dump(options, f, indent=2, sort_keys=True)
+        """The run's options as JSON (rank 0, atomically), once they are known to fit the
+        checkpoint. Every rank calls it: a failed write (a full disk) fails every rank, in one
+        line that names the file and the newest intact checkpoint."""
+        if self.path is None:
+            return
+        error = None
+        if dist_util.is_main():
+            try:
+                ckpt.atomic_write(os.path.join(self.path, name),
+                                  lambda f: json.dump(options, f, indent=2, sort_keys=True), mode="w")
+            except ckpt.CheckpointError as e:
+                found = self.latest(verify=False)
+                error = f"{e}; " + (f"the newest intact checkpoint is {found[0]:06d}" if found else "no checkpoint yet")
+        error = dist_util.broadcast_object(error)
+        if error:
+            raise ckpt.CheckpointError(error)
 
     def read_config(self, name=CONFIG):
         """The saved options, or None when the folder has none."""
