@@ -8,9 +8,9 @@ usage: bash scripts/test.sh [PYTEST ARGUMENTS...]
        bash scripts/test.sh -h|--help
 
 Install the pinned environment into .venv (scripts/install.sh) and run the test suite in
-tests/ with pytest on the CPU (what CI runs: about 700 tests, about 15 minutes on a 2-core
-machine after the install, e.g. 703 passed in 15 min 15 s in a clean-clone CI run;
--m "not slow" runs the quick ~500 without the end-to-end training runs).
+tests/ with pytest on the CPU (what CI runs: about 900 tests, about 15 minutes on a 2-core
+machine after the install, e.g. 781 s in a clean-clone CI run;
+-m "not slow" runs the quick ~700 without the end-to-end training runs).
 Arguments are passed on to pytest after `tests`, e.g.
   bash scripts/test.sh -x -k fid     # stop at the first failure; only tests matching "fid"
   bash scripts/test.sh -m "not slow" # the quick tests, without end-to-end training runs
