@@ -465,6 +465,15 @@ def evaluate_posthoc(preset, log_dir, record, flags, heldout, evaluators, cache,
             write_json(rec_path, record)
 
 
+def _digit_score():
+    """scripts/digit_score.py, the digit classifier the quality metrics use."""
+    if os.path.join(ROOT, "scripts") not in sys.path:
+        sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import digit_score
+
+    return digit_score
+
+
 def digit_quality(images, preset, cache, threshold=0.9):
     """The share of `images` the digit classifier recognises (top class a digit with
     probability >= threshold) and the Frechet distance of their classifier features to the
@@ -474,9 +483,7 @@ def digit_quality(images, preset, cache, threshold=0.9):
     from ..evaluation.fid import compute_statistics, frechet_distance
 
     if "digits" not in cache:
-        sys.path.insert(0, os.path.join(ROOT, "scripts"))
-        import digit_score
-
+        digit_score = _digit_score()
         net = digit_score.load_or_train(os.path.join(ROOT, preset["data"]), log=lambda *a: None)[0]
         captured = []
         net.fc1.register_forward_hook(lambda module, inputs, output: captured.append(torch.relu(output)))
@@ -779,10 +786,7 @@ def run_parallel(preset, plan, out, runs_dir, workers, worker_argv):
     if preset["fid_steps"]:
         reference_stats(preset, train_path, os.path.join(runs_dir, "data"), {})
     if preset.get("quality_steps"):
-        sys.path.insert(0, os.path.join(ROOT, "scripts"))
-        import digit_score
-
-        digit_score.load_or_train(os.path.join(ROOT, preset["data"]))
+        _digit_score().load_or_train(os.path.join(ROOT, preset["data"]))  # trained once, cached beside the data
     todo = [i for i, (name, _, _, seed) in enumerate(plan) if not run_done(load_json(run_file(out, name, seed)), preset)]
     print(f"study: {len(plan) - len(todo)} of {len(plan)} runs done; {len(todo)} to go, {workers} at a time", flush=True)
     os.makedirs(runs_dir, exist_ok=True)
