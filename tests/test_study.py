@@ -164,7 +164,7 @@ def test_parallel_workers_give_the_serial_records(tmp_path):
 def test_plan_lists_main_table_and_sweeps(capsys):
     assert study.main(["--plan", "--sweeps", "clts_sigma"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == len(study.MAIN_VARIANTS) * 3 + 5 * 2
+    assert len(lines) == len(study.MAIN_VARIANTS) * 3 + 4 * 2  # sigma 1.0 is `all` itself
     assert any(line.startswith("all_clts_sigma=0.05\tseed 1\tconfigs/demo_all.json --clts_sigma 0.05") for line in lines)
     variants = {line.split("\t")[0] for line in lines}
     assert {"baseline", "md", "md_lrc", "clts", "all", "minsnr", "p2", "speed", "lognormal"} <= variants

@@ -31,6 +31,7 @@ import numpy as np
 
 from ..options import config
 from .. import methods
+from . import claims
 from ..evaluation.evaluator import Evaluator, Sampling
 from .stats import mean_interval, steps_to_target, t_quantile  # noqa: F401  (the study's statistics)
 
@@ -180,10 +181,21 @@ def run_plan(preset, variants, seeds, sweeps, sweep_seeds):
         if sweep not in sweeps:
             continue
         for value in values:
+            if _same_as_base(preset, f"configs/{exp}_{base}.json", option, value):
+                continue  # the base variant's own runs are this point of the sweep
             name = f"{base}_{option}={value}"
             for seed in sweep_seeds:
                 runs.append((name, f"configs/{exp}_{base}.json", [f"--{option}", str(value)], seed))
     return runs
+
+
+def _same_as_base(preset, config_file, option, value):
+    """Whether --option value is what the base variant already trains with (no new run)."""
+    if f"--{option}" in preset["train_flags"]:
+        return False
+    values = config.defaults()
+    values.update(config.read_options_file(os.path.join(ROOT, config_file)))
+    return option in values and float(values[option]) == float(value)
 
 
 def prepare_data(preset, out_data):
@@ -586,7 +598,7 @@ def _steps_and_speedup(stt):
     return _fmt(stt, 4), f"{stt['speedup']:.2f}" + interval
 
 
-def markdown(summary):
+def markdown(summary, ema="the fixed EMA"):
     final = str(summary["steps"])
     prev = summary["eval_steps"][-2] if len(summary["eval_steps"]) > 1 else summary["steps"]
     lines = [f"Mean over seeds [95% t-interval]; final step {final}; P = {prev} (the baseline's "
@@ -618,6 +630,10 @@ def markdown(summary):
     for variant, v in summary["variants"].items():
         m = v["metrics"].get("heldout_mse", {})
         lines.append(f"| {variant} | " + " | ".join(_fmt(m.get(str(s)), 3) for s in summary["eval_steps"]) + " |")
+    if "claims" in summary:
+        lines += ["", f"## The paper's claims at {ema}", "",
+                  f"Verdicts by the rule of improved_diffusion/experiments/claims.py; final step {final}.", "",
+                  claims.markdown(summary["claims"]).rstrip("\n")]
     if "posthoc" in summary:
         stds = {v: ", ".join(f"{s:g}" for s in x.get("std_by_seed", {}).values())
                 for v, x in summary["posthoc"]["variants"].items()}
@@ -625,7 +641,7 @@ def markdown(summary):
                   "The EMA std of each run chosen post hoc (power-function EMA, run/posthoc_ema.py) by the "
                   "digit-FID of selection samples at the final step (not the samples reported here); the same "
                   "rule for every arm. Chosen stds by seed: " + "; ".join(f"{v} {s}" for v, s in stds.items()) + ".",
-                  "", markdown(summary["posthoc"]).rstrip("\n")]
+                  "", markdown(summary["posthoc"], "each run's best EMA").rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -823,6 +839,10 @@ def write_summary(preset, out, preset_name):
         summary["posthoc"] = summarize(preset, best)
         for r in best:
             summary["posthoc"]["variants"][r["variant"]].setdefault("std_by_seed", {})[str(r["seed"])] = r["posthoc"]["std"]
+    if "baseline" in summary["variants"]:  # the paper's claims, by claims.py's rule, at both EMAs
+        summary["claims"] = claims.judge(records, summary)
+        if best:
+            summary["posthoc"]["claims"] = claims.judge(best, summary["posthoc"])
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(summary))

@@ -1,0 +1,138 @@
+"""
+The paper's claims (SPEC.md section 3: each module helps, all three together are best, mu
+near 0.3 is best, about 2x fewer steps), and how each rival compares, judged from a study's
+runs by one written rule, so that the verdicts of docs/results.md are recomputed, not typed.
+
+A comparison pairs two variants by seed (a seed fixes the initial weights and the data
+order of every variant) at the final step, on the digit-FID: lower is better, and it is the
+measure the steps-to-target protocol reads. It **holds** when the t-interval of (method -
+reference) lies wholly below zero, **does not hold** when it lies wholly above, and is
+**cannot tell** otherwise (or with fewer than two common seeds). The speed-up claim holds
+when the speed-up's interval excludes 1 and reaches the paper's factor, and does not hold
+when it lies below the factor or some seed never reaches the target within the run.
+"""
+
+from .stats import mean_interval
+
+PRIMARY = "digit_fid"
+PAPER_SPEEDUP = 2.0  # CIFAR-10, SPEC.md section 3 (2.6x on ImageNet-128)
+HOLDS, FAILS, UNKNOWN = "holds", "does not hold", "cannot tell"
+
+# (claim, method, references): the method must beat every reference.
+MODULE_CLAIMS = (
+    ("MD alone helps", "md", ("baseline",)),
+    ("LRC on top of MD helps", "md_lrc", ("md",)),
+    ("CLTS alone helps", "clts", ("baseline",)),
+    ("all three together are best", "all", ("baseline", "md", "md_lrc", "clts")),
+)
+PAPER_MU = 0.3
+
+
+def paired(records, method, reference, metric, step, level=0.95):
+    """Mean and t-interval over the common seeds of method - reference at `step`."""
+    ref = {r["seed"]: r["evals"].get(str(step), {}).get(metric) for r in records if r["variant"] == reference}
+    diffs = [r["evals"].get(str(step), {}).get(metric) - ref[r["seed"]] for r in records
+             if r["variant"] == method and ref.get(r["seed"]) is not None
+             and r["evals"].get(str(step), {}).get(metric) is not None]
+    return mean_interval(diffs, level)
+
+
+def verdict(diff):
+    """holds / does not hold / cannot tell for a lower-is-better paired difference."""
+    if diff["mean"] is None or diff["lo"] is None:
+        return UNKNOWN
+    if diff["hi"] < 0:
+        return HOLDS
+    if diff["lo"] > 0:
+        return FAILS
+    return UNKNOWN
+
+
+def _interval(m, scale=1.0, digits=2):
+    if m["mean"] is None:
+        return "-"
+    if m["lo"] is None:
+        return f"{m['mean'] * scale:+.{digits}f} (one seed)"
+    return f"{m['mean'] * scale:+.{digits}f} [{m['lo'] * scale:+.{digits}f}, {m['hi'] * scale:+.{digits}f}]"
+
+
+def _evidence(records, method, reference, step, level):
+    d = paired(records, method, reference, PRIMARY, step, level)
+    rec = paired(records, method, reference, "recognisable", step, level)
+    mse = paired(records, method, reference, "heldout_mse", step, level)
+    text = (f"{method} - {reference} ({d['n']} seeds): digit-FID {_interval(d, digits=1)}, recognisable "
+            f"{_interval(rec, 100, 1)} points, eps-MSE {_interval(mse, 1, 5)}")
+    return verdict(d), text
+
+
+def _speedup_text(stt):
+    if not stt:
+        return "no steps-to-target record"
+    if stt.get("mean") is None:
+        return f"{stt['of'] - stt['reached']} of {stt['of']} seeds never reach the target within the run"
+    if stt.get("speedup_lo") is None:
+        return f"{stt['speedup']:.2f}x (no interval)"
+    return f"{stt['speedup']:.2f}x [{stt['speedup_lo']:.2f}, {stt['speedup_hi']:.2f}]"
+
+
+def speedup_verdict(stt, factor=PAPER_SPEEDUP):
+    """The paper's speed-up factor against one steps-to-target record (study.summarize)."""
+    if not stt:
+        return UNKNOWN
+    if stt.get("mean") is None:
+        return FAILS if stt.get("reached", 0) < stt.get("of", 0) else UNKNOWN
+    lo, hi = stt.get("speedup_lo"), stt.get("speedup_hi")
+    if lo is None or hi is None:
+        return UNKNOWN
+    if hi < factor:
+        return FAILS
+    if lo > 1:
+        return HOLDS
+    return UNKNOWN
+
+
+def judge(records, summary, level=0.95):
+    """
+    Rows (claim, verdict, evidence) for the paper's claims and the rivals, from the finished
+    runs' records and the study summary of the same records (its steps to target).
+    """
+    step = summary["steps"]
+    present = {r["variant"] for r in records}
+    rows = []
+    for claim, method, refs in MODULE_CLAIMS:
+        missing = [v for v in (method,) + refs if v not in present]
+        if missing:
+            rows.append((claim, UNKNOWN, "not run yet: " + ", ".join(missing)))
+            continue
+        judged = [_evidence(records, method, ref, step, level) for ref in refs]
+        verdicts = {v for v, _ in judged}
+        overall = HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNKNOWN
+        stt = summary["variants"][method].get("steps_to_baseline_previous", {}).get(PRIMARY)
+        rows.append((claim, overall, "; ".join(text for _, text in judged) + "; speed-up on digit-FID " + _speedup_text(stt)))
+    swept = sorted(v for v in present if v.startswith("all_clts_mu=") and float(v.split("=")[1]) != PAPER_MU)
+    if "all" in present and swept:
+        judged = [_evidence(records, "all", other, step, level) for other in swept]
+        verdicts = {v for v, _ in judged}
+        overall = HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNKNOWN
+        rows.append((f"mu near {PAPER_MU} is best (all, mu {PAPER_MU}, against the sweep)", overall,
+                     "; ".join(text for _, text in judged)))
+    else:
+        rows.append((f"mu near {PAPER_MU} is best", UNKNOWN, "the clts_mu sweep has not run yet"))
+    stt = summary["variants"].get("all", {}).get("steps_to_baseline_previous", {}).get(PRIMARY)
+    target = summary["eval_steps"][-2] if len(summary["eval_steps"]) > 1 else step
+    rows.append((f"about {PAPER_SPEEDUP:g}x fewer steps (all three)", speedup_verdict(stt),
+                 f"steps to the baseline's step-{target} digit-FID: " + _speedup_text(stt)))
+    for rival in sorted(v for v in present - {"baseline", "md", "md_lrc", "clts", "all"} if "=" not in v):
+        judged = [_evidence(records, rival, ref, step, level) for ref in ("baseline", "all") if ref in present]
+        if not judged:
+            continue
+        rival_stt = summary["variants"].get(rival, {}).get("steps_to_baseline_previous", {}).get(PRIMARY)
+        rows.append((f"rival {rival} beats the baseline", judged[0][0],
+                     "; ".join(text for _, text in judged) + "; speed-up on digit-FID " + _speedup_text(rival_stt)))
+    return rows
+
+
+def markdown(rows):
+    lines = ["| claim | verdict | evidence (paired at the final step; 95% t-intervals) |", "|---|---|---|"]
+    lines += [f"| {claim} | **{v}** | {evidence} |" for claim, v, evidence in rows]
+    return "\n".join(lines) + "\n"
