@@ -94,3 +94,11 @@ def test_the_sweep_does_not_rerun_the_base_variant():
     names = {name for name, *_ in plan}
     assert names == {"all_clts_mu=0.1", "all_clts_mu=0.5", "all_clts_mu=0.7", "all_clts_sigma=0.05",
                      "all_clts_sigma=0.1", "all_clts_sigma=0.2", "all_clts_sigma=0.5"}  # 0.3 and 1.0: `all` itself
+
+
+def test_the_lr_curve_control_is_judged_against_md_lrc_not_listed_as_a_rival():
+    values = {"baseline": [10.0, 10.0, 10.0], "md_lrc": [7.0, 7.2, 6.9], "lrc_curve": [7.1, 7.0, 7.0]}
+    rows = claims.judge(_records(values), _summary(values))
+    control = _row(rows, "MD + LRC is more than its lr decay")
+    assert control[1] == claims.UNKNOWN and "md_lrc - lrc_curve (3 seeds)" in control[2]
+    assert not any("rival lrc_curve" in r[0] for r in rows)

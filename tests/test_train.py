@@ -153,8 +153,10 @@ def test_partial_checkpoints_are_never_picked(data, tmp_path):
     assert "resumed from step 4" in proc.stdout
 
 
-def test_md_lrc_clts_schedules_logged_every_step(data, tmp_path):
-    """progress.csv rows (--log_interval 1) hold the beta1 / lr / lambda of that step's update."""
+@pytest.mark.parametrize("hold_beta1", [False, True])
+def test_md_lrc_clts_schedules_logged_every_step(data, tmp_path, hold_beta1):
+    """progress.csv rows (--log_interval 1) hold the beta1 / lr / lambda of that step's update;
+    with --md_hold_beta1 the lr follows the same curve while beta1 stays at 0.9."""
     log_dir = tmp_path / "run"
     k_total, lr = 10, 2e-4
     run_script(
@@ -162,7 +164,7 @@ def test_md_lrc_clts_schedules_logged_every_step(data, tmp_path):
         train_args(
             data, log_dir, total_steps=k_total, log_interval=1, lr=lr, md_beta_init=0.9, md_beta_min=0.5,
             momentum_decay=True, lr_compensation=True, schedule_sampler="clts", clts_target_steps=4,
-            clts_lambda_max=0.8,
+            clts_lambda_max=0.8, md_hold_beta1=hold_beta1,
         ),
     )
     rows = read_progress(log_dir)
@@ -171,7 +173,7 @@ def test_md_lrc_clts_schedules_logged_every_step(data, tmp_path):
         k = int(row["step"]) - 1  # the row after update k
         r = 1 - k / k_total
         beta = max(0.5, 0.9 * r / (0.1 + 0.9 * r))
-        assert float(row["beta1"]) == pytest.approx(beta, rel=1e-12)
+        assert float(row["beta1"]) == (0.9 if hold_beta1 else pytest.approx(beta, rel=1e-12))
         assert float(row["lr"]) == pytest.approx(lr * 0.1 / (1 - beta), rel=1e-12)
         assert float(row["clts_lambda"]) == pytest.approx(0.8 * min(k / 4, 1.0), rel=1e-12)
 
@@ -189,6 +191,7 @@ def test_without_md_beta_and_lr_stay(data, tmp_path):
     [
         ({"momentum_decay": True}, "--total_steps"),
         ({"momentum_decay": True, "total_steps": 5, "md_beta_min": 0.95}, "--md_beta_min"),
+        ({"md_hold_beta1": True, "momentum_decay": True, "total_steps": 5}, "--md_hold_beta1"),
         ({"schedule_sampler": "clts", "clts_mu": 1.5, "total_steps": 5}, "clts_mu"),
         ({"schedule_sampler": "clts", "clts_sigma": 0.0, "total_steps": 5}, "clts_sigma"),
         ({"schedule_sampler": "nope", "total_steps": 5}, "schedule_sampler"),

@@ -50,7 +50,7 @@ class Method:
     kind: str  # one of KINDS
     build: Callable
     options: Mapping[str, Option] = field(default_factory=dict)  # builder keyword -> its option
-    switch: str = ""  # WEIGHTING, NOISE: the keyword whose value turns it on (0 / False: off)
+    switch: str = ""  # WEIGHTING, NOISE (OPTIMIZER optionally): the keyword whose value turns it on (0 / False: off)
     variant: str = ""  # a rival's study and launch variant: configs/EXPERIMENT_VARIANT.json
     # SAMPLER: builder keywords that are no option (an original constructor's), which only
     # resample.create_named_schedule_sampler passes
