@@ -1,10 +1,14 @@
 """The claims rule (improved_diffusion/experiments/claims.py): paired t-intervals computed by
 hand, verdicts on constructed studies whose answer is known, the sweep's duplicate point."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
 from improved_diffusion.experiments import claims, study
+from tiny import ROOT
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
 
@@ -102,3 +106,18 @@ def test_the_lr_curve_control_is_judged_against_md_lrc_not_listed_as_a_rival():
     control = _row(rows, "MD + LRC is more than its lr decay")
     assert control[1] == claims.UNKNOWN and "md_lrc - lrc_curve (3 seeds)" in control[2]
     assert not any("rival lrc_curve" in r[0] for r in rows)
+
+
+def _plan(*flags):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), "--plan", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_an_unknown_sweep_is_refused_by_name():
+    proc = _plan("--sweeps", "clts_nu")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--sweeps: unknown clts_nu; valid: all, clts_sigma" in proc.stderr
+    proc = _plan("--sweeps", "baseline_lr", "--variants", "baseline")
+    assert proc.returncode == 0, proc.stderr
+    names = [line.split("\t")[0] for line in proc.stdout.strip().splitlines()]
+    assert names == ["baseline"] * 3 + ["baseline_lr=0.0005"] * 2 + ["baseline_lr=0.001"] * 2

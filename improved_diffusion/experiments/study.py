@@ -45,6 +45,9 @@ SWEEPS = (
     ("clts_sigma", "all", "clts_sigma", (0.05, 0.1, 0.2, 0.5, 1.0)),
     ("clts_mu", "all", "clts_mu", (0.1, 0.3, 0.5, 0.7)),
     ("md_beta_min", "md_lrc", "md_beta_min", (0.3, 0.5, 0.7)),
+    # Is the demo's lr (2e-3, tuned for x_0 prediction) too high for another objective? A
+    # lower constant lr against the lr decay that MD + LRC brings (docs/results.md section 6).
+    ("baseline_lr", "baseline", "lr", (5e-4, 1e-3)),
 )
 
 # cpu: the demo digits on a CPU, one thread per run. Small batch and a high lr so that the
@@ -740,6 +743,9 @@ def plan_of(args, preset):
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(preset["seeds"])
     sweep_seeds = [int(s) for s in args.sweep_seeds.split(",")] if args.sweep_seeds else list(preset["sweep_seeds"])
     sweeps = [s[0] for s in SWEEPS] if args.sweeps == "all" else [s for s in args.sweeps.split(",") if s]
+    unknown = sorted(set(sweeps) - {s[0] for s in SWEEPS})
+    if unknown:
+        raise ValueError(f"--sweeps: unknown {', '.join(unknown)}; valid: all, {', '.join(s[0] for s in SWEEPS)}")
     variants = [v for v in args.variants.split(",") if v]
     missing = [v for v in variants if not os.path.exists(os.path.join(ROOT, "configs", f"{preset['experiment']}_{v}.json"))]
     if missing:

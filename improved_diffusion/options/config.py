@@ -226,7 +226,8 @@ TOOL_OPTIONS = [
     _o("parallel", 1, "runs at once, each trained and evaluated by its own process on one thread (a 2-core "
        "machine: 2; a GPU: as many small runs as fit)", "study", check=positive),
     _o("run_index", -1, "run only this entry of the plan (--plan's order); what --parallel's workers do", "study"),
-    _o("sweeps", "", "also run sweeps: all, or comma-separated of clts_sigma, clts_mu, md_beta_min", "study",
+    _o("sweeps", "", "also run sweeps: all, or comma-separated of clts_sigma, clts_mu, md_beta_min, baseline_lr",
+       "study",
        argparse_kw=(("nargs", "?"), ("const", "all"))),
     _o("baseline", "baseline", "the run whose final FID the others are measured against", "summarize"),
     _o("runs", "", "comma-separated run names (default: runs.tsv, else every sub-folder with a progress.csv)",
