@@ -95,6 +95,17 @@ def speedup_verdict(stt, factor=PAPER_SPEEDUP):
     return UNKNOWN
 
 
+def _all_of(judged):
+    """A claim that must hold against every reference: holds if it holds against all, does
+    not hold if it fails against any."""
+    verdicts = {v for v, _ in judged}
+    return HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNKNOWN
+
+
+def _steps_to_target(summary, variant):
+    return summary["variants"].get(variant, {}).get("steps_to_baseline_previous", {}).get(PRIMARY)
+
+
 def judge(records, summary, level=0.95):
     """
     Rows (claim, verdict, evidence) for the paper's claims and the rivals, from the finished
@@ -109,20 +120,16 @@ def judge(records, summary, level=0.95):
             rows.append((claim, UNKNOWN, "not run yet: " + ", ".join(missing)))
             continue
         judged = [_evidence(records, method, ref, step, level) for ref in refs]
-        verdicts = {v for v, _ in judged}
-        overall = HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNKNOWN
-        stt = summary["variants"][method].get("steps_to_baseline_previous", {}).get(PRIMARY)
-        rows.append((claim, overall, "; ".join(text for _, text in judged) + "; speed-up on digit-FID " + _speedup_text(stt)))
+        rows.append((claim, _all_of(judged), "; ".join(text for _, text in judged)
+                     + "; speed-up on digit-FID " + _speedup_text(_steps_to_target(summary, method))))
     swept = sorted(v for v in present if v.startswith("all_clts_mu=") and float(v.split("=")[1]) != PAPER_MU)
     if "all" in present and swept:
         judged = [_evidence(records, "all", other, step, level) for other in swept]
-        verdicts = {v for v, _ in judged}
-        overall = HOLDS if verdicts == {HOLDS} else FAILS if FAILS in verdicts else UNKNOWN
-        rows.append((f"mu near {PAPER_MU} is best (all, mu {PAPER_MU}, against the sweep)", overall,
+        rows.append((f"mu near {PAPER_MU} is best (all, mu {PAPER_MU}, against the sweep)", _all_of(judged),
                      "; ".join(text for _, text in judged)))
     else:
         rows.append((f"mu near {PAPER_MU} is best", UNKNOWN, "the clts_mu sweep has not run yet"))
-    stt = summary["variants"].get("all", {}).get("steps_to_baseline_previous", {}).get(PRIMARY)
+    stt = _steps_to_target(summary, "all")
     target = summary["eval_steps"][-2] if len(summary["eval_steps"]) > 1 else step
     rows.append((f"about {PAPER_SPEEDUP:g}x fewer steps (all three)", speedup_verdict(stt),
                  f"steps to the baseline's step-{target} digit-FID: " + _speedup_text(stt)))
@@ -130,9 +137,8 @@ def judge(records, summary, level=0.95):
         judged = [_evidence(records, rival, ref, step, level) for ref in ("baseline", "all") if ref in present]
         if not judged:
             continue
-        rival_stt = summary["variants"].get(rival, {}).get("steps_to_baseline_previous", {}).get(PRIMARY)
-        rows.append((f"rival {rival} beats the baseline", judged[0][0],
-                     "; ".join(text for _, text in judged) + "; speed-up on digit-FID " + _speedup_text(rival_stt)))
+        rows.append((f"rival {rival} beats the baseline", judged[0][0], "; ".join(text for _, text in judged)
+                     + "; speed-up on digit-FID " + _speedup_text(_steps_to_target(summary, rival))))
     return rows
 
 
