@@ -19,7 +19,9 @@ study and run the same command again; copy OUT to another machine and it continu
 
 Outputs in OUT (default docs/study/PRESET): runs/*.json (one per run), summary.json,
 summary.md, curves.png (the paper's modules: mean with 95% bands), rivals.png (the rival
-methods beside the baseline) and sweeps.png.
+methods beside the baseline) and sweeps.png. With the digit metrics, summary.md ends with the
+paper's claims marked holds / does not hold / cannot tell by one written rule
+(improved_diffusion/experiments/claims.py), at the fixed EMA and at the best post-hoc EMA.
 """
 
 import argparse
