@@ -64,7 +64,7 @@ def _evidence(records, method, reference, step, level):
     d = paired(records, method, reference, PRIMARY, step, level)
     rec = paired(records, method, reference, "recognisable", step, level)
     mse = paired(records, method, reference, "heldout_mse", step, level)
-    text = (f"{method} - {reference} ({d['n']} seeds): digit-FID {_interval(d, digits=1)}, recognisable "
+    text = (f"{method} - {reference} ({d['n']} seed{'' if d['n'] == 1 else 's'}): digit-FID {_interval(d, digits=1)}, recognisable "
             f"{_interval(rec, 100, 1)} points, eps-MSE {_interval(mse, 1, 5)}")
     return verdict(d), text
 
