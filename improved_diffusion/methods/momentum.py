@@ -16,6 +16,7 @@ k is the global optimizer step (the number of updates already made), K the plann
 LRC lowers the lr as beta1 falls (to 0.2x at the floor 0.5), so MD + LRC is also an lr decay.
 `--md_hold_beta1 True` is the control that separates the two: the same lr curve, with Adam's
 beta1 held at beta_init (the study's `lrc_curve` variant).
+
 The formulas are reconstructed from the paper's prose and its reference [6]; see
 docs/methods.md.
 """
