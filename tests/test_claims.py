@@ -1,5 +1,6 @@
 """The claims rule (improved_diffusion/experiments/claims.py): paired t-intervals computed by
 hand, verdicts on constructed studies whose answer is known, the sweep's duplicate point."""
+import json
 import math
 import os
 import subprocess
@@ -106,6 +107,45 @@ def test_the_lr_curve_control_is_judged_against_md_lrc_not_listed_as_a_rival():
     control = _row(rows, "MD + LRC is more than its lr decay")
     assert control[1] == claims.UNKNOWN and "md_lrc - lrc_curve (3 seeds)" in control[2]
     assert not any("rival lrc_curve" in r[0] for r in rows)
+
+
+def test_md_lrc_is_judged_against_every_lower_lr_baseline_which_is_not_a_rival():
+    values = {"baseline": [10.0, 10.0], "md_lrc": [7.0, 7.2], "baseline_lr=0.001": [8.0, 8.3],
+              "baseline_lr=0.0005": [6.0, 6.1]}
+    rows = claims.judge(_records(values), _summary(values))
+    control = _row(rows, "MD + LRC beats the baseline at a lower constant lr")
+    # md_lrc - 0.001: -1.0, -1.1 (holds); md_lrc - 0.0005: +1.0, +1.1 (does not hold): all of them fails
+    assert control[1] == claims.FAILS
+    assert control[2].index("md_lrc - baseline_lr=0.0005 (2 seeds)") < control[2].index("md_lrc - baseline_lr=0.001")
+    assert not any(r[0].startswith("rival baseline_lr") for r in rows)
+
+
+def test_side_by_side_keeps_the_digit_fid_differences_and_the_speedups_of_both_emas():
+    values = {"baseline": [10.0, 10.0, 10.0], "md": [8.0, 7.0, 6.0], "minsnr": [9.0, None, None]}
+    best_values = {"baseline": [9.0, 9.0, 9.0], "md": [9.5, 9.0, 10.0], "minsnr": [8.0, None, None]}
+    stt = {"md": dict(mean=800, speedup=1.25, speedup_lo=1.1, speedup_hi=1.4, reached=3, of=3)}
+    fixed = claims.judge(_records(values), _summary(values, stt=stt))
+    best = claims.judge(_records(best_values), _summary(best_values))
+    table = claims.side_by_side(fixed, best)
+    cells = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in table.splitlines()]
+    md = _row(cells, "MD alone helps")
+    assert md[1:3] == ["**holds**", "**cannot tell**"]
+    half = T_975_DF2 / math.sqrt(3)  # differences -2, -3, -4
+    assert md[3] == f"md - baseline: -3.0 [{-3 - half:+.1f}, {-3 + half:+.1f}]; speed-up 1.25x [1.10, 1.40]"
+    assert md[4].startswith("md - baseline: +0.5 [") and md[4].endswith("; speed-up no steps-to-target record")
+    rival = _row(cells, "rival minsnr")
+    assert rival[3].startswith("minsnr - baseline: -1.0 (one seed); speed-up")
+    assert "recognisable" not in table and "eps-MSE" not in table
+
+
+@pytest.mark.parametrize("preset", ["digits", "digits_paper"])
+def test_committed_study_summaries_re_render_from_their_runs(preset):
+    """The committed results (docs/results.md sections 4 and 6) come back from their run
+    records with today's statistics, steps-to-target rule, best-EMA tables and claims."""
+    out = os.path.join(ROOT, "docs", "study", preset)
+    summary = study.summary_of(study.PRESETS[preset], out, preset)
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.loads(json.dumps(summary)) == json.load(f)
 
 
 def _plan(*flags):

@@ -1,7 +1,9 @@
 """
 The paper's claims (SPEC.md section 3: each module helps, all three together are best, mu
-near 0.3 is best, about 2x fewer steps), and how each rival compares, judged from a study's
-runs by one written rule, so that the verdicts of docs/results.md are recomputed, not typed.
+near 0.3 is best, about 2x fewer steps), two controls of ours (MD + LRC against its lr
+curve alone and against a baseline at a lower constant lr), and how each rival compares,
+judged from a study's runs by one written rule, so that the verdicts of docs/results.md are
+recomputed, not typed.
 
 A comparison pairs two variants by seed (a seed fixes the initial weights and the data
 order of every variant) at the final step, on the digit-FID: lower is better, and it is the
@@ -11,6 +13,8 @@ reference) lies wholly below zero, **does not hold** when it lies wholly above, 
 when the speed-up's interval excludes 1 and reaches the paper's factor, and does not hold
 when it lies below the factor or some seed never reaches the target within the run.
 """
+
+import re
 
 from .stats import mean_interval
 
@@ -129,6 +133,12 @@ def judge(records, summary, level=0.95):
                      "; ".join(text for _, text in judged)))
     else:
         rows.append((f"mu near {PAPER_MU} is best", UNKNOWN, "the clts_mu sweep has not run yet"))
+    # Ours, not the paper's: is MD + LRC's gain only that the baseline's constant lr is too high?
+    lower_lr = sorted((v for v in present if v.startswith("baseline_lr=")), key=lambda v: float(v.split("=")[1]))
+    if "md_lrc" in present and lower_lr:
+        judged = [_evidence(records, "md_lrc", other, step, level) for other in lower_lr]
+        rows.append(("MD + LRC beats the baseline at a lower constant lr", _all_of(judged),
+                     "; ".join(text for _, text in judged)))
     stt = _steps_to_target(summary, "all")
     target = summary["eval_steps"][-2] if len(summary["eval_steps"]) > 1 else step
     rows.append((f"about {PAPER_SPEEDUP:g}x fewer steps (all three)", speedup_verdict(stt),
@@ -145,4 +155,22 @@ def judge(records, summary, level=0.95):
 def markdown(rows):
     lines = ["| claim | verdict | evidence (paired at the final step; 95% t-intervals) |", "|---|---|---|"]
     lines += [f"| {claim} | **{v}** | {evidence} |" for claim, v, evidence in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _digit_fid_only(evidence):
+    """The evidence of a row cut to its digit-FID differences and speed-up, for a table."""
+    value = r"(?:[+-][\d.]+(?: \[[^\]]*\]| \(one seed\))?|-)"  # as _interval writes it
+    text = re.sub(rf" \(\d+ seeds?\): digit-FID ({value}), recognisable .*? points, eps-MSE {value}", r": \1", evidence)
+    return text.replace("speed-up on digit-FID", "speed-up")
+
+
+def side_by_side(fixed, best, fixed_name="fixed EMA", best_name="best post-hoc EMA"):
+    """One table of the claims at two EMAs (rows of `judge` for each), digit-FID only."""
+    best = {claim: (v, e) for claim, v, e in best}
+    lines = [f"| claim | {fixed_name} | {best_name} | paired digit-FID difference [95% CI]; speed-up, {fixed_name} | "
+             f"the same, {best_name} |", "|---|---|---|---|---|"]
+    for claim, v, evidence in fixed:
+        bv, be = best.get(claim, (UNKNOWN, "-"))
+        lines.append(f"| {claim} | **{v}** | **{bv}** | {_digit_fid_only(evidence)} | {_digit_fid_only(be)} |")
     return "\n".join(lines) + "\n"

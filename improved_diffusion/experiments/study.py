@@ -645,6 +645,10 @@ def markdown(summary, ema="the fixed EMA"):
                   "digit-FID of selection samples at the final step (not the samples reported here); the same "
                   "rule for every arm. Chosen stds by seed: " + "; ".join(f"{v} {s}" for v, s in stds.items()) + ".",
                   "", markdown(summary["posthoc"], "each run's best EMA").rstrip("\n")]
+        if "claims" in summary and "claims" in summary["posthoc"]:
+            lines += ["", "## The claims at both EMAs, side by side", "",
+                      "Digit-FID differences only, paired over the seeds both variants ran.", "",
+                      claims.side_by_side(summary["claims"], summary["posthoc"]["claims"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -834,8 +838,8 @@ def run_parallel(preset, plan, out, runs_dir, workers, worker_argv):
         raise RuntimeError(f"study: {len(failed)} run(s) failed: {', '.join(failed)}")
 
 
-def write_summary(preset, out, preset_name):
-    """OUT/summary.json, summary.md and the figures, from the finished runs in OUT/runs."""
+def summary_of(preset, out, preset_name):
+    """The summary (tables, best-EMA tables, claims) of the finished runs in OUT/runs."""
     records = [r for r in (load_json(os.path.join(out, "runs", f)) for f in sorted(os.listdir(os.path.join(out, "runs")))
                            if f.endswith(".json")) if r and run_done(r, preset)] if os.path.isdir(os.path.join(out, "runs")) else []
     summary = summarize(preset, records)
@@ -849,6 +853,12 @@ def write_summary(preset, out, preset_name):
         summary["claims"] = claims.judge(records, summary)
         if best:
             summary["posthoc"]["claims"] = claims.judge(best, summary["posthoc"])
+    return summary
+
+
+def write_summary(preset, out, preset_name):
+    """OUT/summary.json, summary.md and the figures, from the finished runs in OUT/runs."""
+    summary = summary_of(preset, out, preset_name)
     write_json(os.path.join(out, "summary.json"), summary)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(markdown(summary))
@@ -862,7 +872,8 @@ def write_summary(preset, out, preset_name):
     swept = [v for v in summary["variants"] if "=" in v]
     if swept:
         plot(summary, os.path.join(out, "sweeps.png"), variants=set(swept) | {"baseline"})
-    print(f"study: {len(records)} runs summarised in {out}/summary.json, summary.md and figures")
+    runs = sum(len(v["seeds"]) for v in summary["variants"].values())
+    print(f"study: {runs} runs summarised in {out}/summary.json, summary.md and figures")
     return summary
 
 
