@@ -144,8 +144,9 @@ PRESETS["digits"] = dict(
 # grey digits, 16 px (the demo data: the size at which a one-thread run reaches recognisable
 # digits in minutes): epsilon prediction with learned variances (L_hybrid), cosine schedule,
 # T = 4000, dropout 0.1, Adam betas (0.9, 0.999). Model, batch (32) and lr (2e-3) stay the
-# demo's, tuned for this 1.2M-parameter model (the paper's lr 1e-4 is for a 52.5M-parameter
-# model at batch 128 over 500k steps; it was not tried here), for the demo's full 2,500 steps.
+# demo's, tuned for this 1.2M-parameter model with x_0 prediction (the paper's lr 1e-4 is for
+# a 52.5M-parameter model at batch 128 over 500k steps; it was not tried here), for the demo's
+# full 2,500 steps.
 # The baseline_lr sweep found 2e-3 too high for this objective: a constant 1e-3 or 5e-4 does as
 # well as MD + LRC (docs/results.md section 6).
 # Every run tracks power-function EMAs (std 0.05 and 0.10), so that each arm is also
